@@ -1,0 +1,209 @@
+"""Selection decisions in the agent's SQLite state, so a restart does not measure again.
+
+Three tables (sqlite-utils):
+
+    selection_decisions   one row per key (SelectionKey.ident): the decision as JSON
+    selection_candidates  every candidate of every decision, rejected ones with their reason
+    selection_file_digests  (path, size, mtime, inode) -> sha256, so a restart does not re-hash
+
+A decision is reused only for an identical key; for a model whose key changed, `latest(model)`
+tells what changed. The newest few decisions per model are kept (a rollback to the previous
+version should not measure again); older ones are deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from agent.selection.decision import Decision
+from agent.selection.key import SelectionKey
+
+KEEP_PER_MODEL = 4
+
+_DECISIONS = "selection_decisions"
+_CANDIDATES = "selection_candidates"
+_DIGESTS = "selection_file_digests"
+
+
+class DecisionCache:
+    def __init__(self, database: str | Path | sqlite_utils.Database):
+        if isinstance(database, sqlite_utils.Database):
+            self.db = database
+        else:
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite_utils.Database(database)
+            self.db.enable_wal()
+        self._ensure_tables()
+
+    def _ensure_tables(self) -> None:
+        self.db[_DECISIONS].create(
+            {
+                "key": str,
+                "model": str,
+                "model_digest": str,
+                "variants": str,
+                "hardware": str,
+                "runtimes": str,
+                "profile": str,
+                "policy": str,
+                "decision": str,
+                "created_at": float,
+            },
+            pk="key",
+            if_not_exists=True,
+        )
+        self.db[_DECISIONS].create_index(["model", "created_at"], if_not_exists=True)
+        self.db[_CANDIDATES].create(
+            {
+                "key": str,
+                "position": int,
+                "variant": str,
+                "runtime": str,
+                "device": str,
+                "options": str,
+                "verdict": str,
+                "reason": str,
+                "load_seconds": float,
+                "p50_ms": float,
+                "p99_ms": float,
+                "max_error": float,
+                "memory_mb": float,
+                "placement": str,
+            },
+            pk=("key", "position"),
+            foreign_keys=[("key", _DECISIONS, "key")],
+            if_not_exists=True,
+        )
+        self.db[_DIGESTS].create(
+            {"path": str, "stamp": str, "digest": str}, pk="path", if_not_exists=True
+        )
+
+    def get(self, key: SelectionKey) -> Decision | None:
+        rows = list(self.db.query(f"select decision from {_DECISIONS} where key = ?", [key.ident]))
+        if not rows:
+            return None
+        decision = Decision.from_dict(json.loads(rows[0]["decision"]))
+        decision.from_cache = True
+        return decision
+
+    def latest(self, model: str) -> Decision | None:
+        rows = list(
+            self.db.query(
+                f"select decision from {_DECISIONS} where model = ? "
+                "order by created_at desc limit 1",
+                [model],
+            )
+        )
+        return Decision.from_dict(json.loads(rows[0]["decision"])) if rows else None
+
+    def put(self, decision: Decision) -> None:
+        key = decision.key
+        with self.db.conn:
+            self.db[_CANDIDATES].delete_where("key = ?", [key.ident])
+            self.db[_DECISIONS].upsert(
+                {
+                    "key": key.ident,
+                    "model": decision.model,
+                    "model_digest": key.model_digest,
+                    "variants": json.dumps(list(key.variants)),
+                    "hardware": key.hardware,
+                    "runtimes": json.dumps(dict(key.runtimes), sort_keys=True),
+                    "profile": key.profile,
+                    "policy": key.policy,
+                    "decision": json.dumps(decision.to_dict()),
+                    "created_at": time.time(),
+                },
+                pk="key",
+            )
+            self.db[_CANDIDATES].insert_all(
+                (
+                    {
+                        "key": key.ident,
+                        "position": position,
+                        "variant": r.candidate.variant,
+                        "runtime": r.candidate.runtime,
+                        "device": r.candidate.device,
+                        "options": json.dumps(dict(r.candidate.options), sort_keys=True),
+                        "verdict": r.verdict,
+                        "reason": r.reason,
+                        "load_seconds": r.load_seconds,
+                        "p50_ms": r.p50_ms,
+                        "p99_ms": r.p99_ms,
+                        "max_error": r.max_error,
+                        "memory_mb": r.memory_mb,
+                        "placement": json.dumps(r.placement),
+                    }
+                    for position, r in enumerate(decision.results)
+                ),
+                pk=("key", "position"),
+            )
+            self._forget_old(decision.model)
+
+    def candidates(self, key: SelectionKey) -> list[dict[str, Any]]:
+        """The stored rows of every candidate of a decision, in measuring order."""
+        return list(self.db[_CANDIDATES].rows_where("key = ?", [key.ident], order_by="position"))
+
+    def forget(self, model: str) -> int:
+        """Drop every decision for a model, so the next start measures again."""
+        keys = [r["key"] for r in self.db[_DECISIONS].rows_where("model = ?", [model])]
+        with self.db.conn:
+            for key in keys:
+                self.db[_CANDIDATES].delete_where("key = ?", [key])
+                self.db[_DECISIONS].delete(key)
+        return len(keys)
+
+    def compile_dirs_in_use(self) -> set[str]:
+        """OpenVINO compile cache directories that stored decisions load from."""
+        used = set()
+        for row in self.db.query(f"select decision from {_DECISIONS}"):
+            extra = json.loads(row["decision"])["options"]["extra"]
+            if extra.get("CACHE_DIR"):
+                used.add(extra["CACHE_DIR"])
+        return used
+
+    def digest(self, path: Path, compute: Callable[[Path], str]) -> str:
+        """`compute(path)`, remembered while the file (and an IR's .bin) keeps size and mtime."""
+        stamp = _stamp(path)
+        rows = list(
+            self.db.query(f"select stamp, digest from {_DIGESTS} where path = ?", [str(path)])
+        )
+        if rows and rows[0]["stamp"] == stamp:
+            return rows[0]["digest"]
+        digest = compute(path)
+        self.db[_DIGESTS].upsert({"path": str(path), "stamp": stamp, "digest": digest}, pk="path")
+        return digest
+
+    def _forget_old(self, model: str) -> None:
+        stale = [
+            row["key"]
+            for row in self.db.query(
+                f"select key from {_DECISIONS} where model = ? order by created_at desc "
+                f"limit -1 offset {KEEP_PER_MODEL}",
+                [model],
+            )
+        ]
+        for key in stale:
+            self.db[_CANDIDATES].delete_where("key = ?", [key])
+            self.db[_DECISIONS].delete(key)
+
+
+def _stamp(path: Path) -> str:
+    parts = [path]
+    if path.suffix.lower() == ".xml":
+        parts.append(path.with_suffix(".bin"))
+    stamps = []
+    for part in parts:
+        try:
+            st = os.stat(part)
+        except FileNotFoundError:
+            stamps.append("absent")
+            continue
+        stamps.append(f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}")
+    return "|".join(stamps)

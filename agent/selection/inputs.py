@@ -1,0 +1,134 @@
+"""Inputs that candidates are checked and timed on, and the outputs they must reproduce.
+
+Either the model's golden vectors (`golden.npz` next to the model files: arrays named
+`input/<name>` and `output/<name>`), or seeded random inputs shaped from the reference
+session's metadata with the reference's own outputs. Variants of one model may name their
+tensors differently (a .tflite says "serving_default_input:0" where the ONNX says "input"), so a
+candidate's tensors are matched by name and, failing that, by position.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from runtimes.datatypes import from_numpy, to_numpy
+
+GOLDEN_FILE = "golden.npz"
+_SEED = 20261122
+
+# (name, datatype, shape) as the worker reports a session's tensors.
+Spec = tuple[str, str, tuple[int, ...]]
+
+
+class InputError(ValueError):
+    """Inputs cannot be made or matched; the message says why."""
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What every candidate must reproduce."""
+
+    inputs: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
+    datatypes: dict[str, str]  # output name -> KServe datatype
+    source: str  # "golden.npz" or the candidate that computed it
+
+    def digest(self) -> str:
+        sha = hashlib.sha256()
+        for group in (self.inputs, self.outputs):
+            for name in sorted(group):
+                sha.update(name.encode() + b"\0" + np.ascontiguousarray(group[name]).tobytes())
+        return sha.hexdigest()
+
+
+def load_golden(path: Path) -> Reference | None:
+    """The golden vectors in `path` (a golden.npz), or None when there is no such file."""
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as archive:
+        inputs = {
+            k.removeprefix("input/"): archive[k] for k in archive.files if k.startswith("input/")
+        }
+        outputs = {
+            k.removeprefix("output/"): archive[k] for k in archive.files if k.startswith("output/")
+        }
+    if not inputs or not outputs:
+        raise InputError(f"{path}: expected arrays named input/<name> and output/<name>")
+    return Reference(
+        inputs=inputs,
+        outputs=outputs,
+        datatypes={name: from_numpy(array.dtype) for name, array in outputs.items()},
+        source=path.name,
+    )
+
+
+def random_inputs(specs: list[Spec]) -> dict[str, np.ndarray]:
+    """Deterministic inputs for these tensors; dynamic dimensions become 1.
+
+    Floats are uniform in [0, 1) (the range of normalised images and most features); integers
+    are small non-negative values, valid as class or token ids for any vocabulary.
+    """
+    rng = np.random.default_rng(_SEED)
+    inputs = {}
+    for name, datatype, shape in specs:
+        concrete = tuple(d if d > 0 else 1 for d in shape)
+        if datatype == "BYTES":
+            raise InputError(
+                f"input {name!r} is BYTES: random inputs cannot exercise it; ship golden vectors"
+            )
+        dtype = to_numpy(datatype)
+        if dtype.kind == "f":
+            inputs[name] = rng.random(concrete).astype(dtype)
+        elif dtype.kind == "b":
+            inputs[name] = rng.random(concrete) < 0.5
+        else:
+            inputs[name] = rng.integers(0, 8, concrete).astype(dtype)
+    return inputs
+
+
+def match_names(wanted: list[str], offered: list[str], what: str) -> dict[str, str]:
+    """wanted name -> offered name: the same names, else the same count taken in order."""
+    if set(wanted) <= set(offered):
+        return {name: name for name in wanted}
+    if len(wanted) == len(offered):
+        return dict(zip(wanted, offered, strict=True))
+    raise InputError(f"{what} {sorted(offered)} do not match the reference's {sorted(wanted)}")
+
+
+def inputs_for(reference: Reference, specs: list[Spec]) -> dict[str, np.ndarray]:
+    """The reference inputs under the candidate's input names, checked against its shapes."""
+    names = match_names(list(reference.inputs), [s[0] for s in specs], "inputs")
+    by_name = {s[0]: s for s in specs}
+    inputs = {}
+    for ref_name, name in names.items():
+        array = reference.inputs[ref_name]
+        shape = by_name[name][2]
+        if len(shape) != array.ndim or any(
+            d not in (-1, n) for d, n in zip(shape, array.shape, strict=True)
+        ):
+            raise InputError(
+                f"input {name!r} takes shape {list(shape)}; "
+                f"the reference input is {list(array.shape)}"
+            )
+        inputs[name] = array
+    return inputs
+
+
+def outputs_as_reference(
+    reference: Reference, outputs: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """A candidate's outputs renamed to the reference's output names."""
+    names = match_names(list(reference.outputs), list(outputs), "outputs")
+    return {ref_name: outputs[name] for ref_name, name in names.items()}
+
+
+def batched(inputs: dict[str, np.ndarray], specs: list[Spec], batch: int) -> dict[str, np.ndarray]:
+    """Inputs repeated along a dynamic first dimension, for the throughput objective."""
+    by_name = {s[0]: s for s in specs}
+    if batch <= 1 or any(by_name[n][2][:1] != (-1,) for n in inputs):
+        return inputs
+    return {n: np.repeat(a[:1], batch, axis=0) for n, a in inputs.items()}

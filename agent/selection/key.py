@@ -1,0 +1,100 @@
+"""What a selection decision depends on; a change in any part means measuring again.
+
+    (model digest, variants, hardware fingerprint, runtime versions, profile, policy)
+
+Runtime versions come from package metadata, not from importing the runtimes, so checking a
+cached decision at start-up costs milliseconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+# Bumped when the way candidates are measured or chosen changes, so old decisions are redone.
+SELECTION_FORMAT = 1
+
+# Distributions whose version changes what a runtime does (onnxruntime-gpu ships the same module).
+RUNTIME_DISTRIBUTIONS = (
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnxruntime-openvino",
+    "onnxruntime-directml",
+    "openvino",
+    "ai-edge-litert",
+    "tflite-runtime",
+)
+
+
+def runtime_versions() -> dict[str, str]:
+    """Installed version of each runtime distribution present on this node."""
+    found = {}
+    for name in RUNTIME_DISTRIBUTIONS:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def digest_of(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class SelectionKey:
+    model_digest: str
+    variants: tuple[str, ...]
+    hardware: str  # runtimes.hardware fingerprint
+    runtimes: tuple[tuple[str, str], ...]  # (distribution, version), sorted
+    profile: str  # name@digest of the profile file
+    policy: str  # digest of the tolerance, golden vectors and pin that judged the candidates
+    format: int = SELECTION_FORMAT
+
+    @property
+    def ident(self) -> str:
+        return digest_of(asdict(self))[:32]
+
+    def changes_from(self, older: SelectionKey) -> list[str]:
+        """What differs from an older key, for the log line that explains a re-selection."""
+        changes = []
+        if self.model_digest != older.model_digest:
+            changes.append(f"model digest {older.model_digest[:12]} -> {self.model_digest[:12]}")
+        if self.variants != older.variants:
+            changes.append(f"variants {list(older.variants)} -> {list(self.variants)}")
+        if self.hardware != older.hardware:
+            changes.append(f"hardware {older.hardware} -> {self.hardware}")
+        if self.runtimes != older.runtimes:
+            before, after = dict(older.runtimes), dict(self.runtimes)
+            for name in sorted(set(before) | set(after)):
+                if before.get(name) != after.get(name):
+                    was, now = before.get(name, "absent"), after.get(name, "absent")
+                    changes.append(f"{name} {was} -> {now}")
+        if self.profile != older.profile:
+            changes.append(f"profile {older.profile} -> {self.profile}")
+        if self.policy != older.policy:
+            changes.append("tolerance, golden vectors or pin changed")
+        if self.format != older.format:
+            changes.append(f"selection format {older.format} -> {self.format}")
+        return changes
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["variants"] = list(self.variants)
+        data["runtimes"] = dict(self.runtimes)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SelectionKey:
+        return cls(
+            model_digest=data["model_digest"],
+            variants=tuple(data["variants"]),
+            hardware=data["hardware"],
+            runtimes=tuple(sorted(data["runtimes"].items())),
+            profile=data["profile"],
+            policy=data["policy"],
+            format=int(data.get("format", 0)),
+        )

@@ -1,0 +1,138 @@
+"""The agent's side of the selection worker: send a request, wait at most so long, kill on overrun.
+
+    with Sandbox() as sandbox:
+        reply = sandbox.call({"op": "load", ...}, timeout=60)   # SandboxTimeout after 60 s
+
+A timed-out or crashed worker is killed and the next call starts a fresh one, so one bad
+candidate costs its own time limit and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from agent.selection.worker import read_message, write_message
+
+_ROOT = Path(__file__).resolve().parents[2]  # the directory holding the agent package
+# Starting Python and importing numpy can be slow on a small board; it is not the candidate's time.
+STARTUP_SECONDS = 60.0
+
+
+class SandboxError(Exception):
+    """The worker could not answer; the message says why."""
+
+
+class SandboxTimeout(SandboxError):
+    pass
+
+
+class SandboxCrashed(SandboxError):
+    pass
+
+
+class Sandbox:
+    def __init__(self, startup_seconds: float = STARTUP_SECONDS):
+        self.startup_seconds = startup_seconds
+        self._process: subprocess.Popen[bytes] | None = None
+        self._stderr: Any = None
+        self.restarts = 0
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def call(self, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """Send one request and return the reply; raise SandboxTimeout/SandboxCrashed."""
+        if not self.running:
+            self._start()
+        assert self._process is not None and self._process.stdin is not None
+        try:
+            write_message(self._process.stdin, request)
+        except (BrokenPipeError, OSError):
+            raise SandboxCrashed(self._crash_reason()) from None
+        return self._receive(timeout, what=f"{request['op']} did not finish within {timeout:g} s")
+
+    def kill(self) -> None:
+        if self._process is None:
+            return
+        if self._process.poll() is None:
+            self._process.kill()
+        self._process.wait()
+        for stream in (self._process.stdin, self._process.stdout):
+            if stream:
+                stream.close()
+        self._process = None
+        if self._stderr:
+            self._stderr.close()
+            self._stderr = None
+
+    def close(self) -> None:
+        if self.running:
+            assert self._process is not None and self._process.stdin is not None
+            try:
+                write_message(self._process.stdin, {"op": "exit"})
+                self._process.wait(timeout=5)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        self.kill()
+
+    def _start(self) -> None:
+        if self._process is not None:
+            self.kill()
+            self.restarts += 1
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH")) if p)
+        # Kept for the crash message; closed in kill(). A pipe could fill up and block the worker.
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "agent.selection.worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            env=env,
+        )
+        assert self._process.stdin is not None
+        write_message(self._process.stdin, {"op": "ping"})
+        self._receive(self.startup_seconds, what="the selection worker did not start")
+
+    def _receive(self, timeout: float, what: str) -> dict[str, Any]:
+        assert self._process is not None and self._process.stdout is not None
+        stream = self._process.stdout
+        ready, _, _ = select.select([stream], [], [], max(0.0, timeout))
+        if not ready:
+            self.kill()
+            raise SandboxTimeout(what)
+        # The reply has started (replies are written in one piece); a worker that dies mid-reply
+        # shows up as a short read.
+        reply = read_message(stream)
+        if reply is None:
+            reason = self._crash_reason()
+            self.kill()
+            raise SandboxCrashed(reason)
+        return reply
+
+    def _crash_reason(self) -> str:
+        assert self._process is not None
+        try:
+            code = self._process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            code = None
+        tail = ""
+        if self._stderr:
+            self._stderr.seek(0)
+            lines = self._stderr.read().decode(errors="replace").strip().splitlines()
+            tail = lines[-1] if lines else ""
+        how = f"signal {-code}" if code is not None and code < 0 else f"exit status {code}"
+        return f"the selection worker died ({how}){': ' + tail if tail else ''}"

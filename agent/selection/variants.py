@@ -1,0 +1,97 @@
+"""The variants of one model: its files in formats some runtime reads, with their digests.
+
+A model directory is either a version directory (`cnn/1/` holding `model.onnx`, `model.xml` +
+`model.bin`, `model-int8.onnx`, `model.tflite`, ...) or a model directory whose numbered
+subdirectories are versions, in which case the highest version is used. Each model file is one
+variant, named by its file name; OpenVINO IR counts its `.bin` in the digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtimes.loader import MODEL_SUFFIXES
+
+FORMATS = {".onnx": "onnx", ".xml": "openvino-ir", ".tflite": "tflite"}
+# Names that say a variant is not full precision: never the fp32 reference when another exists.
+_REDUCED = re.compile(r"int8|uint8|quant|fp16|f16|bf16|int4|edgetpu", re.IGNORECASE)
+_CHUNK = 1 << 20
+
+
+class VariantError(ValueError):
+    """The model directory holds no usable variant."""
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    name: str  # file name inside the version directory
+    path: Path
+    format: str  # onnx | openvino-ir | tflite
+    digest: str  # sha256 of the file (and of an IR's .bin)
+
+    @property
+    def reduced_precision(self) -> bool:
+        return bool(_REDUCED.search(self.name))
+
+
+# (path, size, mtime_ns) -> digest; the decision cache provides a persistent one.
+DigestMemo = Callable[[Path, Callable[[Path], str]], str]
+
+
+def version_dir(model_dir: Path) -> Path:
+    """`model_dir` itself, or its highest numbered version subdirectory."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise VariantError(f"{model_dir}: not a directory")
+    versions = [p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+    if versions and not any(p.suffix.lower() in MODEL_SUFFIXES for p in model_dir.iterdir()):
+        return max(versions, key=lambda p: int(p.name))
+    return model_dir
+
+
+def find_variants(model_dir: Path, memo: DigestMemo | None = None) -> list[Variant]:
+    """Every model file of the model, the likely fp32 reference first."""
+    directory = version_dir(model_dir)
+    files = sorted(
+        p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in MODEL_SUFFIXES
+    )
+    if not files:
+        raise VariantError(
+            f"{directory}: no model file ({', '.join('*' + s for s in MODEL_SUFFIXES)})"
+        )
+    digest = memo or (lambda path, compute: compute(path))
+    variants = [
+        Variant(p.name, p, FORMATS[p.suffix.lower()], digest(p, file_digest)) for p in files
+    ]
+    return sorted(variants, key=reference_order)
+
+
+def reference_order(variant: Variant) -> tuple[int, int, str]:
+    """Full precision before reduced, ONNX before IR before TFLite, then by name."""
+    format_rank = {"onnx": 0, "openvino-ir": 1, "tflite": 2}[variant.format]
+    return (int(variant.reduced_precision), format_rank, variant.name)
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a model file; an OpenVINO IR's weights (.bin) are part of it."""
+    sha = hashlib.sha256()
+    parts = [path]
+    if path.suffix.lower() == ".xml" and path.with_suffix(".bin").exists():
+        parts.append(path.with_suffix(".bin"))
+    for part in parts:
+        with open(part, "rb") as handle:
+            while chunk := handle.read(_CHUNK):
+                sha.update(chunk)
+    return sha.hexdigest()
+
+
+def model_digest(variants: list[Variant]) -> str:
+    """One digest over every variant: a changed, added or removed variant changes it."""
+    sha = hashlib.sha256()
+    for variant in sorted(variants, key=lambda v: v.name):
+        sha.update(f"{variant.name}\0{variant.digest}\n".encode())
+    return sha.hexdigest()

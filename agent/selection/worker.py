@@ -1,0 +1,187 @@
+"""The process that loads and measures candidates for accelerator selection.
+
+A compile that hangs, a driver that crashes or a model that eats the memory must not take the
+agent down, so `agent.selection.sandbox.Sandbox` runs this module as a child process
+(`python -m agent.selection.worker`) and kills it when a request overruns its time limit.
+Requests arrive on stdin and replies leave on the original stdout, one length-prefixed pickle
+each; fd 1 is pointed at stderr first, so a runtime that prints cannot corrupt the replies.
+Sessions stay open between requests (keyed by the caller's id) so that a candidate is loaded
+once, then verified, benchmarked and, if it is a finalist, measured again in the run-off.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import pickle
+import struct
+import sys
+import time
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+_HEADER = struct.Struct("!Q")
+
+
+def read_message(stream: BinaryIO) -> Any:
+    header = stream.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        return None
+    (size,) = _HEADER.unpack(header)
+    body = stream.read(size)
+    return pickle.loads(body) if len(body) == size else None
+
+
+def write_message(stream: BinaryIO, message: Any) -> None:
+    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_HEADER.pack(len(body)) + body)
+    stream.flush()
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _placement(session: Any) -> list[str]:
+    """Where the session says it runs: ORT providers, OpenVINO EXECUTION_DEVICES, or its device."""
+    for attribute in ("providers", "execution_devices"):
+        value = getattr(session, attribute, None)
+        if value:
+            return [str(v) for v in value]
+    return [str(session.device)]
+
+
+class Worker:
+    def __init__(self) -> None:
+        self.sessions: dict[str, Any] = {}
+        self.rss_before: dict[str, int] = {}
+
+    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request["op"]
+        handler = getattr(self, f"op_{op}", None)
+        if handler is None:
+            return {"ok": False, "error": f"unknown request {op!r}"}
+        return handler(request)
+
+    def op_ping(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True, "pid": os.getpid()}
+
+    def op_discover(self, request: dict[str, Any]) -> dict[str, Any]:
+        from runtimes.discovery import discover
+
+        devices = [
+            {"runtime": d.runtime, "device": d.device, "details": d.details} for d in discover()
+        ]
+        return {"ok": True, "devices": devices}
+
+    def op_load(self, request: dict[str, Any]) -> dict[str, Any]:
+        from runtimes.loader import load
+
+        key = request["id"]
+        gc.collect()
+        before = _rss()
+        started = time.perf_counter()
+        session = load(
+            Path(request["path"]), runtime=request["runtime"], options=request["options"]
+        )
+        seconds = time.perf_counter() - started
+        self.sessions[key] = session
+        self.rss_before[key] = before
+        return {
+            "ok": True,
+            "load_seconds": seconds,
+            "inputs": [(s.name, s.datatype, s.shape) for s in session.inputs],
+            "outputs": [(s.name, s.datatype, s.shape) for s in session.outputs],
+            "placement": _placement(session),
+            "memory_mb": (_rss() - before) / 2**20,
+        }
+
+    def op_infer(self, request: dict[str, Any]) -> dict[str, Any]:
+        key = request["id"]
+        session = self.sessions[key]
+        started = time.perf_counter()
+        outputs = session.infer(request["inputs"])
+        seconds = time.perf_counter() - started
+        return {
+            "ok": True,
+            "outputs": {k: np.asarray(v) for k, v in outputs.items()},
+            "seconds": seconds,
+            # After a first inference: weights, compiled kernels and scratch buffers all counted.
+            "memory_mb": (_rss() - self.rss_before[key]) / 2**20,
+        }
+
+    def op_benchmark(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Warm-up runs, then timed runs until the time budget is spent and `min_runs` are done."""
+        infer = self.sessions[request["id"]].infer
+        inputs = request["inputs"]
+        for _ in range(request["warmup"]):
+            infer(inputs)
+        latencies: list[float] = []
+        deadline = time.perf_counter() + request["seconds"]
+        clock = time.perf_counter
+        while len(latencies) < request["max_runs"] and (
+            len(latencies) < request["min_runs"] or clock() < deadline
+        ):
+            started = clock()
+            infer(inputs)
+            latencies.append(clock() - started)
+        return {"ok": True, "latencies": latencies}
+
+    def op_runoff(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Finalists in turn, one run each per round, so load on the machine hits them alike."""
+        entries = [
+            (key, self.sessions[key].infer, request["inputs"][key]) for key in request["ids"]
+        ]
+        latencies: dict[str, list[float]] = {key: [] for key in request["ids"]}
+        for _, infer, inputs in entries:
+            infer(inputs)
+        clock = time.perf_counter
+        deadline = clock() + request["seconds"]
+        rounds = 0
+        while rounds < request["max_rounds"] and (
+            rounds < request["min_rounds"] or clock() < deadline
+        ):
+            for key, infer, inputs in entries:
+                started = clock()
+                infer(inputs)
+                latencies[key].append(clock() - started)
+            rounds += 1
+        return {"ok": True, "latencies": latencies}
+
+    def op_close(self, request: dict[str, Any]) -> dict[str, Any]:
+        session = self.sessions.pop(request["id"], None)
+        self.rss_before.pop(request["id"], None)
+        if session is not None:
+            session.close()
+            del session
+            gc.collect()
+        return {"ok": True}
+
+
+def main() -> int:
+    replies = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    requests = sys.stdin.buffer
+    worker = Worker()
+    while True:
+        request = read_message(requests)
+        if request is None or request.get("op") == "exit":
+            return 0
+        try:
+            reply = worker.handle(request)
+        except Exception as exc:  # every failure becomes the candidate's recorded reason
+            reply = {
+                "ok": False,
+                "error": str(exc) or type(exc).__name__,
+                "type": type(exc).__name__,
+            }
+        write_message(replies, reply)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,12 @@
+"""Local model serving: one data plane, two front ends (KServe v2 REST and gRPC).
+
+    repository.py  finds `<root>/<model>/<version>/model.*` and its optional model.toml
+    model.py       a loaded model version: metadata, input validation, its scheduler
+    scheduler.py   per-model worker threads, dynamic batching, bounded queue, timeouts
+    dataplane.py   the operations both front ends call (health, metadata, infer, repository)
+    rest.py        aiohttp front end;  rest_codec.py  JSON + binary tensor extension
+    grpc_server.py grpc.aio front end; grpc_codec.py  protobuf <-> tensors
+    server.py      runs the front ends over one data plane (TCP, unix socket, signals)
+
+Front ends only translate wire formats; the core works on numpy arrays and dataclasses.
+"""

@@ -1,0 +1,86 @@
+"""Per-model serving settings, read from the optional `model.toml` in a version directory."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+
+class ModelConfigError(ValueError):
+    """model.toml is unreadable or holds an unknown key or a bad value."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    # Dynamic batching: 0 turns it off. With it on, the model's first dimension is the batch.
+    max_batch_size: int = 0
+    # How long the scheduler may hold a batch open waiting for more requests.
+    max_queue_delay_us: int = 0
+    # Batch sizes the scheduler prefers to close a batch at (Triton's preferred_batch_size).
+    preferred_batch_sizes: tuple[int, ...] = ()
+    # Requests waiting beyond this bound are refused with 429 / RESOURCE_EXHAUSTED.
+    max_queue_size: int = 256
+    # Per-request deadline, queueing included; a client may ask for less.
+    timeout_ms: int = 30_000
+    # Concurrent executions of this model (worker threads sharing one session).
+    instances: int = 1
+    threads: int | None = None
+    runtime: str | None = None
+    device: str = "CPU"
+
+    @classmethod
+    def from_file(cls, path: Path) -> ModelConfig:
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ModelConfigError(f"{path}: {exc}") from exc
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "model.toml") -> ModelConfig:
+        known = {f.name: f for f in fields(cls)}
+        values = {}
+        for key, value in raw.items():
+            if key not in known:
+                raise ModelConfigError(
+                    f"{source}: unknown key {key!r}; known keys: {', '.join(sorted(known))}"
+                )
+            values[key] = _check(source, key, value)
+        config = cls(**values)
+        if config.max_batch_size == 0 and (
+            config.preferred_batch_sizes or config.max_queue_delay_us
+        ):
+            raise ModelConfigError(
+                f"{source}: preferred_batch_sizes / max_queue_delay_us need max_batch_size > 0"
+            )
+        if any(s > config.max_batch_size for s in config.preferred_batch_sizes):
+            raise ModelConfigError(f"{source}: a preferred batch size exceeds max_batch_size")
+        return config
+
+
+_LIMITS = {
+    "max_batch_size": (0, 4096),
+    "max_queue_delay_us": (0, 10_000_000),
+    "max_queue_size": (1, 1_000_000),
+    "timeout_ms": (1, 3_600_000),
+    "instances": (1, 64),
+    "threads": (1, 1024),
+}
+
+
+def _check(source: str, key: str, value):
+    if key in _LIMITS:
+        lo, hi = _LIMITS[key]
+        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+            raise ModelConfigError(f"{source}: {key} must be an integer in [{lo}, {hi}]")
+        return value
+    if key == "preferred_batch_sizes":
+        if not isinstance(value, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value
+        ):
+            raise ModelConfigError(f"{source}: {key} must be a list of positive integers")
+        return tuple(sorted(set(value)))
+    if not isinstance(value, str) or not value:
+        raise ModelConfigError(f"{source}: {key} must be a non-empty string")
+    return value

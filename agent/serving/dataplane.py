@@ -1,0 +1,296 @@
+"""The serving data plane: what both the REST and the gRPC front ends call.
+
+It owns the loaded model versions, their states (for the repository index and readiness), and
+the inference path: find the version, validate, queue on its scheduler, wait with a deadline,
+pick the requested outputs, count it all in Prometheus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from agent import __version__
+from agent.serving.errors import (
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    RequestTimeout,
+    ServingError,
+)
+from agent.serving.metrics import Metrics
+from agent.serving.model import ModelIncompatible, ModelMetadata, ServedModel
+from agent.serving.repository import ModelRepository, RepositoryError
+from agent.serving.scheduler import Outcome, Scheduler
+from agent.serving.tensors import InferenceRequest, InferenceResponse, Tensor
+from runtimes import load as load_session
+from runtimes.base import LoadOptions, RuntimeAdapterError
+from runtimes.datatypes import from_numpy
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = ("binary_tensor_data", "model_repository", "metrics")
+
+READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
+
+
+@dataclass(slots=True)
+class VersionState:
+    state: str
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class IndexEntry:
+    name: str
+    version: str
+    state: str
+    reason: str
+
+
+class DataPlane:
+    def __init__(self, repository: ModelRepository, metrics: Metrics | None = None):
+        self.repository = repository
+        self.metrics = metrics or Metrics()
+        self._models: dict[str, dict[str, ServedModel]] = {}
+        self._latest: dict[str, ServedModel] = {}
+        self._states: dict[str, dict[str, VersionState]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._started = False
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load every model in the repository; a model that fails is reported, not fatal."""
+        for name in self.repository.model_names():
+            await self.load_model(name, missing_ok=True)
+        self._started = True
+
+    async def stop(self) -> None:
+        for name in list(self._models):
+            await self.unload_model(name)
+
+    # --- health and metadata --------------------------------------------------------------
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        """Ready once started and every model in the repository loaded (strict readiness)."""
+        if not self._started:
+            return False
+        return all(
+            s.state == READY for versions in self._states.values() for s in versions.values()
+        )
+
+    def server_metadata(self) -> dict:
+        return {"name": "edgefleet", "version": __version__, "extensions": list(EXTENSIONS)}
+
+    def model(self, name: str, version: str | None = None) -> ServedModel:
+        """The loaded version (latest if None); ModelNotFound / ModelNotReady otherwise."""
+        versions = self._models.get(name)
+        if version is None or version == "":
+            found = self._latest.get(name)
+        else:
+            found = versions.get(version) if versions else None
+        if found is not None:
+            return found
+        state = self._states.get(name, {})
+        if (version and version in state) or (not version and state):
+            detail = state.get(version).reason if version else "no version is loaded"
+            raise ModelNotReady(
+                f"model {name} version {version or 'latest'} is not ready: {detail}"
+            )
+        what = f"model {name!r}" + (f" version {version!r}" if version else "")
+        raise ModelNotFound(f"{what} not found")
+
+    def model_metadata(self, name: str, version: str | None = None) -> ModelMetadata:
+        model = self.model(name, version)
+        return ModelMetadata(
+            name=model.name,
+            versions=sorted(self._models.get(name, {}), key=int),
+            platform=model.platform,
+            inputs=list(model.inputs.values()),
+            outputs=list(model.outputs.values()),
+        )
+
+    def model_ready(self, name: str, version: str | None = None) -> bool:
+        try:
+            self.model(name, version)
+        except ModelNotReady:
+            return False
+        return True
+
+    # --- inference ------------------------------------------------------------------------
+
+    async def infer(self, request: InferenceRequest) -> InferenceResponse:
+        start = time.perf_counter_ns()
+        model = self.model(request.model_name, request.model_version)
+        m = model.metrics
+        try:
+            inputs, rows = model.validate(request)
+            future = model.scheduler.submit(inputs, rows)
+        except ServingError as exc:
+            m.failure(_reason(exc))
+            raise
+        timeout = _timeout_s(request, model.config.timeout_ms)
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(timeout, _expire, future, model.name, timeout)
+        try:
+            outcome: Outcome = await future
+        except ServingError as exc:
+            m.failure(_reason(exc))
+            raise
+        finally:
+            timer.cancel()
+        outputs = _select_outputs(model, request, outcome.outputs)
+        elapsed_ns = time.perf_counter_ns() - start
+        m.success.inc()
+        m.request_us.inc(elapsed_ns / 1000)
+        m.queue_us.inc(outcome.queue_ns / 1000)
+        m.latency.observe(elapsed_ns / 1e9)
+        return InferenceResponse(
+            model_name=model.name, model_version=model.version, outputs=outputs, id=request.id
+        )
+
+    def count_rejected(self, name: str, version: str | None, error: ServingError) -> None:
+        """Count a request a front end refused before it reached `infer` (it would not decode)."""
+        model = self._latest.get(name) if not version else self._models.get(name, {}).get(version)
+        if model is not None:
+            model.metrics.failure(_reason(error))
+
+    # --- repository extension -------------------------------------------------------------
+
+    def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
+        entries = []
+        names = set(self._states)
+        try:
+            names.update(self.repository.model_names())
+        except RepositoryError as exc:
+            log.warning("cannot list the model repository: %s", exc)
+        for name in sorted(names):
+            states = self._states.get(name)
+            if not states:
+                entries.append(IndexEntry(name, "", UNAVAILABLE, "not loaded"))
+                continue
+            for version, s in sorted(states.items(), key=lambda kv: int(kv[0])):
+                entries.append(IndexEntry(name, version, s.state, s.reason))
+        if ready_only:
+            entries = [e for e in entries if e.state == READY]
+        return entries
+
+    async def load_model(self, name: str, missing_ok: bool = False) -> None:
+        """(Re)load every version of `name` from the repository; a reload replaces in place."""
+        async with self._lock(name):
+            try:
+                versions = self.repository.versions(name)
+            except RepositoryError as exc:
+                if missing_ok:
+                    log.warning("%s", exc)
+                    return
+                raise ModelNotFound(str(exc)) from exc
+            if not versions:
+                raise ModelNotFound(f"model {name!r} has no numeric version directory")
+            states = self._states.setdefault(name, {})
+            loaded = self._models.setdefault(name, {})
+            for version in versions:
+                states[version] = VersionState(LOADING)
+                try:
+                    model = await self._load_version(name, version)
+                except (RepositoryError, RuntimeAdapterError, ModelIncompatible) as exc:
+                    log.warning("model %s version %s failed to load: %s", name, version, exc)
+                    states[version] = VersionState(UNAVAILABLE, str(exc))
+                    continue
+                old = loaded.get(version)
+                loaded[version] = model
+                states[version] = VersionState(READY)
+                self._refresh_latest(name)
+                if old is not None:
+                    await _retire(old)
+            for version in [v for v in loaded if v not in versions]:  # removed from disk
+                old = loaded.pop(version)
+                states.pop(version, None)
+                self._refresh_latest(name)
+                await _retire(old)
+            log.info("model %s: %s", name, {v: s.state for v, s in states.items()})
+
+    async def unload_model(self, name: str) -> None:
+        async with self._lock(name):
+            if name not in self._states and name not in self._models:
+                raise ModelNotFound(f"model {name!r} not found")
+            loaded = self._models.pop(name, {})
+            self._latest.pop(name, None)
+            states = self._states.setdefault(name, {})
+            for version in states:
+                states[version] = VersionState(UNLOADING)
+            for model in loaded.values():
+                await _retire(model)
+            for version in states:
+                states[version] = VersionState(UNAVAILABLE, "unloaded")
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    def _refresh_latest(self, name: str) -> None:
+        versions = self._models.get(name) or {}
+        if versions:
+            self._latest[name] = versions[max(versions, key=int)]
+        else:
+            self._latest.pop(name, None)
+
+    async def _load_version(self, name: str, version: str) -> ServedModel:
+        source = self.repository.source(name, version)
+        options = LoadOptions(device=source.config.device, threads=source.config.threads)
+        session = await asyncio.to_thread(
+            load_session, source.model_file, runtime=source.config.runtime, options=options
+        )
+        try:
+            ServedModel.check_compatible(session, source.config)
+        except ModelIncompatible:
+            session.close()
+            raise
+        metrics = self.metrics.for_model(name, version)
+        scheduler = Scheduler(
+            f"{name}:{version}", session.infer, source.config, metrics, asyncio.get_running_loop()
+        )
+        return ServedModel(source, session, scheduler, metrics)
+
+
+async def _retire(model: ServedModel) -> None:
+    await model.scheduler.close()
+    model.session.close()
+
+
+def _expire(future: asyncio.Future, name: str, timeout: float) -> None:
+    if not future.done():
+        future.set_exception(RequestTimeout(f"model {name}: no result within {timeout:g} s"))
+
+
+def _timeout_s(request: InferenceRequest, default_ms: int) -> float:
+    """Clients may shorten the deadline with the `timeout` parameter (microseconds, as Triton)."""
+    value = request.parameters.get("timeout")
+    if value is None:
+        return default_ms / 1000
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise InvalidInput("parameter 'timeout' must be a positive integer (microseconds)")
+    return min(value / 1e6, default_ms / 1000)
+
+
+def _select_outputs(model: ServedModel, request: InferenceRequest, arrays) -> list[Tensor]:
+    names = [o.name for o in request.outputs] if request.outputs else list(model.outputs)
+    parameters = {o.name: o.parameters for o in request.outputs or ()}
+    tensors = []
+    for name in names:
+        array = arrays[name]
+        tensors.append(
+            Tensor(name, from_numpy(array.dtype), array.shape, array, parameters.get(name, {}))
+        )
+    return tensors
+
+
+def _reason(exc: ServingError) -> str:
+    return type(exc).__name__

@@ -1,0 +1,228 @@
+"""KServe v2 gRPC messages <-> protocol-neutral tensors.
+
+A ModelInferRequest carries each input's data either in `raw_input_contents` (one little-endian
+byte string per input, in input order; what tritonclient sends) or in the input's typed
+`contents` field that matches its datatype (see protocol/inference.proto). Both decode to numpy
+arrays without per-element Python work for numeric types: raw bytes are viewed in place with
+np.frombuffer (the same decoder as the REST binary extension), typed fields are converted by
+numpy in one call.
+
+Responses always carry outputs in `raw_output_contents`: it is the compact encoding, and the one
+tritonclient reads.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from agent.serving.errors import InvalidInput
+from agent.serving.model import check_shape
+from agent.serving.rest_codec import decode_raw, encode_raw
+from agent.serving.tensors import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
+from protocol import inference_pb2 as pb
+from runtimes.datatypes import DATATYPES, to_numpy
+
+# The typed contents field of each datatype, and the numpy type its values arrive in.
+# FP16 has no typed field in the protocol: it travels as raw contents only.
+_TYPED_FIELDS: dict[str, tuple[str, np.dtype]] = {
+    "BOOL": ("bool_contents", np.dtype(np.bool_)),
+    "INT8": ("int_contents", np.dtype(np.int32)),
+    "INT16": ("int_contents", np.dtype(np.int32)),
+    "INT32": ("int_contents", np.dtype(np.int32)),
+    "INT64": ("int64_contents", np.dtype(np.int64)),
+    "UINT8": ("uint_contents", np.dtype(np.uint32)),
+    "UINT16": ("uint_contents", np.dtype(np.uint32)),
+    "UINT32": ("uint_contents", np.dtype(np.uint32)),
+    "UINT64": ("uint64_contents", np.dtype(np.uint64)),
+    "FP32": ("fp32_contents", np.dtype(np.float32)),
+    "FP64": ("fp64_contents", np.dtype(np.float64)),
+    "BYTES": ("bytes_contents", np.dtype(object)),
+}
+# Datatypes narrower than their wire field: values outside their range would silently wrap.
+_NARROW = frozenset({"INT8", "INT16", "UINT8", "UINT16"})
+
+_INT64_MIN, _INT64_MAX, _UINT64_MAX = -(1 << 63), (1 << 63) - 1, (1 << 64) - 1
+
+_OutputTensor = pb.ModelInferResponse.InferOutputTensor
+
+
+# --- requests -------------------------------------------------------------------------------
+
+
+def decode_request(msg: pb.ModelInferRequest) -> InferenceRequest:
+    """Validate and decode a ModelInferRequest; InvalidInput names what is wrong."""
+    if not msg.model_name:
+        raise InvalidInput("model_name is empty")
+    if not msg.inputs:
+        raise InvalidInput("request has no inputs")
+    raw = msg.raw_input_contents
+    if raw and len(raw) != len(msg.inputs):
+        raise InvalidInput(
+            f"raw_input_contents has {len(raw)} entries for {len(msg.inputs)} inputs; "
+            "send one entry per input, in input order"
+        )
+    inputs = [
+        _decode_input(t, raw[i] if raw else None) for i, t in enumerate(msg.inputs)
+    ]
+    outputs = None
+    if msg.outputs:
+        outputs = [RequestedOutput(o.name, parameters_to_dict(o.parameters)) for o in msg.outputs]
+    return InferenceRequest(
+        model_name=msg.model_name,
+        model_version=msg.model_version or None,
+        inputs=inputs,
+        id=msg.id or None,
+        outputs=outputs,
+        parameters=parameters_to_dict(msg.parameters),
+    )
+
+
+def _decode_input(t: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> Tensor:
+    name, datatype = t.name, t.datatype
+    if not name:
+        raise InvalidInput("an input has an empty name")
+    if datatype not in DATATYPES:
+        raise InvalidInput(
+            f"input {name!r}: unknown datatype {datatype!r}; one of {', '.join(sorted(DATATYPES))}"
+        )
+    shape = check_shape(name, list(t.shape))
+    has_contents = t.HasField("contents")
+    if raw is not None:
+        if has_contents:
+            raise InvalidInput(
+                f"input {name!r} has typed contents but the request also has raw_input_contents; "
+                "send every input one way or the other"
+            )
+        array = decode_raw(name, datatype, shape, raw)
+    elif has_contents:
+        array = decode_contents(name, datatype, shape, t.contents)
+    elif math.prod(shape) == 0:
+        array = np.empty(shape, dtype=to_numpy(datatype))
+    else:
+        raise InvalidInput(_no_data_message(name, t))
+    return Tensor(name, datatype, shape, array, parameters_to_dict(t.parameters))
+
+
+def decode_contents(
+    name: str, datatype: str, shape: tuple[int, ...], contents: pb.InferTensorContents
+) -> np.ndarray:
+    """Typed contents -> array of `datatype`, shaped; the field must match the datatype."""
+    typed = _TYPED_FIELDS.get(datatype)
+    if typed is None:
+        raise InvalidInput(
+            f"input {name!r}: {datatype} has no typed contents field in the protocol; "
+            "send it in raw_input_contents"
+        )
+    field, wire_dtype = typed
+    wrong = [f.name for f, _ in contents.ListFields() if f.name != field]
+    if wrong:
+        raise InvalidInput(
+            f"input {name!r}: datatype {datatype} takes its data in {field}, "
+            f"but {', '.join(wrong)} is set"
+        )
+    values = getattr(contents, field)
+    count = math.prod(shape)
+    if len(values) != count:
+        raise InvalidInput(
+            f"input {name!r}: {len(values)} values in {field}, "
+            f"but shape {list(shape)} holds {count}"
+        )
+    if datatype == "BYTES":
+        array = np.empty(count, dtype=object)
+        for i, value in enumerate(values):  # bytes elements are Python objects either way
+            array[i] = value
+        return array.reshape(shape)
+    array = np.fromiter(values, dtype=wire_dtype, count=count)
+    if datatype in _NARROW and count:
+        info = np.iinfo(to_numpy(datatype))
+        if array.min() < info.min or array.max() > info.max:
+            raise InvalidInput(
+                f"input {name!r}: a value in {field} is outside the {datatype} range "
+                f"[{info.min}, {info.max}]"
+            )
+        array = array.astype(to_numpy(datatype))
+    return array.reshape(shape)
+
+
+def _no_data_message(name: str, t: pb.ModelInferRequest.InferInputTensor) -> str:
+    if "shared_memory_region" in t.parameters:
+        return (
+            f"input {name!r} refers to a shared memory region; this server does not support "
+            "shared memory, send the data in raw_input_contents"
+        )
+    return f"input {name!r} has no data: set its contents or the request's raw_input_contents"
+
+
+# --- responses ------------------------------------------------------------------------------
+
+
+def encode_response(response: InferenceResponse) -> pb.ModelInferResponse:
+    """Every output goes in raw_output_contents, in the order of `outputs`."""
+    outputs = []
+    raw = []
+    for t in response.outputs:
+        outputs.append(_OutputTensor(name=t.name, datatype=t.datatype, shape=t.shape))
+        raw.append(encode_raw(t.datatype, t.data))
+    msg = pb.ModelInferResponse(
+        model_name=response.model_name,
+        model_version=response.model_version,
+        id=response.id or "",
+        outputs=outputs,
+        raw_output_contents=raw,
+    )
+    if response.parameters:
+        dict_to_parameters(response.parameters, msg.parameters)
+    return msg
+
+
+def encode_contents(datatype: str, array: np.ndarray) -> pb.InferTensorContents:
+    """An array as typed contents (for clients and tests; the server answers in raw)."""
+    typed = _TYPED_FIELDS.get(datatype)
+    if typed is None:
+        raise ValueError(f"{datatype} has no typed contents field; use raw contents")
+    field, wire_dtype = typed
+    contents = pb.InferTensorContents()
+    flat = array.ravel()
+    values = flat.tolist() if datatype == "BYTES" else flat.astype(wire_dtype).tolist()
+    getattr(contents, field).extend(values)
+    return contents
+
+
+# --- parameters -----------------------------------------------------------------------------
+
+
+def parameters_to_dict(params) -> dict[str, Any]:
+    """A map<string, InferParameter> as plain Python values (bool, int, float, str)."""
+    if not params:
+        return {}
+    out = {}
+    for key, value in params.items():
+        kind = value.WhichOneof("parameter_choice")
+        if kind is None:
+            raise InvalidInput(f"parameter {key!r} has no value")
+        out[key] = getattr(value, kind)
+    return out
+
+
+def dict_to_parameters(values: dict[str, Any], params) -> None:
+    """Fill a map<string, InferParameter> from plain Python values."""
+    for key, value in values.items():
+        p = params[key]
+        if isinstance(value, bool):
+            p.bool_param = value
+        elif isinstance(value, int):
+            if _INT64_MIN <= value <= _INT64_MAX:
+                p.int64_param = value
+            elif 0 <= value <= _UINT64_MAX:
+                p.uint64_param = value
+            else:
+                raise ValueError(f"parameter {key!r}: {value} does not fit in 64 bits")
+        elif isinstance(value, float):
+            p.double_param = value
+        elif isinstance(value, str):
+            p.string_param = value
+        else:
+            raise TypeError(f"parameter {key!r}: {type(value).__name__} has no protobuf form")

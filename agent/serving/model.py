@@ -1,0 +1,130 @@
+"""A loaded model version: its metadata, request validation and scheduler."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from agent.serving.config import ModelConfig
+from agent.serving.errors import InvalidInput
+from agent.serving.metrics import ModelMetrics
+from agent.serving.repository import ModelVersionSource
+from agent.serving.scheduler import Scheduler
+from agent.serving.tensors import InferenceRequest
+from runtimes.base import Session, TensorSpec
+
+# Beyond these a request is refused before any allocation happens.
+MAX_DIMS = 16
+MAX_ELEMENTS = 1 << 30
+
+
+class ModelIncompatible(ValueError):
+    """The model cannot be served with its config (e.g. batching without a batch dimension)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMetadata:
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+class ServedModel:
+    def __init__(
+        self,
+        source: ModelVersionSource,
+        session: Session,
+        scheduler: Scheduler,
+        metrics: ModelMetrics,
+    ):
+        self.name = source.name
+        self.version = source.version
+        self.source = source
+        self.config: ModelConfig = source.config
+        self.session = session
+        self.scheduler = scheduler
+        self.metrics = metrics
+        self.inputs = {s.name: s for s in session.inputs}
+        self.outputs = {s.name: s for s in session.outputs}
+        self.platform = f"{session.runtime}_{source.model_file.suffix.lstrip('.')}"
+
+    @staticmethod
+    def check_compatible(session: Session, config: ModelConfig) -> None:
+        if config.max_batch_size > 0:
+            for spec in [*session.inputs, *session.outputs]:
+                if not spec.shape or spec.shape[0] != -1:
+                    raise ModelIncompatible(
+                        f"max_batch_size > 0 needs a dynamic first (batch) dimension, but "
+                        f"{spec.name} has shape {list(spec.shape)}"
+                    )
+
+    def validate(self, request: InferenceRequest) -> tuple[dict[str, np.ndarray], int]:
+        """Check the request's inputs against the model; returns (inputs, batch rows)."""
+        inputs: dict[str, np.ndarray] = {}
+        rows = None
+        for tensor in request.inputs:
+            spec = self.inputs.get(tensor.name)
+            if spec is None:
+                raise InvalidInput(
+                    f"unexpected input {tensor.name!r} for model {self.name}; "
+                    f"expected {', '.join(self.inputs)}"
+                )
+            if tensor.name in inputs:
+                raise InvalidInput(f"input {tensor.name!r} given more than once")
+            if tensor.datatype != spec.datatype:
+                raise InvalidInput(
+                    f"input {tensor.name!r} has datatype {tensor.datatype}, "
+                    f"model expects {spec.datatype}"
+                )
+            if not _shape_matches(tensor.shape, spec.shape):
+                raise InvalidInput(
+                    f"input {tensor.name!r} has shape {list(tensor.shape)}, "
+                    f"model expects {list(spec.shape)} (-1: any size)"
+                )
+            if self.config.max_batch_size:
+                n = tensor.shape[0]
+                if rows is not None and n != rows:
+                    raise InvalidInput("inputs disagree on the batch size (first dimension)")
+                rows = n
+            inputs[tensor.name] = tensor.data
+        missing = [n for n in self.inputs if n not in inputs]
+        if missing:
+            raise InvalidInput(f"missing input(s) {', '.join(missing)} for model {self.name}")
+        if self.config.max_batch_size:
+            if not 1 <= rows <= self.config.max_batch_size:
+                raise InvalidInput(
+                    f"batch size {rows} outside 1..{self.config.max_batch_size} "
+                    f"(max_batch_size of model {self.name})"
+                )
+        else:
+            rows = 1
+        if request.outputs is not None:
+            for out in request.outputs:
+                if out.name not in self.outputs:
+                    raise InvalidInput(
+                        f"unknown output {out.name!r} for model {self.name}; "
+                        f"outputs are {', '.join(self.outputs)}"
+                    )
+        return inputs, rows
+
+
+def _shape_matches(shape: tuple[int, ...], expected: tuple[int, ...]) -> bool:
+    if len(shape) != len(expected):
+        return False
+    return all(e == -1 or s == e for s, e in zip(shape, expected, strict=True))
+
+
+def check_shape(name: str, shape: list) -> tuple[int, ...]:
+    """Validate a client-supplied shape before anything is allocated for it."""
+    if not isinstance(shape, list | tuple) or len(shape) > MAX_DIMS:
+        raise InvalidInput(f"input {name!r}: shape must be a list of at most {MAX_DIMS} integers")
+    for d in shape:
+        if not isinstance(d, int) or isinstance(d, bool) or d < 0:
+            raise InvalidInput(f"input {name!r}: shape {shape} has a non-integer or negative dim")
+    if math.prod(shape) > MAX_ELEMENTS:
+        raise InvalidInput(f"input {name!r}: shape {shape} is larger than {MAX_ELEMENTS} elements")
+    return tuple(shape)

@@ -1,0 +1,270 @@
+"""KServe v2 REST wire format <-> protocol-neutral tensors.
+
+Covers JSON tensors and the binary tensor data extension: a request body may be a JSON header of
+`Inference-Header-Content-Length` bytes followed by raw tensor bytes, in input order, for every
+input whose `parameters.binary_data_size` is set. Outputs go back in binary when the output asks
+for `binary_data` or the request sets `binary_data_output`.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import numpy as np
+import orjson
+
+from agent.serving.errors import InvalidInput
+from agent.serving.model import check_shape
+from agent.serving.tensors import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
+from runtimes.datatypes import DATATYPES, to_numpy
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+# Which JSON number kinds (numpy dtype.kind after parsing) each datatype accepts.
+_ACCEPTED_KINDS = {"BOOL": "b", "FP16": "iuf", "FP32": "iuf", "FP64": "iuf"}
+_INT_KINDS = "iu"
+
+
+def decode_request(
+    body: bytes, header_length: str | None, model_name: str, model_version: str | None
+) -> InferenceRequest:
+    binary = b""
+    if header_length is not None:
+        try:
+            n = int(header_length)
+        except ValueError:
+            raise InvalidInput(
+                f"{HEADER_LENGTH} must be an integer, got {header_length!r}"
+            ) from None
+        if not 0 < n <= len(body):
+            raise InvalidInput(f"{HEADER_LENGTH} is {n} but the body has {len(body)} bytes")
+        binary = memoryview(body)[n:]
+        body = body[:n]
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InvalidInput("request body must be a JSON object")
+    raw_inputs = doc.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise InvalidInput("request must have a non-empty 'inputs' list")
+    request_id = doc.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidInput("'id' must be a string")
+    parameters = _parameters(doc, "request")
+    offset = 0
+    inputs = []
+    for raw in raw_inputs:
+        tensor, offset = _decode_input(raw, binary, offset)
+        inputs.append(tensor)
+    if offset != len(binary):
+        raise InvalidInput(
+            f"binary data has {len(binary) - offset} bytes beyond what the inputs declare"
+        )
+    outputs = None
+    raw_outputs = doc.get("outputs")
+    if raw_outputs is not None:
+        if not isinstance(raw_outputs, list):
+            raise InvalidInput("'outputs' must be a list")
+        outputs = []
+        for raw in raw_outputs:
+            if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+                raise InvalidInput("each requested output must be an object with a 'name'")
+            outputs.append(RequestedOutput(raw["name"], _parameters(raw, raw["name"])))
+    return InferenceRequest(
+        model_name=model_name,
+        model_version=model_version,
+        inputs=inputs,
+        id=request_id,
+        outputs=outputs,
+        parameters=parameters,
+    )
+
+
+def _parameters(obj: dict, where: str) -> dict:
+    params = obj.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise InvalidInput(f"'parameters' of {where} must be an object")
+    return params
+
+
+def _decode_input(raw, binary: memoryview | bytes, offset: int) -> tuple[Tensor, int]:
+    if not isinstance(raw, dict):
+        raise InvalidInput("each input must be a JSON object")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidInput("each input needs a 'name' string")
+    datatype = raw.get("datatype")
+    if datatype not in DATATYPES:
+        raise InvalidInput(
+            f"input {name!r}: unknown datatype {datatype!r}; one of {', '.join(sorted(DATATYPES))}"
+        )
+    shape = check_shape(name, raw.get("shape"))
+    count = math.prod(shape)
+    params = _parameters(raw, name)
+    size = params.get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise InvalidInput(f"input {name!r}: binary_data_size must be a non-negative integer")
+        if "data" in raw:
+            raise InvalidInput(f"input {name!r} has both 'data' and binary_data_size")
+        if offset + size > len(binary):
+            raise InvalidInput(
+                f"input {name!r}: binary_data_size {size} runs past the end of the binary data "
+                f"({len(binary) - offset} bytes left)"
+            )
+        chunk = binary[offset : offset + size]
+        array = decode_raw(name, datatype, shape, chunk)
+        return Tensor(name, datatype, shape, array, params), offset + size
+    if "data" not in raw:
+        raise InvalidInput(f"input {name!r} has no 'data' and no binary_data_size")
+    array = _from_json(name, datatype, raw["data"], count).reshape(shape)
+    return Tensor(name, datatype, shape, array, params), offset
+
+
+def decode_raw(name: str, datatype: str, shape: tuple[int, ...], chunk) -> np.ndarray:
+    """Raw little-endian tensor bytes (BYTES: 4-byte length prefix per element) -> array."""
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        return _decode_bytes_elements(name, bytes(chunk), count).reshape(shape)
+    dtype = to_numpy(datatype).newbyteorder("<")
+    expected = count * dtype.itemsize
+    if len(chunk) != expected:
+        raise InvalidInput(
+            f"input {name!r}: {len(chunk)} bytes of data for shape {list(shape)} {datatype}; "
+            f"expected {expected}"
+        )
+    return np.frombuffer(chunk, dtype=dtype).reshape(shape)
+
+
+def _decode_bytes_elements(name: str, data: bytes, count: int) -> np.ndarray:
+    out = np.empty(count, dtype=object)
+    pos = 0
+    for i in range(count):
+        if pos + 4 > len(data):
+            raise InvalidInput(f"input {name!r}: BYTES data ends before element {i}")
+        (length,) = struct.unpack_from("<I", data, pos)
+        pos += 4
+        if pos + length > len(data):
+            raise InvalidInput(f"input {name!r}: BYTES element {i} runs past the data")
+        out[i] = data[pos : pos + length]
+        pos += length
+    if pos != len(data):
+        raise InvalidInput(f"input {name!r}: {len(data) - pos} bytes after the last element")
+    return out
+
+
+def _from_json(name: str, datatype: str, data, count: int) -> np.ndarray:
+    if not isinstance(data, list):
+        data = [data]
+    if datatype == "BYTES":
+        flat = _flatten(name, data)
+        if len(flat) != count:
+            raise InvalidInput(f"input {name!r}: {len(flat)} elements for a shape of {count}")
+        out = np.empty(count, dtype=object)
+        for i, item in enumerate(flat):
+            if not isinstance(item, str):
+                raise InvalidInput(f"input {name!r}: BYTES data must be strings")
+            out[i] = item.encode()
+        return out
+    try:
+        parsed = np.array(data)
+    except (ValueError, TypeError):
+        raise InvalidInput(f"input {name!r}: data is ragged or not numeric") from None
+    if parsed.size != count:
+        raise InvalidInput(
+            f"input {name!r}: {parsed.size} data elements but the shape holds {count}"
+        )
+    if count == 0:
+        return np.empty(0, dtype=to_numpy(datatype))
+    kinds = _ACCEPTED_KINDS.get(datatype, _INT_KINDS)
+    if parsed.dtype.kind not in kinds:
+        raise InvalidInput(f"input {name!r}: data is not valid {datatype} (got {parsed.dtype})")
+    dtype = to_numpy(datatype)
+    if datatype not in _ACCEPTED_KINDS:  # integer types: refuse values that would wrap
+        info = np.iinfo(dtype)
+        if parsed.min() < info.min or parsed.max() > info.max:
+            raise InvalidInput(f"input {name!r}: a value is out of range for {datatype}")
+    return parsed.astype(dtype, copy=False).reshape(-1)
+
+
+def _flatten(name: str, data: list) -> list:
+    flat, stack = [], [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                if len(stack) > 32:
+                    raise InvalidInput(f"input {name!r}: data nested too deeply")
+                stack.append(iter(item))
+                break
+            flat.append(item)
+        else:
+            stack.pop()
+    return flat
+
+
+def encode_response(
+    response: InferenceResponse, request_parameters: dict
+) -> tuple[bytes, int | None]:
+    """JSON body, or JSON header + binary sections; returns (body, header length or None)."""
+    binary_default = bool(request_parameters.get("binary_data_output", False))
+    chunks: list[bytes] = []
+    outputs = []
+    for t in response.outputs:
+        out = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
+        want_binary = t.parameters.get("binary_data", binary_default)
+        payload = None if want_binary else _to_json(t)
+        if payload is None:
+            raw = encode_raw(t.datatype, t.data)
+            out["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            out["data"] = payload
+        outputs.append(out)
+    doc = {"model_name": response.model_name, "model_version": response.model_version}
+    if response.id is not None:
+        doc["id"] = response.id
+    doc["outputs"] = outputs
+    header = _dumps(doc)
+    if not chunks:
+        return header, None
+    return b"".join([header, *chunks]), len(header)
+
+
+def _dumps(doc) -> bytes:
+    try:
+        return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    except orjson.JSONEncodeError:  # a dtype orjson cannot take as-is: plain Python lists
+        for out in doc["outputs"]:
+            if isinstance(out.get("data"), np.ndarray):
+                out["data"] = out["data"].tolist()
+        return orjson.dumps(doc)
+
+
+def _to_json(t: Tensor):
+    """Flat JSON data, or None when it cannot be JSON (non-UTF-8 BYTES) and must go binary."""
+    if t.datatype != "BYTES":
+        return np.ascontiguousarray(t.data).ravel()
+    try:
+        return [b.decode() if isinstance(b, bytes) else str(b) for b in t.data.ravel()]
+    except UnicodeDecodeError:
+        return None
+
+
+def encode_raw(datatype: str, array: np.ndarray) -> bytes:
+    if datatype == "BYTES":
+        parts = []
+        for item in array.ravel():
+            b = item if isinstance(item, bytes) else str(item).encode()
+            parts.append(struct.pack("<I", len(b)))
+            parts.append(b)
+        return b"".join(parts)
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
+def error_body(message: str) -> bytes:
+    return orjson.dumps({"error": message})

@@ -1,0 +1,203 @@
+"""Runs one model's requests off the event loop, forming dynamic batches when the model allows.
+
+The event loop hands each validated request to `submit()`, which returns an asyncio future.
+Worker threads take requests from a queue; with batching on, a worker drains the requests that
+are already waiting (and, if configured, waits up to `max_queue_delay_us` for more) into one
+batch of compatible shapes, concatenates along the batch dimension, runs the model once and
+splits the outputs. Results come back to the loop with one `call_soon_threadsafe` per batch.
+
+Under load this batches naturally: requests pile up while the previous batch runs, so a busy
+model runs fewer, larger batches without adding latency at low load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from agent.serving.config import ModelConfig
+from agent.serving.errors import InferenceFailed, ModelNotReady, QueueFull
+from agent.serving.metrics import ModelMetrics
+
+log = logging.getLogger(__name__)
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass(slots=True)
+class Outcome:
+    outputs: Arrays
+    queue_ns: int
+    compute_ns: int
+
+
+@dataclass(slots=True)
+class _Job:
+    inputs: Arrays
+    rows: int
+    key: tuple  # non-batch dims of every input: only equal keys batch together
+    future: asyncio.Future
+    enqueued_ns: int = field(default_factory=time.perf_counter_ns)
+
+
+_STOP = object()
+
+
+class Scheduler:
+    def __init__(
+        self,
+        name: str,
+        infer: Callable[[Arrays], Arrays],
+        config: ModelConfig,
+        metrics: ModelMetrics,
+        loop: asyncio.AbstractEventLoop,
+    ):
+        self.name = name
+        self._infer = infer
+        self._config = config
+        self._metrics = metrics
+        self._loop = loop
+        self._batching = config.max_batch_size > 0
+        self._preferred = frozenset(config.preferred_batch_sizes)
+        self._delay_s = config.max_queue_delay_us / 1e6
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending = 0  # touched on the event loop thread only
+        self._closed = False
+        self._workers = [
+            threading.Thread(target=self._work, name=f"model-{name}-{i}", daemon=True)
+            for i in range(config.instances)
+        ]
+        for worker in self._workers:
+            worker.start()
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def submit(self, inputs: Arrays, rows: int) -> asyncio.Future:
+        """Queue one request; the future resolves to an Outcome or a ServingError."""
+        if self._closed:
+            raise ModelNotReady(f"model {self.name} is unloading")
+        if self._pending >= self._config.max_queue_size:
+            raise QueueFull(
+                f"model {self.name} has {self._pending} requests waiting "
+                f"(max_queue_size {self._config.max_queue_size}); retry later"
+            )
+        future = self._loop.create_future()
+        key = tuple(a.shape[1:] for a in inputs.values()) if self._batching else ()
+        self._pending += 1
+        self._metrics.pending.inc()
+        self._queue.put(_Job(inputs, rows, key, future))
+        return future
+
+    async def close(self) -> None:
+        """Stop taking requests, let queued ones finish, then stop the workers."""
+        if self._closed:
+            return
+        self._closed = True
+        for _ in self._workers:
+            self._queue.put(_STOP)
+        await asyncio.to_thread(self._join)
+
+    def _join(self) -> None:
+        for worker in self._workers:
+            worker.join()
+
+    # --- worker threads -------------------------------------------------------------------
+
+    def _work(self) -> None:
+        carry: deque = deque()  # a job taken from the queue that did not fit the last batch
+        while True:
+            job = carry.popleft() if carry else self._queue.get()
+            if job is _STOP:
+                return
+            batch = self._collect(job, carry) if self._batching else [job]
+            live = [j for j in batch if not j.future.done()]  # drop timed-out requests
+            if len(live) < len(batch):
+                self._loop.call_soon_threadsafe(self._release, len(batch) - len(live))
+            if live:
+                self._run(live)
+
+    def _collect(self, first: _Job, carry: deque) -> list[_Job]:
+        batch, rows = [first], first.rows
+        limit = self._config.max_batch_size
+        deadline = None
+        while rows < limit:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                if not self._delay_s or rows in self._preferred:
+                    break
+                now = time.monotonic()
+                deadline = deadline or now + self._delay_s
+                if now >= deadline:
+                    break
+                try:
+                    job = self._queue.get(timeout=deadline - now)
+                except queue.Empty:
+                    break
+            if job is _STOP or job.key != first.key or rows + job.rows > limit:
+                carry.append(job)
+                break
+            batch.append(job)
+            rows += job.rows
+        return batch
+
+    def _run(self, batch: list[_Job]) -> None:
+        start = time.perf_counter_ns()
+        rows = sum(j.rows for j in batch)
+        error: Exception | None = None
+        results: list[Arrays] = []
+        try:
+            if len(batch) == 1:
+                results = [self._infer(batch[0].inputs)]
+            else:
+                names = batch[0].inputs.keys()
+                merged = {n: np.concatenate([j.inputs[n] for j in batch]) for n in names}
+                results = self._split(self._infer(merged), batch, rows)
+        except Exception as exc:  # the runtime's own error types vary; report, never crash
+            log.warning("model %s failed on a batch of %d: %s", self.name, rows, exc)
+            error = InferenceFailed(f"model {self.name} failed: {exc}")
+        compute_ns = time.perf_counter_ns() - start
+        m = self._metrics
+        m.exec_count.inc()
+        m.inference_count.inc(rows)
+        m.batch_size.observe(rows)
+        m.compute_us.inc(compute_ns / 1000)
+        self._loop.call_soon_threadsafe(self._resolve, batch, results, error, start, compute_ns)
+
+    @staticmethod
+    def _split(outputs: Arrays, batch: list[_Job], rows: int) -> list[Arrays]:
+        for name, array in outputs.items():
+            if array.ndim == 0 or array.shape[0] != rows:
+                raise ValueError(f"output {name} has shape {array.shape}, not {rows} batch rows")
+        results, offset = [], 0
+        for job in batch:
+            end = offset + job.rows
+            results.append({n: a[offset:end] for n, a in outputs.items()})
+            offset = end
+        return results
+
+    # --- back on the event loop -----------------------------------------------------------
+
+    def _release(self, count: int) -> None:
+        self._pending -= count
+        self._metrics.pending.dec(count)
+
+    def _resolve(self, batch, results, error, start_ns, compute_ns) -> None:
+        self._release(len(batch))
+        for i, job in enumerate(batch):
+            if job.future.done():
+                continue
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(Outcome(results[i], start_ns - job.enqueued_ns, compute_ns))

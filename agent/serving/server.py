@@ -1,0 +1,87 @@
+"""Runs the REST and gRPC front ends over one data plane.
+
+REST listens on TCP (127.0.0.1 by default) and optionally a unix socket; gRPC on TCP. The front
+ends come up first (live, not ready), then the models load and the server turns ready.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from agent.serving.dataplane import DataPlane
+from agent.serving.repository import ModelRepository
+from agent.serving.rest import DEFAULT_MAX_BODY, RestFrontEnd
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ServeOptions:
+    models: Path
+    http: str | None = "127.0.0.1:8000"
+    grpc: str | None = "127.0.0.1:8001"
+    socket: Path | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY
+
+
+@dataclass(slots=True)
+class RunningServer:
+    dataplane: DataPlane
+    http_port: int | None
+    grpc_port: int | None
+    socket: Path | None
+    _runner: web.AppRunner
+    _grpc: object | None
+
+    async def stop(self, grace: float = 5.0) -> None:
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        await self._runner.cleanup()
+        await self.dataplane.stop()
+        if self.socket is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.socket.unlink()
+
+
+def split_address(address: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"address {address!r} must be HOST:PORT (PORT 0..65535)")
+    return host.strip("[]") or default_host, int(port)
+
+
+async def start(options: ServeOptions) -> RunningServer:
+    dataplane = DataPlane(ModelRepository(options.models))
+    rest = RestFrontEnd(dataplane, max_body=options.max_body_bytes)
+    runner = web.AppRunner(rest.app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    http_port = None
+    if options.http:
+        host, port = split_address(options.http)
+        sock = socket.create_server((host, port), family=_family(host), reuse_port=False)
+        await web.SockSite(runner, sock).start()
+        http_port = sock.getsockname()[1]
+    if options.socket:
+        path = Path(options.socket)
+        if path.exists() and path.is_socket():
+            path.unlink()  # left over from a previous run that did not stop cleanly
+        await web.UnixSite(runner, str(path)).start()
+        os.chmod(path, 0o660)
+    grpc_server = grpc_port = None
+    if options.grpc:
+        from agent.serving.grpc_server import start_grpc_server
+
+        grpc_server, grpc_port = await start_grpc_server(dataplane, options.grpc)
+    await dataplane.start()
+    return RunningServer(dataplane, http_port, grpc_port, options.socket, runner, grpc_server)
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -1,0 +1,41 @@
+"""What the `edgefleet` subcommands share: the --config flag and opening the control plane."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from controlplane.cli import UserError
+
+
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="control-plane TOML config (default: $EDGEFLEET_CONFIG, else built-in defaults; "
+        "EDGEFLEET_* variables override either)",
+    )
+
+
+def load(args: argparse.Namespace):
+    from controlplane.config import load_config
+    from controlplane.errors import ControlPlaneError
+
+    try:
+        return load_config(args.config)
+    except ControlPlaneError as exc:
+        raise UserError(str(exc)) from exc
+
+
+def open_plane(args: argparse.Namespace):
+    """The control plane named by --config, or a UserError saying what to fix."""
+    from controlplane.errors import ControlPlaneError
+    from controlplane.service import ControlPlane
+    from provisioning.errors import ProvisioningError
+
+    config = load(args)
+    try:
+        return ControlPlane.open(config)
+    except (ControlPlaneError, ProvisioningError) as exc:
+        raise UserError(str(exc)) from exc

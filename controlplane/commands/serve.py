@@ -1,0 +1,52 @@
+"""`edgefleet serve`: run the control plane's device endpoints until interrupted."""
+
+from __future__ import annotations
+
+import argparse
+
+from controlplane.commands._common import add_config_argument, open_plane
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the control plane (enrollment HTTPS, device HTTPS and gRPC, all TLS)",
+        description="Run the control plane until SIGINT/SIGTERM. Needs a device CA "
+        "(edgefleet ca init). Logs JSON lines to stderr.",
+    )
+    add_config_argument(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from controlplane.logs import configure_logging
+    from controlplane.server import ControlPlaneServer
+
+    configure_logging()
+    plane = open_plane(args)
+
+    async def serve() -> None:
+        server = ControlPlaneServer(plane)
+        endpoints = await server.start()
+        print(
+            f"enrollment {endpoints.enroll_url}  devices {endpoints.device_url}  "
+            f"gRPC {endpoints.grpc_target}",
+            flush=True,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await server.stop()
+
+    try:
+        asyncio.run(serve())
+    finally:
+        plane.close()
+    return 0

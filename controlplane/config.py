@@ -1,0 +1,192 @@
+"""Control-plane settings: a TOML file, overridden by `EDGEFLEET_*` environment variables.
+
+Every default works on a laptop: state under `~/.local/state/edgefleet`, endpoints on
+127.0.0.1, region `local`. A file looks like
+
+    state_dir = "/var/lib/edgefleet-controlplane"
+    region = "ae"
+
+    [server]
+    bind_host = "0.0.0.0"
+    public_hosts = ["cp.ae.example.com"]   # names devices use; they go into the server certificate
+
+    [certificates]
+    device_days = 30
+
+    [broker]                                # optional: the Mosquitto that `broker-config` set up
+    dir = "/etc/mosquitto/edgefleet"
+    pid_file = "/run/mosquitto/mosquitto.pid"
+    url = "mqtts://cp.ae.example.com:8883"
+
+and each setting can be overridden by the environment variable named after its field:
+`EDGEFLEET_REGION=eu`, `EDGEFLEET_ENROLL_PORT=9443`, `EDGEFLEET_PUBLIC_HOSTS=a.example,b.example`.
+`EDGEFLEET_CONFIG` names the file when `--config` is not given.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from controlplane.errors import ConfigError
+from provisioning.ca import Lifetimes
+from provisioning.errors import ProvisioningError
+from provisioning.identity import check_name
+
+ENV_PREFIX = "EDGEFLEET_"
+
+
+def _default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(base) / "edgefleet"
+
+
+@dataclass(frozen=True)
+class ControlPlaneConfig:
+    state_dir: Path = field(default_factory=_default_state_dir, metadata={"toml": "state_dir"})
+    # The region this control-plane instance serves; its server certificates carry it.
+    region: str = field(default="local", metadata={"toml": "region"})
+    bind_host: str = field(default="127.0.0.1", metadata={"toml": "server.bind_host"})
+    # Host names / addresses devices use to reach this instance; the first goes into URLs.
+    public_hosts: tuple[str, ...] = field(
+        default=("localhost", "127.0.0.1"), metadata={"toml": "server.public_hosts"}
+    )
+    enroll_port: int = field(default=8443, metadata={"toml": "server.enroll_port"})
+    device_port: int = field(default=8444, metadata={"toml": "server.device_port"})
+    grpc_port: int = field(default=8445, metadata={"toml": "server.grpc_port"})
+    max_request_bytes: int = field(default=64 * 1024, metadata={"toml": "server.max_request_bytes"})
+    # How often a running server looks for revocations made by another process (the CLI).
+    revocation_poll_seconds: float = field(
+        default=2.0, metadata={"toml": "server.revocation_poll_seconds"}
+    )
+    device_cert_days: int = field(default=30, metadata={"toml": "certificates.device_days"})
+    server_cert_days: int = field(default=90, metadata={"toml": "certificates.server_days"})
+    clock_skew_seconds: int = field(
+        default=300, metadata={"toml": "certificates.clock_skew_seconds"}
+    )
+    crl_days: int = field(default=7, metadata={"toml": "certificates.crl_days"})
+    broker_dir: Path | None = field(default=None, metadata={"toml": "broker.dir"})
+    broker_pid_file: Path | None = field(default=None, metadata={"toml": "broker.pid_file"})
+    broker_url: str = field(default="", metadata={"toml": "broker.url"})
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.state_dir / "ca"
+
+    @property
+    def database_path(self) -> Path:
+        return self.state_dir / "controlplane.db"
+
+    @property
+    def server_dir(self) -> Path:
+        return self.state_dir / "server"
+
+    @property
+    def crl_path(self) -> Path:
+        return self.state_dir / "crl.pem"
+
+    @property
+    def public_host(self) -> str:
+        return self.public_hosts[0]
+
+    @property
+    def lifetimes(self) -> Lifetimes:
+        return Lifetimes(
+            device=timedelta(days=self.device_cert_days),
+            server=timedelta(days=self.server_cert_days),
+            clock_skew=timedelta(seconds=self.clock_skew_seconds),
+        )
+
+    @property
+    def crl_lifetime(self) -> timedelta:
+        return timedelta(days=self.crl_days)
+
+
+def load_config(
+    path: Path | str | None = None, env: Mapping[str, str] | None = None
+) -> ControlPlaneConfig:
+    """Defaults, then the TOML file (`path`, else `$EDGEFLEET_CONFIG`), then the environment."""
+    env = os.environ if env is None else env
+    path = path or env.get(ENV_PREFIX + "CONFIG")
+    values: dict[str, Any] = {}
+    if path:
+        values.update(_from_toml(Path(path)))
+    values.update(_from_env(env))
+    config = replace(ControlPlaneConfig(), **values)
+    _check(config)
+    return config
+
+
+def _from_toml(path: Path) -> dict[str, Any]:
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    by_key = {f.metadata["toml"]: f for f in fields(ControlPlaneConfig)}
+    flat = dict(_flatten(raw))
+    unknown = sorted(set(flat) - set(by_key))
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(by_key))}"
+        )
+    return {by_key[k].name: _convert(by_key[k].name, v, str(path)) for k, v in flat.items()}
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = ""):
+    for key, value in table.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key, value
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    values = {}
+    for f in fields(ControlPlaneConfig):
+        raw = env.get(ENV_PREFIX + f.name.upper())
+        if raw is not None:
+            values[f.name] = _convert(f.name, raw, ENV_PREFIX + f.name.upper())
+    return values
+
+
+def _convert(name: str, value: Any, source: str) -> Any:
+    kind = {f.name: f.type for f in fields(ControlPlaneConfig)}[name]
+    try:
+        if kind in ("int", "float"):
+            if isinstance(value, bool):
+                raise ValueError
+            return int(value) if kind == "int" else float(value)
+        if kind == "tuple[str, ...]":
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(str(i).strip() for i in items if str(i).strip())
+        if "Path" in kind:
+            return Path(value).expanduser() if str(value) else None
+        if not isinstance(value, str):
+            raise ValueError
+        return value
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: {name} has a bad value {value!r}") from exc
+
+
+def _check(config: ControlPlaneConfig) -> None:
+    try:
+        check_name("region", config.region)
+    except ProvisioningError as exc:
+        raise ConfigError(f"config: {exc}") from exc
+    if not config.public_hosts:
+        raise ConfigError("config: public_hosts needs at least one host name or address")
+    for name in ("enroll_port", "device_port", "grpc_port"):
+        port = getattr(config, name)
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"config: {name} {port} is not a TCP port")
+    if config.device_cert_days < 1 or config.server_cert_days < 1 or config.crl_days < 1:
+        raise ConfigError("config: certificate and CRL lifetimes must be at least one day")
+    if config.revocation_poll_seconds <= 0:
+        raise ConfigError("config: revocation_poll_seconds must be positive")

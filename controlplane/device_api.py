@@ -1,0 +1,73 @@
+"""The device endpoint: HTTPS that only devices of the CA reach (client certificate required).
+
+    GET  /v1/devices/self          who the control plane takes the caller to be, its
+                                   certificate, and the server's clock (for skew estimates)
+    POST /v1/devices/self/renew    {"csr": "..."} -> a new certificate, same identity
+
+TLS has already refused expired and foreign certificates; the middleware below refuses revoked
+and unknown ones on every request (keep-alive connections included), because Python's TLS stack
+cannot reload a CRL into a running server.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from cryptography import x509
+
+from controlplane.enroll_api import certificate_reply
+from controlplane.json_api import json_app, read_fields
+from controlplane.registry import Device
+from provisioning.identity import serial_hex
+from provisioning.tls import peer_certificate
+
+if TYPE_CHECKING:
+    from controlplane.server import Endpoints
+    from controlplane.service import ControlPlane
+
+CALLER = "edgefleet.caller"  # request key: (Device, certificate) of the authenticated caller
+
+
+def device_app(plane: ControlPlane, endpoints: Endpoints) -> web.Application:
+    app = json_app(plane.config.max_request_bytes)
+
+    @web.middleware
+    async def authenticate(request: web.Request, handler) -> web.StreamResponse:
+        transport = request.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport else None
+        cert = peer_certificate(ssl_object)
+        request[CALLER] = (plane.registry.authenticate(cert), cert)
+        return await handler(request)
+
+    app.middlewares.append(authenticate)
+
+    async def whoami(request: web.Request) -> web.Response:
+        device, cert = request[CALLER]
+        return web.json_response(_describe(device, cert))
+
+    async def renew(request: web.Request) -> web.Response:
+        _, cert = request[CALLER]
+        body = await read_fields(request, "csr")
+        issued = plane.enrollment.renew(cert, body["csr"])
+        return web.json_response(certificate_reply(plane, issued, endpoints))
+
+    app.router.add_get("/v1/devices/self", whoami)
+    app.router.add_post("/v1/devices/self/renew", renew)
+    return app
+
+
+def _describe(device: Device, cert: x509.Certificate) -> dict:
+    return {
+        "device_id": device.device_id,
+        "region": device.region,
+        "tags": device.tags,
+        "status": device.status,
+        "certificate": {
+            "serial": serial_hex(cert),
+            "not_before": cert.not_valid_before_utc.isoformat(),
+            "not_after": cert.not_valid_after_utc.isoformat(),
+        },
+        "server_time": datetime.now(UTC).isoformat(),
+    }

@@ -1,0 +1,93 @@
+"""Enrollment and renewal: turning a token or a current certificate plus a CSR into a certificate.
+
+The control plane chooses the identity: a new device gets a fresh id and the region and tags of
+its token; a renewing device keeps the identity of the certificate it authenticated with. From
+the CSR only the public key is used, after `provisioning.csr.check_csr` accepts it, so a CSR
+asking for another id or region gets nothing its token or certificate does not already allow.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from cryptography import x509
+from sqlite_utils import Database
+
+from controlplane.errors import TokenRejected
+from controlplane.registry import ACTIVE, Device, DeviceRegistry
+from controlplane.tokens import TokenStore
+from provisioning.ca import CertificateAuthority, utc_now
+from provisioning.csr import check_csr
+from provisioning.identity import DeviceIdentity
+from provisioning.tokens import ca_pin, parse_token
+
+
+@dataclass(frozen=True, slots=True)
+class Issued:
+    device: Device
+    certificate: x509.Certificate
+
+
+def new_device_id() -> str:
+    """`dev-` and 64 random bits: unguessable, and never equal to a service name."""
+    return "dev-" + secrets.token_hex(8)
+
+
+class EnrollmentService:
+    def __init__(
+        self,
+        db: Database,
+        ca: CertificateAuthority,
+        tokens: TokenStore,
+        registry: DeviceRegistry,
+        *,
+        region: str,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self._db = db
+        self._ca = ca
+        self._tokens = tokens
+        self._registry = registry
+        self._region = region
+        self._clock = clock
+        self._pin = ca_pin(ca.certificate)
+
+    def enroll(self, token_text: str, csr_pem: str | bytes) -> Issued:
+        """Check the token and the CSR, use up one use of the token, issue a certificate."""
+        token = parse_token(token_text)
+        if token.ca_pin != self._pin:
+            raise TokenRejected(
+                "enrollment token was made by another control plane (its CA pin does not match "
+                "this one's); check the --server URL"
+            )
+        # The CSR is checked before the token is touched: a bad CSR must not burn a use.
+        public_key = check_csr(csr_pem)
+        with self._db.atomic():
+            grant = self._tokens.redeem(token, served_region=self._region)
+            if grant.device_id is None:
+                device = self._registry.add(new_device_id(), grant.region, grant.tags, grant.token_id)
+            else:
+                device = self._registry.get(grant.device_id)
+                if device is None or device.status != ACTIVE:
+                    raise TokenRejected(
+                        f"re-enrollment token {grant.token_id} is for device {grant.device_id}, "
+                        "which is revoked or gone; enroll the node as a new device"
+                    )
+            return self._issue(device, public_key)
+
+    def renew(self, presented: x509.Certificate, csr_pem: str | bytes) -> Issued:
+        """Issue a new certificate, same identity, to a device authenticated by `presented`."""
+        device = self._registry.authenticate(presented)
+        public_key = check_csr(csr_pem)
+        with self._db.atomic():
+            return self._issue(device, public_key)
+
+    def _issue(self, device: Device, public_key) -> Issued:
+        cert = self._ca.issue_device(
+            public_key, DeviceIdentity(device.device_id, device.region), now=self._clock()
+        )
+        self._registry.record_certificate(device.device_id, cert)
+        return Issued(device, cert)

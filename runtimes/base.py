@@ -1,0 +1,55 @@
+"""The interface every runtime adapter implements, and its errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class RuntimeAdapterError(Exception):
+    """Base of the errors a runtime adapter raises."""
+
+
+class RuntimeUnavailable(RuntimeAdapterError):
+    """The runtime's Python package is not installed on this node."""
+
+
+class UnsupportedModel(RuntimeAdapterError):
+    """No adapter can load this file, or the chosen one cannot."""
+
+
+class ModelLoadError(RuntimeAdapterError):
+    """The runtime failed to load or compile the model."""
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """One model input or output: KServe datatype and shape (-1 for a dynamic dimension)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LoadOptions:
+    """Runtime knobs that the model config, a firmware profile or accelerator selection may set."""
+
+    device: str = "CPU"
+    threads: int | None = None  # intra-op threads; None lets the runtime decide
+    extra: dict[str, Any] = field(default_factory=dict)  # runtime-specific (e.g. OpenVINO hints)
+
+
+class Session(Protocol):
+    """A loaded model, ready to run. `infer` is thread-safe for one caller at a time."""
+
+    runtime: str
+    device: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,90 @@
+"""ONNX Runtime adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from runtimes.base import LoadOptions, ModelLoadError, RuntimeUnavailable, TensorSpec
+
+try:
+    import onnxruntime as ort
+except ImportError as exc:  # pragma: no cover - depends on the node's packages
+    raise RuntimeUnavailable("onnxruntime is not installed (pip install onnxruntime)") from exc
+
+# ONNX Runtime reports element types as strings like "tensor(float)".
+_ORT_TYPES = {
+    "tensor(bool)": "BOOL",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+
+# device name -> execution provider list; CPU stays last so an EP covers only what it can.
+_PROVIDERS = {
+    "CPU": ["CPUExecutionProvider"],
+    "CUDA": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "TENSORRT": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+    "OPENVINO": ["OpenVINOExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+def _spec(arg) -> TensorSpec:
+    datatype = _ORT_TYPES.get(arg.type)
+    if datatype is None:
+        raise ModelLoadError(f"tensor {arg.name!r} has unsupported type {arg.type}")
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in arg.shape)
+    return TensorSpec(arg.name, datatype, shape)
+
+
+class OnnxSession:
+    runtime = "onnxruntime"
+
+    def __init__(self, path: Path, options: LoadOptions):
+        device = options.device.upper()
+        providers = _PROVIDERS.get(device)
+        if providers is None:
+            raise ModelLoadError(f"onnxruntime has no device {options.device!r}")
+        missing = [p for p in providers if p not in ort.get_available_providers()]
+        if missing:
+            raise ModelLoadError(f"onnxruntime on this node lacks {', '.join(missing)}")
+        so = ort.SessionOptions()
+        if options.threads:
+            so.intra_op_num_threads = options.threads
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if device != "CPU":
+            # A silent fallback to CPU would hide that the accelerator is not used.
+            so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        for key, value in options.extra.get("session_config", {}).items():
+            so.add_session_config_entry(str(key), str(value))
+        try:
+            self._session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise ModelLoadError(f"onnxruntime could not load {path.name}: {exc}") from exc
+        self.device = device
+        self.providers = self._session.get_providers()
+        self.inputs = [_spec(a) for a in self._session.get_inputs()]
+        self.outputs = [_spec(a) for a in self._session.get_outputs()]
+        self._output_names = [o.name for o in self.outputs]
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = self._session.run(self._output_names, inputs)
+        return dict(zip(self._output_names, results, strict=True))
+
+    def close(self) -> None:
+        self._session = None
+
+
+def open_session(path: Path, options: LoadOptions) -> OnnxSession:
+    return OnnxSession(path, options)

@@ -1,0 +1,83 @@
+"""Shared fixtures: generated sample models and a real agent server on free loopback ports."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
+
+from agent.samples import write_sample_repository
+from agent.serving.server import RunningServer, ServeOptions, start
+
+
+class ServerThread:
+    """Runs an agent server on its own event loop in a background thread, as a test peer."""
+
+    def __init__(self, options: ServeOptions):
+        self.options = options
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.server: RunningServer | None = None
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        self.server = self.call(start(self.options))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.call(self.server.stop(grace=1))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+    def call(self, coro, timeout: float = 120):
+        """Run a coroutine on the server's loop and wait for its result."""
+        future: Future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result(timeout)
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.server.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.server.grpc_port}"
+
+    @property
+    def dataplane(self):
+        return self.server.dataplane
+
+
+@pytest.fixture(scope="session")
+def sample_repo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    write_sample_repository(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def agent(sample_repo, tmp_path_factory) -> Iterator[ServerThread]:
+    """One agent serving the sample repository (REST, gRPC and a unix socket)."""
+    sock = tmp_path_factory.mktemp("sock") / "agent.sock"
+    options = ServeOptions(sample_repo, "127.0.0.1:0", "127.0.0.1:0", sock, 4 * 1024 * 1024)
+    with ServerThread(options) as server:
+        yield server
+
+
+@pytest.fixture
+def private_repo(sample_repo, tmp_path) -> Path:
+    """A copy of the sample repository that a test may change."""
+    root = tmp_path / "models"
+    shutil.copytree(sample_repo, root)
+    return root
+
+
+@pytest.fixture
+def private_agent(private_repo) -> Iterator[ServerThread]:
+    """An agent of its own over `private_repo`, REST only."""
+    with ServerThread(ServeOptions(private_repo, "127.0.0.1:0", None, None)) as server:
+        yield server

@@ -1,0 +1,143 @@
+"""Malformed, oversized and hostile REST requests: a clear 4xx naming the problem, never a 500."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import numpy as np
+import pytest
+
+GOOD = {"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.5] * 64}
+
+
+def body(**override) -> bytes:
+    return json.dumps({"inputs": [{**GOOD, **override}]}).encode()
+
+
+def raw_body(header: dict, binary: bytes) -> tuple[bytes, dict]:
+    h = json.dumps(header).encode()
+    return h + binary, {"Inference-Header-Content-Length": str(len(h))}
+
+
+BINARY_HEADER = {
+    "inputs": [
+        {"name": "input", "shape": [1, 64], "datatype": "FP32",
+         "parameters": {"binary_data_size": 256}}
+    ]
+}  # fmt: skip
+F32 = np.zeros(64, dtype="<f4").tobytes()
+
+# (case id, path, body, extra headers, expected status, text the error must contain)
+CASES = [
+    ("unknown-model", "/v2/models/nope/infer", body(), {}, 404, "nope"),
+    ("unknown-version", "/v2/models/mlp/versions/7/infer", body(), {}, 404, "7"),
+    ("non-numeric-version", "/v2/models/mlp/versions/abc/infer", body(), {}, 404, "abc"),
+    ("wrong-input-name", "/v2/models/mlp/infer", body(name="x"), {}, 400, "'x'"),
+    ("wrong-shape", "/v2/models/mlp/infer", body(shape=[1, 63], data=[0.5] * 63), {}, 400,
+     "shape"),
+    ("wrong-rank", "/v2/models/mlp/infer", body(shape=[64]), {}, 400, "shape"),
+    ("wrong-datatype", "/v2/models/mlp/infer", body(datatype="INT32", data=[1] * 64), {}, 400,
+     "datatype"),
+    ("unknown-datatype", "/v2/models/mlp/infer", body(datatype="FLOAT"), {}, 400, "datatype"),
+    ("too-few-elements", "/v2/models/mlp/infer", body(data=[0.5] * 10), {}, 400, "elements"),
+    ("too-many-elements", "/v2/models/mlp/infer", body(data=[0.5] * 65), {}, 400, "elements"),
+    ("non-numeric-data", "/v2/models/mlp/infer", body(data=["a"] * 64), {}, 400, "FP32"),
+    ("numeric-strings", "/v2/models/mlp/infer", body(data=["1.0"] * 64), {}, 400, "FP32"),
+    ("null-data", "/v2/models/mlp/infer", body(data=[None] * 64), {}, 400, "FP32"),
+    ("bool-data-for-fp32", "/v2/models/mlp/infer", body(data=[True] * 64), {}, 400, "FP32"),
+    ("ragged-data", "/v2/models/mlp/infer", body(data=[[0.5] * 10, [0.5] * 54]), {}, 400,
+     "input"),
+    ("object-data", "/v2/models/mlp/infer", body(data={"a": 1}), {}, 400, "input"),
+    ("no-data", "/v2/models/mlp/infer",
+     json.dumps({"inputs": [{k: v for k, v in GOOD.items() if k != "data"}]}).encode(), {},
+     400, "no 'data'"),
+    ("malformed-json", "/v2/models/mlp/infer", b'{"inputs": [', {}, 400, "JSON"),
+    ("not-utf8", "/v2/models/mlp/infer", b"\xff\xfe\x00", {}, 400, "JSON"),
+    ("json-array", "/v2/models/mlp/infer", b"[1, 2]", {}, 400, "object"),
+    ("empty-body", "/v2/models/mlp/infer", b"", {}, 400, "JSON"),
+    ("no-inputs", "/v2/models/mlp/infer", b'{"inputs": []}', {}, 400, "inputs"),
+    ("inputs-not-list", "/v2/models/mlp/infer", b'{"inputs": {"a": 1}}', {}, 400, "inputs"),
+    ("input-not-object", "/v2/models/mlp/infer", b'{"inputs": [3]}', {}, 400, "object"),
+    ("duplicate-input", "/v2/models/mlp/infer",
+     json.dumps({"inputs": [GOOD, GOOD]}).encode(), {}, 400, "more than once"),
+    ("absurd-shape", "/v2/models/mlp/infer", body(shape=[1 << 40, 64]), {}, 400, "larger"),
+    ("negative-dim", "/v2/models/mlp/infer", body(shape=[-1, 64]), {}, 400, "negative"),
+    ("float-dim", "/v2/models/mlp/infer", body(shape=[1.5, 64]), {}, 400, "shape"),
+    ("too-many-dims", "/v2/models/mlp/infer", body(shape=[1] * 40), {}, 400, "shape"),
+    ("shape-not-list", "/v2/models/mlp/infer", body(shape="1x64"), {}, 400, "shape"),
+    ("batch-over-max", "/v2/models/mlp/infer", body(shape=[33, 64], data=[0.5] * 33 * 64), {},
+     400, "batch size"),
+    ("zero-batch", "/v2/models/mlp/infer", body(shape=[0, 64], data=[]), {}, 400, "batch size"),
+    ("unknown-output", "/v2/models/mlp/infer",
+     json.dumps({"inputs": [GOOD], "outputs": [{"name": "logits"}]}).encode(), {}, 400,
+     "logits"),
+    ("id-not-string", "/v2/models/mlp/infer",
+     json.dumps({"id": 5, "inputs": [GOOD]}).encode(), {}, 400, "id"),
+    ("bad-timeout", "/v2/models/mlp/infer",
+     json.dumps({"inputs": [GOOD], "parameters": {"timeout": "soon"}}).encode(), {}, 400,
+     "timeout"),
+    ("deep-nesting", "/v2/models/mlp/infer", b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+     {}, 400, "JSON"),
+    ("header-length-not-int", "/v2/models/mlp/infer", body(),
+     {"Inference-Header-Content-Length": "ten"}, 400, "Inference-Header-Content-Length"),
+    ("header-length-too-long", "/v2/models/mlp/infer", body(),
+     {"Inference-Header-Content-Length": "999999"}, 400, "Inference-Header-Content-Length"),
+    ("header-length-negative", "/v2/models/mlp/infer", body(),
+     {"Inference-Header-Content-Length": "-5"}, 400, "Inference-Header-Content-Length"),
+    ("binary-truncated", "/v2/models/mlp/infer", *raw_body(BINARY_HEADER, F32[:100]), 400,
+     "past the end"),
+    ("binary-extra-bytes", "/v2/models/mlp/infer", *raw_body(BINARY_HEADER, F32 + b"xx"), 400,
+     "beyond"),
+    ("binary-size-mismatch", "/v2/models/mlp/infer",
+     *raw_body({"inputs": [{**BINARY_HEADER["inputs"][0],
+                            "parameters": {"binary_data_size": 200}}]}, F32[:200]),
+     400, "expected 256"),
+    ("binary-size-negative", "/v2/models/mlp/infer",
+     *raw_body({"inputs": [{**BINARY_HEADER["inputs"][0],
+                            "parameters": {"binary_data_size": -4}}]}, F32), 400,
+     "binary_data_size"),
+    ("binary-and-data", "/v2/models/mlp/infer",
+     *raw_body({"inputs": [{**GOOD, "parameters": {"binary_data_size": 256}}]}, F32), 400,
+     "both"),
+    ("unknown-endpoint", "/v2/nothing/here", b"", {}, 404, "no such endpoint"),
+    ("repo-index-bad-json", "/v2/repository/index", b"{oops", {}, 400, "JSON"),
+    ("load-unknown-model", "/v2/repository/models/ghost/load", b"", {}, 404, "ghost"),
+    ("load-traversal", "/v2/repository/models/..%2F..%2Fetc/load", b"", {}, 404, ""),
+]  # fmt: skip
+
+
+async def post(url: str, data: bytes, headers: dict) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as s, s.post(url, data=data, headers=headers) as r:
+        text = await r.text()
+        return r.status, json.loads(text) if text else {}
+
+
+@pytest.mark.parametrize(
+    ("path", "data", "headers", "status", "needle"),
+    [c[1:] for c in CASES],
+    ids=[c[0] for c in CASES],
+)
+def test_bad_request_is_refused_clearly(agent, path, data, headers, status, needle):
+    code, doc = asyncio.run(post(f"http://{agent.http_url}{path}", data, headers))
+    assert code == status, doc
+    assert isinstance(doc.get("error"), str) and needle in doc["error"]
+
+
+def test_oversized_body_is_refused(agent):
+    big = b'{"inputs": [' + b" " * (5 * 1024 * 1024) + b"]}"  # the fixture allows 4 MiB
+    code, doc = asyncio.run(post(f"http://{agent.http_url}/v2/models/mlp/infer", big, {}))
+    assert code == 400
+    assert "exceeds the limit" in doc["error"]
+
+
+def test_server_still_serves_after_hostile_input(agent):
+    code, doc = asyncio.run(post(f"http://{agent.http_url}/v2/models/mlp/infer", body(), {}))
+    assert code == 200
+    assert doc["outputs"][0]["shape"] == [1, 10]
+    failures = agent.dataplane.metrics.registry.get_sample_value(
+        "edgefleet_inference_request_failure_total",
+        {"model": "mlp", "version": "1", "reason": "InvalidInput"},
+    )
+    assert failures and failures > 10

@@ -1,0 +1,339 @@
+"""Runtime adapters and discovery, on the generated sample models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import runtimes
+from agent import samples
+from runtimes import ModelLoadError, TensorSpec, UnsupportedModel, load
+from runtimes.base import LoadOptions
+from runtimes.discovery import RuntimeDevice, discover
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    samples.write_sample_repository(root)
+    return {
+        "mlp": root / "mlp" / "1" / "model.onnx",
+        "cnn": root / "cnn" / "1" / "model.onnx",
+        "cnn-openvino": root / "cnn-openvino" / "1" / "model.xml",
+        "mlp-tflite": root / "mlp-tflite" / "1" / "model.tflite",
+    }
+
+
+def _batch(rows: int, seed: int = 0) -> dict[str, np.ndarray]:
+    return {"input": np.random.RandomState(seed).standard_normal((rows, 64)).astype(np.float32)}
+
+
+# --- ONNX Runtime ----------------------------------------------------------------------------
+
+
+def test_onnx_mlp_metadata_has_a_dynamic_batch(models):
+    session = load(models["mlp"])
+    assert session.runtime == "onnxruntime"
+    assert session.device == "CPU"
+    assert session.inputs == [TensorSpec("input", "FP32", (-1, 64))]
+    assert session.outputs == [TensorSpec("output", "FP32", (-1, 10))]
+
+
+@pytest.mark.parametrize("rows", [1, 7, 32])
+def test_onnx_mlp_runs_any_batch_size(models, rows):
+    session = load(models["mlp"])
+    inputs = _batch(rows, seed=rows)
+    output = session.infer(inputs)["output"]
+    assert output.shape == (rows, 10)
+    expected = samples.reference_output("mlp", inputs)["output"]
+    np.testing.assert_allclose(output, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_onnx_cnn_metadata(models):
+    session = load(models["cnn"], options=LoadOptions(threads=2))
+    assert session.inputs == [TensorSpec("input", "FP32", (1, 3, 224, 224))]
+    assert session.outputs == [TensorSpec("output", "FP32", (1, 1000))]
+    assert session.providers == ["CPUExecutionProvider"]
+
+
+# --- OpenVINO --------------------------------------------------------------------------------
+
+
+def test_openvino_ir_metadata_and_where_it_runs(models):
+    session = load(models["cnn-openvino"])
+    assert session.runtime == "openvino"
+    assert session.device == "CPU"
+    assert session.execution_devices == ["CPU"]
+    assert session.inputs == [TensorSpec("input", "FP32", (1, 3, 224, 224))]
+    assert session.outputs == [TensorSpec("output", "FP32", (1, 1000))]
+
+
+def test_openvino_defaults_to_f32_precision(models):
+    session = load(models["cnn-openvino"])
+    assert session.properties["INFERENCE_PRECISION_HINT"] == "f32"
+    assert session._compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() == "f32"
+
+
+def test_openvino_passes_threads_and_extra_properties(models):
+    options = LoadOptions(
+        threads=1,
+        extra={"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": "bf16"},
+    )
+    session = load(models["mlp"], runtime="openvino", options=options)
+    assert session.properties == {
+        "INFERENCE_PRECISION_HINT": "bf16",
+        "INFERENCE_NUM_THREADS": 1,
+        "PERFORMANCE_HINT": "THROUGHPUT",
+    }
+    assert session._compiled.get_property("INFERENCE_NUM_THREADS") == 1
+
+
+@pytest.mark.parametrize("variant", ["cnn-openvino", "cnn"])
+def test_openvino_matches_onnxruntime_on_the_cnn(models, variant):
+    """The IR and the ONNX file read by OpenVINO agree with ONNX Runtime in f32."""
+    inputs = samples.sample_input("cnn")
+    reference = load(models["cnn"]).infer(inputs)["output"]
+    output = load(models[variant], runtime="openvino").infer(inputs)["output"]
+    assert output.shape == (1, 1000)
+    np.testing.assert_allclose(output, reference, rtol=0, atol=1e-4)
+
+
+def test_openvino_reads_onnx_with_a_dynamic_batch(models):
+    session = load(models["mlp"], runtime="openvino")
+    assert session.inputs == [TensorSpec("input", "FP32", (-1, 64))]
+    assert session.outputs == [TensorSpec("output", "FP32", (-1, 10))]
+    for rows in (1, 5, 32):
+        inputs = _batch(rows, seed=rows)
+        expected = samples.reference_output("mlp", inputs)["output"]
+        np.testing.assert_allclose(session.infer(inputs)["output"], expected, atol=1e-5)
+
+
+def test_openvino_reads_tflite(models):
+    session = load(models["mlp-tflite"], runtime="openvino")
+    inputs = samples.sample_input("mlp-tflite")
+    expected = samples.reference_output("mlp-tflite", inputs)["output"]
+    np.testing.assert_allclose(session.infer(inputs)["output"], expected, atol=1e-5)
+
+
+def test_openvino_outputs_are_not_overwritten_by_the_next_call(models):
+    session = load(models["mlp"], runtime="openvino")
+    first = session.infer(_batch(4, seed=1))["output"]
+    kept = first.copy()
+    session.infer(_batch(4, seed=2))
+    np.testing.assert_array_equal(first, kept)
+
+
+def test_openvino_refuses_missing_or_unknown_inputs(models):
+    session = load(models["mlp"], runtime="openvino")
+    with pytest.raises(ValueError, match="expected inputs"):
+        session.infer({})
+    with pytest.raises(ValueError, match="expected inputs"):
+        session.infer({"input": _batch(1)["input"], "extra": _batch(1)["input"]})
+
+
+def test_openvino_auto_device_reports_the_real_one(models):
+    session = load(models["mlp"], runtime="openvino", options=LoadOptions(device="AUTO"))
+    assert session.device == "AUTO"
+    assert session.execution_devices == ["CPU"]
+
+
+# --- LiteRT ----------------------------------------------------------------------------------
+
+
+def test_litert_metadata(models):
+    session = load(models["mlp-tflite"], options=LoadOptions(threads=1))
+    assert session.runtime == "litert"
+    assert session.device == "CPU"
+    assert session.inputs == [TensorSpec("input", "FP32", (-1, 64))]
+    assert session.outputs == [TensorSpec("output", "FP32", (-1, 10))]
+
+
+def test_litert_matches_numpy(models):
+    session = load(models["mlp-tflite"])
+    inputs = samples.sample_input("mlp-tflite")
+    expected = samples.reference_output("mlp-tflite", inputs)["output"]
+    np.testing.assert_allclose(session.infer(inputs)["output"], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_litert_resizes_for_another_batch_and_back(models):
+    session = load(models["mlp-tflite"])
+    for rows in (3, 3, 16, 1):
+        inputs = _batch(rows, seed=rows)
+        output = session.infer(inputs)["output"]
+        assert output.shape == (rows, 10)
+        expected = samples.reference_output("mlp-tflite", inputs)["output"]
+        np.testing.assert_allclose(output, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_litert_refuses_a_shape_the_model_cannot_take(models):
+    session = load(models["mlp-tflite"])
+    with pytest.raises(ValueError, match=r"accepts \[-1, 64\]"):
+        session.infer({"input": np.zeros((2, 63), np.float32)})
+    # the session still works afterwards
+    assert session.infer(_batch(2))["output"].shape == (2, 10)
+
+
+def test_litert_outputs_are_not_overwritten_by_the_next_call(models):
+    session = load(models["mlp-tflite"])
+    first = session.infer(_batch(2, seed=1))["output"]
+    kept = first.copy()
+    session.infer(_batch(2, seed=2))
+    np.testing.assert_array_equal(first, kept)
+
+
+# --- every runtime --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "runtime"),
+    [("mlp", "onnxruntime"), ("mlp", "openvino"), ("mlp-tflite", "litert")],
+)
+def test_read_only_inputs_are_accepted(models, model, runtime):
+    """Binary request bodies decode to read-only arrays (np.frombuffer)."""
+    data = _batch(3)["input"]
+    read_only = np.frombuffer(data.tobytes(), dtype=np.float32).reshape(data.shape)
+    assert not read_only.flags.writeable
+    session = load(models[model], runtime=runtime)
+    expected = samples.reference_output(model, {"input": data})["output"]
+    np.testing.assert_allclose(session.infer({"input": read_only})["output"], expected, atol=1e-5)
+
+
+# --- bad files and options -------------------------------------------------------------------
+
+
+READERS = [
+    ("model.onnx", "onnxruntime"),
+    ("model.onnx", "openvino"),
+    ("model.xml", "openvino"),
+    ("model.tflite", "litert"),
+    ("model.tflite", "openvino"),
+]
+
+
+@pytest.mark.parametrize(("filename", "runtime"), READERS)
+def test_garbage_bytes_raise_model_load_error(tmp_path, filename, runtime):
+    path = tmp_path / filename
+    path.write_bytes(np.random.RandomState(0).bytes(4096))
+    if filename.endswith(".xml"):
+        path.with_suffix(".bin").write_bytes(b"\0" * 64)
+    with pytest.raises(ModelLoadError, match=filename):
+        load(path, runtime=runtime)
+
+
+@pytest.mark.parametrize(("filename", "runtime"), READERS)
+def test_empty_files_raise_model_load_error(tmp_path, filename, runtime):
+    path = tmp_path / filename
+    path.write_bytes(b"")
+    if filename.endswith(".xml"):
+        path.with_suffix(".bin").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match=filename):
+        load(path, runtime=runtime)
+
+
+@pytest.mark.parametrize(
+    ("filename", "runtime"), [("model.onnx", "openvino"), ("model.tflite", "litert")]
+)
+def test_missing_files_raise_model_load_error(tmp_path, filename, runtime):
+    with pytest.raises(ModelLoadError, match="no such model file"):
+        load(tmp_path / filename, runtime=runtime)
+
+
+def test_ir_without_its_weights_names_the_bin_file(tmp_path, models):
+    xml = tmp_path / "model.xml"
+    xml.write_bytes(models["cnn-openvino"].read_bytes())
+    with pytest.raises(ModelLoadError, match=r"model\.bin"):
+        load(xml)
+
+
+def test_unknown_suffix_is_unsupported(tmp_path):
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"not a model")
+    with pytest.raises(UnsupportedModel, match=r"unknown model format.*\.onnx"):
+        load(path)
+
+
+def test_runtime_that_cannot_read_the_format_is_unsupported(models):
+    with pytest.raises(UnsupportedModel, match=r"litert cannot read \.xml"):
+        load(models["cnn-openvino"], runtime="litert")
+
+
+@pytest.mark.parametrize(
+    ("model", "runtime", "device"),
+    [
+        ("mlp", "onnxruntime", "GPU"),
+        ("mlp", "openvino", "GPU"),
+        ("mlp", "openvino", "NPU"),
+        ("mlp", "openvino", "AUTO:GPU,CPU"),
+        ("mlp-tflite", "litert", "GPU"),
+    ],
+)
+def test_unavailable_device_raises_model_load_error(models, model, runtime, device):
+    with pytest.raises(ModelLoadError, match=device.split(":")[-1].split(",")[0]):
+        load(models[model], runtime=runtime, options=LoadOptions(device=device))
+
+
+def test_openvino_device_error_lists_the_available_devices(models):
+    with pytest.raises(ModelLoadError, match="available: CPU"):
+        load(models["mlp"], runtime="openvino", options=LoadOptions(device="GPU"))
+
+
+def test_openvino_bad_property_is_a_load_error_without_source_locations(models):
+    options = LoadOptions(extra={"PERFORMANCE_HINT": "FASTEST"})
+    with pytest.raises(ModelLoadError, match="PERFORMANCE_HINT") as caught:
+        load(models["mlp"], runtime="openvino", options=options)
+    assert "Exception from src/" not in str(caught.value)
+
+
+# --- discovery and lazy imports --------------------------------------------------------------
+
+
+def test_discover_lists_every_runtime_on_this_node():
+    found = discover()
+    pairs = {(d.runtime, d.device) for d in found}
+    assert {("onnxruntime", "CPU"), ("openvino", "CPU"), ("litert", "CPU")} <= pairs
+    assert not any("Azure" in d.device for d in found)
+    by_pair = {(d.runtime, d.device): d for d in found}
+    assert by_pair["openvino", "CPU"].details["FULL_DEVICE_NAME"]
+    assert by_pair["onnxruntime", "CPU"].details["provider"] == "CPUExecutionProvider"
+    json.dumps([d.details for d in found])  # reportable as is
+
+
+def test_runtime_device_identity_ignores_details():
+    a = RuntimeDevice("openvino", "CPU", {"FULL_DEVICE_NAME": "x"})
+    b = RuntimeDevice("openvino", "CPU", {"FULL_DEVICE_NAME": "y"})
+    assert a == b and hash(a) == hash(b)
+    with pytest.raises(AttributeError):
+        a.device = "GPU"
+
+
+def test_discover_leaves_out_a_runtime_that_is_not_installed(monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError
+    runtimes_found = {d.runtime for d in discover()}
+    assert "openvino" not in runtimes_found
+    assert {"onnxruntime", "litert"} <= runtimes_found
+
+
+def test_loading_onnx_does_not_import_other_runtimes(models):
+    script = (
+        "import sys, numpy as np, runtimes\n"
+        f"session = runtimes.load({str(models['mlp'])!r})\n"
+        "session.infer({'input': np.zeros((2, 64), np.float32)})\n"
+        "print(sorted(m for m in ('openvino', 'ai_edge_litert', 'tflite_runtime') "
+        "if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
+
+
+def test_package_exports_the_loader():
+    assert runtimes.load is load
+    assert set(runtimes.RUNTIMES) == {"onnxruntime", "openvino", "litert"}
