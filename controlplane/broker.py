@@ -1,6 +1,6 @@
 """The fleet's Mosquitto broker, as the control plane configures and steers it.
 
-`write_broker_config` lays out a directory Mosquitto can run from (`mosquitto -c DIR/mosquitto.conf`):
+`write_broker_config` lays out a directory Mosquitto runs from (`mosquitto -c DIR/mosquitto.conf`):
 mutual TLS with the device CA (`require_certificate`, the certificate CN as username and as
 client id, so one device cannot take over another's session), the CRL, and an ACL that gives each
 device its own subtree `edgefleet/v1/devices/<id>/#` and the control plane all of `edgefleet/v1/`.
@@ -161,7 +161,9 @@ def write_broker_config(
         broker_key.public_key(), region, hostnames, name="edgefleet-broker", now=now
     )
     client_key = new_private_key()
-    client_cert = ca.issue_service_client(client_key.public_key(), CONTROL_PLANE_USER, region, now=now)
+    client_cert = ca.issue_service_client(
+        client_key.public_key(), CONTROL_PLANE_USER, region, now=now
+    )
     pem = serialization.Encoding.PEM
     write_private_key(files.key, broker_key)
     write_file_atomic(files.cert, broker_cert.public_bytes(pem))
@@ -216,8 +218,9 @@ class Broker:
         try:
             pid = int(self._pid_file.read_text().strip())
         except (OSError, ValueError):
-            log.warning("broker pid file %s is missing or unreadable: broker not reloaded",
-                        self._pid_file)
+            log.warning(
+                "broker pid file %s is missing or unreadable: broker not reloaded", self._pid_file
+            )
             return False
         try:
             os.kill(pid, signal.SIGHUP)
@@ -258,7 +261,9 @@ class Broker:
             try:
                 client.connect(host, port, keepalive=10, clean_start=True)
             except (OSError, ssl.SSLError) as exc:
-                log.warning("could not reach broker %s to disconnect %s: %s", self._url, device_id, exc)
+                log.warning(
+                    "could not reach broker %s to disconnect %s: %s", self._url, device_id, exc
+                )
                 return False
             client.loop_start()
             try:

@@ -12,7 +12,13 @@ import sys
 
 from controlplane import __version__
 
-COMMANDS: list[str] = []
+COMMANDS: list[str] = [
+    "controlplane.commands.ca",
+    "controlplane.commands.serve",
+    "controlplane.commands.token",
+    "controlplane.commands.device",
+    "controlplane.commands.broker_config",
+]
 
 
 class UserError(Exception):

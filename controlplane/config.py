@@ -67,7 +67,7 @@ class ControlPlaneConfig:
     device_cert_days: int = field(default=30, metadata={"toml": "certificates.device_days"})
     server_cert_days: int = field(default=90, metadata={"toml": "certificates.server_days"})
     clock_skew_seconds: int = field(
-        default=300, metadata={"toml": "certificates.clock_skew_seconds"}
+        default=3600, metadata={"toml": "certificates.clock_skew_seconds"}
     )
     crl_days: int = field(default=7, metadata={"toml": "certificates.crl_days"})
     broker_dir: Path | None = field(default=None, metadata={"toml": "broker.dir"})

@@ -68,7 +68,9 @@ class EnrollmentService:
         with self._db.atomic():
             grant = self._tokens.redeem(token, served_region=self._region)
             if grant.device_id is None:
-                device = self._registry.add(new_device_id(), grant.region, grant.tags, grant.token_id)
+                device = self._registry.add(
+                    new_device_id(), grant.region, grant.tags, grant.token_id
+                )
             else:
                 device = self._registry.get(grant.device_id)
                 if device is None or device.status != ACTIVE:

@@ -74,7 +74,8 @@ def open_database(path: Path | str) -> Database:
         db.enable_wal()
     db.executescript(SCHEMA)
     db.execute(
-        "INSERT INTO schema_version (version, applied_at) VALUES (?, ?) ON CONFLICT (version) DO NOTHING",
+        "INSERT INTO schema_version (version, applied_at) VALUES (?, ?) "
+        "ON CONFLICT (version) DO NOTHING",
         [SCHEMA_VERSION, int(time.time())],
     )
     return db

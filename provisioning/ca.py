@@ -3,7 +3,7 @@
 Device certificates are short-lived (30 days by default) so a lost device ages out on its own;
 revocation (see `crl`) covers the time until then. The CA decides every field of what it signs:
 from a CSR it takes only the public key, so a device cannot ask for another id or region.
-Validity starts a few minutes in the past so that a peer whose clock runs a little behind does
+Validity starts an hour in the past so that a peer whose clock runs a little behind does
 not see a fresh certificate as "not yet valid".
 
     ca = CertificateAuthority.create(Path("state/ca"))
@@ -41,8 +41,9 @@ class Lifetimes:
     device: timedelta = timedelta(days=30)
     server: timedelta = timedelta(days=90)
     ca: timedelta = timedelta(days=3650)
-    # Backdating of notBefore: tolerance for peers whose clocks run behind the CA's.
-    clock_skew: timedelta = timedelta(minutes=5)
+    # Backdating of notBefore: peers whose clocks run up to this far behind the CA still accept
+    # a certificate the moment it is issued. Harmless: the holder had no use for it earlier.
+    clock_skew: timedelta = timedelta(hours=1)
 
 
 def utc_now() -> datetime:
@@ -209,7 +210,9 @@ class CertificateAuthority:
             lifetime or self.lifetimes.server,
         )
 
-    def sign_crl(self, builder: x509.CertificateRevocationListBuilder) -> x509.CertificateRevocationList:
+    def sign_crl(
+        self, builder: x509.CertificateRevocationListBuilder
+    ) -> x509.CertificateRevocationList:
         return builder.issuer_name(self.certificate.subject).sign(self._key, hashes.SHA256())
 
     def _sign(

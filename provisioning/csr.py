@@ -49,9 +49,7 @@ def check_csr(
     """Return the public key of a well-formed, self-signed CSR with an acceptable key."""
     data = pem.encode("ascii", "replace") if isinstance(pem, str) else bytes(pem)
     if len(data) > limits.max_pem_bytes:
-        raise CSRRejected(
-            f"CSR is {len(data)} bytes; at most {limits.max_pem_bytes} are accepted"
-        )
+        raise CSRRejected(f"CSR is {len(data)} bytes; at most {limits.max_pem_bytes} are accepted")
     if b"-----BEGIN CERTIFICATE REQUEST-----" not in data:
         raise CSRRejected(
             "not a PEM certificate signing request (expected '-----BEGIN CERTIFICATE REQUEST-----')"

@@ -98,3 +98,14 @@ class SelectionKey:
             policy=data["policy"],
             format=int(data.get("format", 0)),
         )
+
+
+def profile_ident(profile: Any) -> str:
+    """name@digest over the profile's file and its effective settings.
+
+    The settings count too: a test or the bench may run a profile with a smaller time budget,
+    and a decision measured under one budget is not reused under another.
+    """
+    settings = [profile.digest, asdict(profile.selection), asdict(profile.limits)]
+    settings.append([asdict(a) for a in profile.allow])
+    return f"{profile.name}@{digest_of(settings)[:12]}"

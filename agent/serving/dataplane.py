@@ -201,7 +201,12 @@ class DataPlane:
                     model = await self._load_version(name, version)
                 except (RepositoryError, RuntimeAdapterError, ModelIncompatible) as exc:
                     log.warning("model %s version %s failed to load: %s", name, version, exc)
-                    states[version] = VersionState(UNAVAILABLE, str(exc))
+                    if version in loaded:  # a failed reload must not take down a working copy
+                        states[version] = VersionState(
+                            READY, f"reload failed, serving the previous load: {exc}"
+                        )
+                    else:
+                        states[version] = VersionState(UNAVAILABLE, str(exc))
                     continue
                 old = loaded.get(version)
                 loaded[version] = model

@@ -1,0 +1,46 @@
+"""Accelerator selection: measure which runtime, device and options serve a model best here.
+
+ONNX Runtime's device policy and OpenVINO's AUTO pick by a fixed order and fall back to the CPU
+silently; this package measures instead. For a model with one or more variants (fp32 ONNX,
+OpenVINO IR, int8, tflite) it builds the candidates the node's firmware profile allows, loads
+each in a worker process under a time limit, confirms where it really runs, checks its outputs
+against golden vectors or the CPU fp32 reference within a per-datatype tolerance, benchmarks it,
+and chooses by the profile's objective. The decision persists in the agent's SQLite state, keyed
+by model digest, hardware fingerprint, runtime versions and profile, so a restart reuses it.
+
+    from agent.profiles import resolve
+    from agent.selection import DecisionCache, choose
+    from runtimes.hardware import probe
+
+    facts = probe()
+    decision = choose("models/cnn", profile=resolve(None, facts), facts=facts,
+                      cache=DecisionCache(state_dir / "agent.db"), state_dir=state_dir)
+    session = decision.load()    # runtimes.load(variant_path, runtime=..., options=...)
+"""
+
+from agent.selection.cache import DecisionCache
+from agent.selection.candidates import Candidate, Pin
+from agent.selection.choose import choose, pick
+from agent.selection.decision import CandidateResult, Decision
+from agent.selection.inputs import Reference, load_golden
+from agent.selection.key import SelectionKey
+from agent.selection.settings import model_settings
+from agent.selection.tolerance import Tolerance, ToleranceError
+from agent.selection.trials import SelectionError
+
+__all__ = [
+    "Candidate",
+    "CandidateResult",
+    "Decision",
+    "DecisionCache",
+    "Pin",
+    "Reference",
+    "SelectionError",
+    "SelectionKey",
+    "Tolerance",
+    "ToleranceError",
+    "choose",
+    "load_golden",
+    "model_settings",
+    "pick",
+]

@@ -1,0 +1,199 @@
+"""Dynamic batching, backpressure and deadlines of the scheduler, through the real server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import aiohttp
+import numpy as np
+import pytest
+
+from agent.serving.config import ModelConfig
+from agent.serving.errors import InferenceFailed, QueueFull
+from agent.serving.metrics import Metrics
+from agent.serving.scheduler import Scheduler
+from runtimes import load
+
+
+def _body(x: np.ndarray) -> bytes:
+    return json.dumps(
+        {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                     "data": x.ravel().tolist()}]}  # fmt: skip
+    ).encode()
+
+
+async def _fire(url: str, bodies: list[bytes], concurrency: int) -> list[list[float]]:
+    results: list = [None] * len(bodies)
+    sem = asyncio.Semaphore(concurrency)
+    async with aiohttp.ClientSession() as s:
+
+        async def one(i: int) -> None:
+            async with sem, s.post(url, data=bodies[i]) as r:
+                assert r.status == 200, await r.text()
+                results[i] = (await r.json())["outputs"][0]["data"]
+
+        await asyncio.gather(*(one(i) for i in range(len(bodies))))
+    return results
+
+
+def test_concurrent_requests_form_batches_with_unbatched_results(private_agent, private_repo):
+    rng = np.random.default_rng(7)
+    xs = [rng.standard_normal((1 + i % 3, 64)).astype(np.float32) for i in range(240)]
+    url = f"http://{private_agent.http_url}/v2/models/mlp/infer"
+    got = asyncio.run(_fire(url, [_body(x) for x in xs], concurrency=32))
+
+    session = load(private_repo / "mlp" / "1" / "model.onnx")
+    for x, data in zip(xs, got, strict=True):
+        want = session.infer({"input": x})["output"]
+        np.testing.assert_allclose(np.array(data, np.float32).reshape(want.shape), want,
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+    registry = private_agent.dataplane.metrics.registry
+    labels = {"model": "mlp", "version": "1"}
+    rows = registry.get_sample_value("edgefleet_inference_count_total", labels)
+    execs = registry.get_sample_value("edgefleet_inference_exec_count_total", labels)
+    assert rows == sum(x.shape[0] for x in xs)
+    assert rows / execs > 1.0, "no batch of more than one request formed under load"
+
+
+class _Gate:
+    """A model whose every run waits for the test to open the gate: queue states on demand."""
+
+    def __init__(self):
+        self.open = threading.Event()
+        self.batches: list[int] = []
+
+    def infer(self, inputs):
+        self.open.wait(10)
+        x = inputs["input"]
+        self.batches.append(x.shape[0])
+        return {"output": x * 2}
+
+
+def _scheduler(gate: _Gate, **config) -> Scheduler:
+    metrics = Metrics().for_model("gate", "1")
+    return Scheduler("gate", gate.infer, ModelConfig(**config), metrics,
+                     asyncio.get_running_loop())  # fmt: skip
+
+
+async def test_full_queue_refuses_with_queue_full():
+    gate = _Gate()
+    scheduler = _scheduler(gate, max_queue_size=3)
+    x = np.ones((1, 4), np.float32)
+    futures = [scheduler.submit({"input": x}, 1) for _ in range(3)]
+    with pytest.raises(QueueFull, match="max_queue_size 3"):
+        scheduler.submit({"input": x}, 1)
+    gate.open.set()
+    outcomes = await asyncio.gather(*futures)
+    assert all((o.outputs["output"] == 2).all() for o in outcomes)
+    scheduler.submit({"input": x}, 1)  # room again once the queue drained
+    await scheduler.close()
+
+
+async def test_batches_respect_max_size_and_preferred_sizes():
+    gate = _Gate()
+    scheduler = _scheduler(gate, max_batch_size=4, max_queue_size=64)
+    x = np.arange(4, dtype=np.float32).reshape(1, 4)
+    first = scheduler.submit({"input": x}, 1)  # holds the worker at the gate
+    await asyncio.sleep(0.05)
+    rest = [scheduler.submit({"input": x + i}, 1) for i in range(9)]
+    gate.open.set()
+    outcomes = await asyncio.gather(first, *rest)
+    assert max(gate.batches) <= 4 and sum(gate.batches) == 10
+    assert len(gate.batches) < 10
+    for i, o in enumerate(outcomes[1:]):
+        np.testing.assert_array_equal(o.outputs["output"], (x + i) * 2)
+    await scheduler.close()
+
+
+async def test_incompatible_shapes_do_not_share_a_batch():
+    gate = _Gate()
+    scheduler = _scheduler(gate, max_batch_size=8)
+    held = scheduler.submit({"input": np.ones((1, 4), np.float32)}, 1)
+    await asyncio.sleep(0.05)
+    a = scheduler.submit({"input": np.ones((1, 4), np.float32)}, 1)
+    b = scheduler.submit({"input": np.ones((1, 5), np.float32)}, 1)
+    gate.open.set()
+    oa, ob, _ = await asyncio.gather(a, b, held)
+    assert oa.outputs["output"].shape == (1, 4) and ob.outputs["output"].shape == (1, 5)
+    await scheduler.close()
+
+
+async def test_queue_delay_waits_for_more_requests():
+    gate = _Gate()
+    gate.open.set()
+    scheduler = _scheduler(gate, max_batch_size=8, max_queue_delay_us=200_000)
+    x = np.ones((1, 4), np.float32)
+    first = scheduler.submit({"input": x}, 1)
+    await asyncio.sleep(0.02)  # well inside the 200 ms window
+    second = scheduler.submit({"input": x}, 1)
+    await asyncio.gather(first, second)
+    assert gate.batches == [2]
+    await scheduler.close()
+
+
+def test_request_past_its_deadline_times_out(private_agent):
+    """A request whose `timeout` (µs) expires while queued gets 504 and the server goes on."""
+    gate = _Gate()
+    model = private_agent.dataplane.model("mlp")
+    real_infer = model.scheduler._infer
+    model.scheduler._infer = gate.infer
+    url = f"http://{private_agent.http_url}/v2/models/mlp/infer"
+    body = json.dumps({"parameters": {"timeout": 50_000},
+                       "inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
+                                   "data": [0.0] * 64}]}).encode()  # fmt: skip
+
+    async def call():
+        async with aiohttp.ClientSession() as s, s.post(url, data=body) as r:
+            return r.status, await r.json()
+
+    try:
+        status, doc = asyncio.run(call())
+    finally:
+        gate.open.set()
+        model.scheduler._infer = real_infer
+    assert status == 504 and "within 0.05 s" in doc["error"]
+    status, _ = asyncio.run(call())
+    assert status == 200
+
+
+def test_queue_full_is_http_429(private_agent, private_repo):
+    (private_repo / "mlp" / "1" / "model.toml").write_text(
+        "max_batch_size = 4\nmax_queue_size = 2\n"
+    )
+    private_agent.call(private_agent.dataplane.load_model("mlp"))
+    gate = _Gate()
+    model = private_agent.dataplane.model("mlp")
+    model.scheduler._infer = gate.infer
+    url = f"http://{private_agent.http_url}/v2/models/mlp/infer"
+    body = _body(np.zeros((1, 64), np.float32))
+
+    async def burst():
+        async with aiohttp.ClientSession() as s:
+
+            async def one():
+                async with s.post(url, data=body) as r:
+                    return r.status, await r.json()
+
+            tasks = [asyncio.create_task(one()) for _ in range(6)]
+            await asyncio.sleep(0.5)
+            gate.open.set()
+            return await asyncio.gather(*tasks)
+
+    results = asyncio.run(burst())
+    statuses = sorted(s for s, _ in results)
+    assert statuses.count(200) == 2 and statuses.count(429) == 4
+    assert all("retry later" in d["error"] for s, d in results if s == 429)
+
+
+async def test_runtime_error_is_reported_not_crashing():
+    def broken(inputs):
+        raise RuntimeError("kernel exploded")
+
+    scheduler = Scheduler("broken", broken, ModelConfig(), Metrics().for_model("broken", "1"),
+                          asyncio.get_running_loop())  # fmt: skip
+    with pytest.raises(InferenceFailed, match="kernel exploded"):
+        await scheduler.submit({"input": np.ones((1, 2))}, 1)
+    await scheduler.close()
+
