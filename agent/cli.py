@@ -17,6 +17,11 @@ from agent import __version__
 COMMANDS = [
     "agent.commands.serve",
     "agent.commands.sample_models",
+    "agent.commands.accelerators",
+    "agent.commands.select",
+    "agent.commands.install",
+    "agent.commands.uninstall",
+    "agent.commands.enroll",
 ]
 
 

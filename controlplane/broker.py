@@ -109,7 +109,6 @@ acl_file {files.acl}
 
 {listener}
 protocol mqtt
-tls_version tlsv1.2
 cafile {files.ca}
 certfile {files.cert}
 keyfile {files.key}

@@ -4,8 +4,8 @@
                                    certificate, and the server's clock (for skew estimates)
     POST /v1/devices/self/renew    {"csr": "..."} -> a new certificate, same identity
 
-TLS has already refused expired and foreign certificates; the middleware below refuses revoked
-and unknown ones on every request (keep-alive connections included), because Python's TLS stack
+TLS has already refused expired and foreign certificates; every handler refuses revoked and
+unknown ones on every request (keep-alive connections included), because Python's TLS stack
 cannot reload a CRL into a running server.
 """
 
@@ -27,28 +27,22 @@ if TYPE_CHECKING:
     from controlplane.server import Endpoints
     from controlplane.service import ControlPlane
 
-CALLER = "edgefleet.caller"  # request key: (Device, certificate) of the authenticated caller
 
 
 def device_app(plane: ControlPlane, endpoints: Endpoints) -> web.Application:
     app = json_app(plane.config.max_request_bytes)
 
-    @web.middleware
-    async def authenticate(request: web.Request, handler) -> web.StreamResponse:
+    def caller(request: web.Request) -> tuple[Device, x509.Certificate]:
         transport = request.transport
-        ssl_object = transport.get_extra_info("ssl_object") if transport else None
-        cert = peer_certificate(ssl_object)
-        request[CALLER] = (plane.registry.authenticate(cert), cert)
-        return await handler(request)
-
-    app.middlewares.append(authenticate)
+        cert = peer_certificate(transport.get_extra_info("ssl_object") if transport else None)
+        return plane.registry.authenticate(cert), cert
 
     async def whoami(request: web.Request) -> web.Response:
-        device, cert = request[CALLER]
+        device, cert = caller(request)
         return web.json_response(_describe(device, cert))
 
     async def renew(request: web.Request) -> web.Response:
-        _, cert = request[CALLER]
+        _, cert = caller(request)
         body = await read_fields(request, "csr")
         issued = plane.enrollment.renew(cert, body["csr"])
         return web.json_response(certificate_reply(plane, issued, endpoints))

@@ -74,7 +74,7 @@ class Revocation:
         )
         return RevocationResult(device_id, serials, reloaded, disconnected)
 
-    def publish(self) -> bool:
+    def publish(self, *, to_broker: bool = True) -> bool:
         """Write a fresh CRL (and broker ACL); return whether a broker was reloaded."""
         with self._db.atomic():
             number = bump_counter(self._db, "crl_number")
@@ -86,7 +86,7 @@ class Revocation:
             lifetime=self._crl_lifetime,
         )
         write_crl(self._crl_path, crl)
-        if self._broker is None:
+        if self._broker is None or not to_broker:
             return False
         return self._broker.apply(
             crl.public_bytes(serialization.Encoding.PEM), self._registry.revoked_device_ids()

@@ -68,7 +68,7 @@ class ControlPlaneServer:
         plane, config = self.plane, self.plane.config
         self._renew_server_certificate()
         if plane.revocation.crl_due():
-            await asyncio.to_thread(plane.revocation.publish)
+            plane.revocation.publish()
         self._seen_generation = plane.registry.revocation_generation()
 
         ca_file = config.ca_dir / "ca.pem"
@@ -162,7 +162,7 @@ class ControlPlaneServer:
             try:
                 self.end_revoked_streams()
                 if self.plane.revocation.crl_due():
-                    await asyncio.to_thread(self.plane.revocation.publish)
+                    self.plane.revocation.publish()
                 self._renew_server_certificate()
             except Exception:
                 log.exception("control-plane maintenance step failed; retrying")

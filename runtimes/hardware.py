@@ -400,7 +400,7 @@ def probe(source: FactSource | None = None) -> HardwareFacts:
         node_devices=_node_devices(source, dri_nodes, accel_nodes, device_nodes),
         nvidia_driver=_nvidia_driver(source),
         nvidia_gpus=_nvidia_gpus(source),
-        tegra_release=_first_line(source.read_text("/etc/nv_tegra_release")),
+        tegra_release=_tegra_release(source.read_text("/etc/nv_tegra_release")),
         pci=_pci_devices(source),
         usb=_usb_devices(source),
     )
@@ -504,11 +504,14 @@ def _node_devices(
     return mapping
 
 
-def _first_line(text: str | None) -> str | None:
+def _tegra_release(text: str | None) -> str | None:
+    """'L4T R36.3.0' from '# R36 (release), REVISION: 3.0, GCID: ...'."""
     if not text:
         return None
-    line = text.strip().splitlines()[0].lstrip("# ").strip()
-    return line or None
+    match = re.search(r"R(\d+) \(release\), REVISION: ([\d.]+)", text)
+    if match:
+        return f"L4T R{match.group(1)}.{match.group(2)}"
+    return text.strip().splitlines()[0].lstrip("# ").strip() or None
 
 
 def _hex_id(text: str | None, digits: int) -> str:

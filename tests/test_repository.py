@@ -29,7 +29,7 @@ def test_readiness_follows_unload_and_load(client):
     assert client.is_model_ready("mlp")
     client.unload_model("mlp")
     assert not client.is_model_ready("mlp")
-    assert not client.is_server_ready()  # strict readiness: every model must be loaded
+    assert client.is_server_ready()  # unloaded on purpose: the node is still ready
     with pytest.raises(InferenceServerException, match="not ready"):
         _infer(client, "mlp")
     index = {(e["name"], e.get("version")): e for e in client.get_model_repository_index()}
@@ -39,6 +39,16 @@ def test_readiness_follows_unload_and_load(client):
     assert client.is_model_ready("mlp")
     assert client.is_server_ready()
     assert _infer(client, "mlp").as_numpy("output").shape == (1, 10)
+
+
+def test_a_model_that_fails_to_load_makes_the_server_unready(client, private_repo):
+    (private_repo / "cnn" / "1" / "model.toml").write_text("threads = 0\n")
+    client.unload_model("cnn")
+    client.load_model("cnn")
+    assert not client.is_server_ready()
+    (private_repo / "cnn" / "1" / "model.toml").unlink()
+    client.load_model("cnn")
+    assert client.is_server_ready()
 
 
 def test_index_lists_every_model_and_ready_filter(client, private_agent):

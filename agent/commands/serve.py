@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from agent import logs
+    from agent import logs, memory
     from agent.cli import UserError
     from agent.serving.server import ServeOptions, split_address
 
@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.max_body_mb <= 4096:
         raise UserError("--max-body-mb must be between 1 and 4096")
     logs.setup(args.log_level)
+    memory.tune_allocator()
     options = ServeOptions(args.models, http, grpc, args.socket, args.max_body_mb * 1024 * 1024)
     try:
         _run_loop(_serve(options))
@@ -82,9 +83,10 @@ async def _serve(options) -> None:
         where.append(f"gRPC {options.grpc.rpartition(':')[0]}:{server.grpc_port}")
     if server.socket:
         where.append(f"REST unix:{server.socket}")
-    index = server.dataplane.repository_index()
-    log.info("serving %s; models: %s", ", ".join(where),
-             ", ".join(f"{e.name}/{e.version} {e.state}" for e in index))  # fmt: skip
+    models = ", ".join(
+        f"{e.name}/{e.version} {e.state}" for e in server.dataplane.repository_index()
+    )
+    log.info("serving %s; models: %s", ", ".join(where), models)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -20,7 +20,7 @@ by model digest, hardware fingerprint, runtime versions and profile, so a restar
 
 from agent.selection.cache import DecisionCache
 from agent.selection.candidates import Candidate, Pin
-from agent.selection.choose import choose, pick
+from agent.selection.decide import choose, pick
 from agent.selection.decision import CandidateResult, Decision
 from agent.selection.inputs import Reference, load_golden
 from agent.selection.key import SelectionKey

@@ -92,7 +92,9 @@ class Candidate:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def describe_options(self) -> str:
-        return " ".join(f"{k}={v}" for k, v in self.options) or "-"
+        # threads=0 leaves the count to the runtime (one per core, usually).
+        shown = [(k, "auto" if k == "threads" and v == 0 else v) for k, v in self.options]
+        return " ".join(f"{k}={v}" for k, v in shown) or "-"
 
     def label(self) -> str:
         return f"{self.runtime} {self.device} {self.describe_options()} [{self.variant}]"

@@ -41,7 +41,8 @@ class Sandbox:
         self.startup_seconds = startup_seconds
         self._process: subprocess.Popen[bytes] | None = None
         self._stderr: Any = None
-        self.restarts = 0
+        self._started = False
+        self.restarts = 0  # workers started after the first: sessions of older ones are gone
 
     def __enter__(self) -> Sandbox:
         return self
@@ -89,9 +90,10 @@ class Sandbox:
         self.kill()
 
     def _start(self) -> None:
-        if self._process is not None:
-            self.kill()
+        self.kill()
+        if self._started:
             self.restarts += 1
+        self._started = True
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH")) if p)
         # Kept for the crash message; closed in kill(). A pipe could fill up and block the worker.

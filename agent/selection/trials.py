@@ -159,8 +159,8 @@ class Trials:
             "options": candidate.load_options(compile_dir),
         }
         try:
-            generation = self.sandbox.restarts
             reply = self.sandbox.call(request, timeout=limit)
+            generation = self.sandbox.restarts  # after the call: it may have started a worker
             if not reply["ok"]:
                 result.reason = f"failed to load: {reply['error']}"
                 return result

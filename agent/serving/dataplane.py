@@ -12,7 +12,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from agent import __version__
+from agent import __version__, memory
 from agent.serving.errors import (
     InvalidInput,
     ModelNotFound,
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 EXTENSIONS = ("binary_tensor_data", "model_repository", "metrics")
 
 READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
+UNLOADED_ON_REQUEST = "unloaded"
 
 
 @dataclass(slots=True)
@@ -78,11 +79,16 @@ class DataPlane:
         return True
 
     def ready(self) -> bool:
-        """Ready once started and every model in the repository loaded (strict readiness)."""
+        """Ready once started and every model meant to serve is loaded (strict readiness).
+
+        A model unloaded on purpose (repository extension) does not make the node unready.
+        """
         if not self._started:
             return False
         return all(
-            s.state == READY for versions in self._states.values() for s in versions.values()
+            s.state == READY or s.reason == UNLOADED_ON_REQUEST
+            for versions in self._states.values()
+            for s in versions.values()
         )
 
     def server_metadata(self) -> dict:
@@ -220,6 +226,7 @@ class DataPlane:
                 self._refresh_latest(name)
                 await _retire(old)
             log.info("model %s: %s", name, {v: s.state for v, s in states.items()})
+        memory.release_free_memory()
 
     async def unload_model(self, name: str) -> None:
         async with self._lock(name):
@@ -233,7 +240,8 @@ class DataPlane:
             for model in loaded.values():
                 await _retire(model)
             for version in states:
-                states[version] = VersionState(UNAVAILABLE, "unloaded")
+                states[version] = VersionState(UNAVAILABLE, UNLOADED_ON_REQUEST)
+        memory.release_free_memory()
 
     # --- internals ------------------------------------------------------------------------
 

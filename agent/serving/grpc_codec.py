@@ -64,9 +64,7 @@ def decode_request(msg: pb.ModelInferRequest) -> InferenceRequest:
             f"raw_input_contents has {len(raw)} entries for {len(msg.inputs)} inputs; "
             "send one entry per input, in input order"
         )
-    inputs = [
-        _decode_input(t, raw[i] if raw else None) for i, t in enumerate(msg.inputs)
-    ]
+    inputs = [_decode_input(t, raw[i] if raw else None) for i, t in enumerate(msg.inputs)]
     outputs = None
     if msg.outputs:
         outputs = [RequestedOutput(o.name, parameters_to_dict(o.parameters)) for o in msg.outputs]

@@ -143,14 +143,20 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
 
+# Repository parameters the agent accepts and ignores. tritonclient sends unload_dependents on
+# every unload; it concerns ensembles, which the agent does not have.
+_IGNORED_PARAMETERS = {"load": frozenset(), "unload": frozenset({"unload_dependents"})}
+
+
 def _check_repository_request(request, action: str) -> None:
     if not request.model_name:
         raise InvalidInput(f"model_name is empty: name the model to {action}")
-    if request.parameters:
+    unsupported = sorted(set(request.parameters) - _IGNORED_PARAMETERS[action])
+    if unsupported:
         # Triton's config override and in-request model files would bypass the signed,
         # verified repository; models reach a node only through it.
         raise InvalidInput(
-            f"{action} parameters ({', '.join(sorted(request.parameters))}) are not supported; "
+            f"{action} parameters ({', '.join(unsupported)}) are not supported; "
             "models are loaded from the model repository as they are"
         )
 

@@ -22,9 +22,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _json(doc, status: int = 200) -> web.Response:
-    return web.Response(
-        body=orjson.dumps(doc), status=status, content_type="application/json"
-    )
+    return web.Response(body=orjson.dumps(doc), status=status, content_type="application/json")
 
 
 def _error(status: int, message: str) -> web.Response:

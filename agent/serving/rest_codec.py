@@ -182,14 +182,27 @@ def _from_json(name: str, datatype: str, data, count: int) -> np.ndarray:
     if count == 0:
         return np.empty(0, dtype=to_numpy(datatype))
     kinds = _ACCEPTED_KINDS.get(datatype, _INT_KINDS)
-    if parsed.dtype.kind not in kinds:
-        raise InvalidInput(f"input {name!r}: data is not valid {datatype} (got {parsed.dtype})")
     dtype = to_numpy(datatype)
+    if parsed.dtype.kind not in kinds:
+        if kinds == _INT_KINDS and parsed.dtype.kind in "fO":
+            return _big_ints(name, datatype, data, dtype)
+        raise InvalidInput(f"input {name!r}: data is not valid {datatype} (got {parsed.dtype})")
     if datatype not in _ACCEPTED_KINDS:  # integer types: refuse values that would wrap
         info = np.iinfo(dtype)
         if parsed.min() < info.min or parsed.max() > info.max:
             raise InvalidInput(f"input {name!r}: a value is out of range for {datatype}")
     return parsed.astype(dtype, copy=False).reshape(-1)
+
+
+def _big_ints(name: str, datatype: str, data: list, dtype: np.dtype) -> np.ndarray:
+    """Integers numpy would not infer exactly (e.g. UINT64 above 2**63 parse as float64)."""
+    flat = _flatten(name, data)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in flat):
+        raise InvalidInput(f"input {name!r}: data is not valid {datatype}")
+    try:
+        return np.array(flat, dtype=dtype)
+    except OverflowError:
+        raise InvalidInput(f"input {name!r}: a value is out of range for {datatype}") from None
 
 
 def _flatten(name: str, data: list) -> list:

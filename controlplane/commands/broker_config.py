@@ -42,14 +42,14 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives import serialization
 
-    from controlplane.broker import write_broker_config
+    from controlplane.broker import Broker, write_broker_config
     from provisioning.errors import ProvisioningError
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port} is not a TCP port")
     plane = open_plane(args)
     try:
-        plane.revocation.publish()
+        plane.revocation.publish(to_broker=False)
         crl = plane.revocation.current_crl()
         files = write_broker_config(
             args.directory,
@@ -62,11 +62,13 @@ def run(args: argparse.Namespace) -> int:
             bind=args.bind,
             run_as=args.run_as,
         )
+        # A broker already running from this directory picks up the new files.
+        reloaded = files.pid.exists() and Broker(files.directory, plane.ca).reload()
     except (ProvisioningError, OSError) as exc:
         raise UserError(f"cannot write broker config: {exc}") from exc
     finally:
         plane.close()
-    print(f"Mosquitto config written to {files.directory}")
+    print(f"Mosquitto config written to {files.directory}" + (" (broker reloaded)" if reloaded else ""))
     print(f"  run:   mosquitto -c {files.conf}")
     print("  in the control plane's config (so revocations reach the broker):")
     print(f'    [broker]\n    dir = "{files.directory}"')

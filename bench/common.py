@@ -1,0 +1,174 @@
+"""Helpers shared by the benchmarks: progress lines, percentiles, free ports, server processes.
+
+Nothing here knows about EdgeFleet or any peer server: a benchmark script describes what to run
+and measure, these helpers start processes, wait for them and read their memory and CPU use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+STOP_GRACE_S = 10.0
+READY_POLL_S = 0.1
+
+
+def say(message: str) -> None:
+    """One progress line on stderr, so stdout stays the report."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) by linear interpolation between closest ranks."""
+    if not values:
+        raise ValueError("percentile of no values")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low, high = math.floor(rank), math.ceil(rank)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (another process may still take it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of a process and all its descendants."""
+    root = psutil.Process(pid)
+    total = 0
+    for process in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += process.memory_info().rss
+    return total
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU time used so far by a process and its live descendants."""
+    root = psutil.Process(pid)
+    total = 0.0
+    for process in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def children_cpu_seconds() -> float:
+    """CPU time of this process's finished (waited-for) children, e.g. a load generator."""
+    usage = os.times()
+    return usage.children_user + usage.children_system
+
+
+class ServerFailed(RuntimeError):
+    """A server process exited or did not become ready in time."""
+
+
+@dataclass
+class ServerProcess:
+    """A server started in its own process group, with stdout and stderr in a log file."""
+
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self) -> None:
+        """SIGTERM the whole group, SIGKILL it if it has not exited within the grace period."""
+        if self.process.poll() is not None:
+            return
+        _signal_group(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            _signal_group(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def start_server(
+    name: str,
+    command: Sequence[str],
+    log_path: Path,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> ServerProcess:
+    """Start a server in a new session: a Ctrl-C on the terminal reaches only the benchmark,
+    which then stops the server itself."""
+    log = log_path.open("wb")
+    try:
+        process = subprocess.Popen(
+            list(command),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
+        )
+    finally:
+        log.close()
+    return ServerProcess(name, process, log_path)
+
+
+@contextlib.contextmanager
+def running(server: ServerProcess) -> Iterator[ServerProcess]:
+    """Stop the server on the way out, whatever happened (exceptions, Ctrl-C)."""
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def wait_http_ready(server: ServerProcess, port: int, path: str, timeout_s: float) -> None:
+    """Poll GET `path` on 127.0.0.1:`port` until it answers 200."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise ServerFailed(
+                f"{server.name} exited with status {server.process.returncode}:\n"
+                f"{server.log_tail()}"
+            )
+        if _http_status(port, path) == 200:
+            return
+        time.sleep(READY_POLL_S)
+    raise ServerFailed(f"{server.name} not ready after {timeout_s:g} s:\n{server.log_tail()}")
+
+
+def _http_status(port: int, path: str) -> int | None:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        connection.request("GET", path)
+        return connection.getresponse().status
+    except OSError:
+        return None
+    finally:
+        connection.close()

@@ -1,0 +1,963 @@
+#!/usr/bin/env python3
+"""Serving benchmark: the EdgeFleet agent next to raw onnxruntime and MLServer, in one run.
+
+1. Tools: wrk and h2load (`apt-get install -y wrk nghttp2-client`, done here when run as root),
+   and unless --skip-mlserver, MLServer 1.7.1 in the benchmark's own venv `.bench-venv/`
+   (created on first use, with the onnxruntime version of this venv).
+2. Models: the agent's sample MLP and CNN, and for each one request encoded three ways: KServe
+   v2 REST JSON, REST with the binary tensor extension (as tritonclient builds it), and a gRPC
+   frame (5-byte prefix + serialized ModelInferRequest with raw_input_contents).
+3. onnxruntime session.run timed in this process, with the agent's session options.
+4. Each server in turn, on free loopback ports: the agent (MLP with the sample's batching, CNN),
+   the agent again with batching off, MLServer with bench/mlserver_runtime.py. For every
+   (protocol, model): check the answer, p50/p99 with 1 client, throughput with 8 and 32 clients
+   (wrk with bench/wrk/infer.lua for REST, h2load for gRPC), check again; RSS of the process
+   tree once every model has answered and again after the load.
+5. A table, the targets of issue 2 as ratios from this run, and the JSON (--json PATH too).
+
+    .venv/bin/python bench/serving.py [--quick] [--duration S] [--skip-mlserver] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime
+import tritonclient.http as triton_http
+from common import (
+    ServerFailed,
+    ServerProcess,
+    children_cpu_seconds,
+    free_port,
+    percentile,
+    running,
+    say,
+    start_server,
+    tree_cpu_seconds,
+    tree_rss_bytes,
+    wait_http_ready,
+)
+from tritonclient.grpc import service_pb2
+from tritonclient.utils import np_to_triton_dtype
+
+from agent import __version__ as agent_version
+from agent.samples import sample_input, write_sample_repository
+from runtimes import load as load_session
+
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
+BENCH_VENV = ROOT / ".bench-venv"
+WRK_SCRIPT = BENCH_DIR / "wrk" / "infer.lua"
+MLSERVER_VERSION = "1.7.1"
+SYSTEM_TOOLS = {"wrk": "wrk", "h2load": "nghttp2-client"}  # binary -> Debian package
+
+MODELS = ("mlp", "cnn")
+AGENT_PROTOCOLS = ("rest-json", "rest-binary", "grpc")
+MLSERVER_PROTOCOLS = ("rest-json", "grpc")
+CLIENTS = (8, 32)
+PROTOCOL_LABELS = {"rest-json": "REST JSON", "rest-binary": "REST binary", "grpc": "gRPC raw"}
+GRPC_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+BINARY_HEADER = "Inference-Header-Content-Length"
+BATCHING_KEYS = ("max_batch_size", "max_queue_delay_us", "preferred_batch_sizes")
+
+AGENT_READY_TIMEOUT_S = 60.0
+MLSERVER_READY_TIMEOUT_S = 180.0
+LAUNCH_ATTEMPTS = 3  # a free port can be taken by someone else before the server binds it
+REQUEST_TIMEOUT_S = 30
+RAW_WARMUP_CALLS = 20
+RAW_MIN_SAMPLES = 200
+OUTPUT_RTOL, OUTPUT_ATOL = 1e-4, 1e-5
+
+
+class BenchmarkError(RuntimeError):
+    """Something the benchmark cannot go on without; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    duration_s: int
+    warmup_s: int
+    raw_duration_s: float
+    skip_mlserver: bool
+    quick: bool
+    json_path: Path | None
+    mlp_overrides: dict
+
+
+# --- workloads: one request per model, encoded for each protocol ------------------------------
+
+
+@dataclass(frozen=True)
+class Workload:
+    model: str
+    model_file: Path
+    inputs: dict[str, np.ndarray]
+    expected: dict[str, np.ndarray]
+    json_body: Path
+    binary_body: Path
+    binary_header_length: int
+    grpc_body: Path  # a whole gRPC frame: 5-byte prefix + ModelInferRequest
+
+
+def make_workload(model: str, model_file: Path, bodies: Path) -> Workload:
+    inputs = sample_input(model)
+    session = load_session(model_file)
+    try:
+        expected = session.infer(inputs)
+    finally:
+        session.close()
+    json_body = bodies / f"{model}.json"
+    json_body.write_bytes(json_request(inputs))
+    binary, header_length = binary_request(inputs, list(expected))
+    binary_body = bodies / f"{model}.bin"
+    binary_body.write_bytes(binary)
+    grpc_body = bodies / f"{model}.grpc"
+    grpc_body.write_bytes(grpc_frame(grpc_request(model, inputs)))
+    return Workload(
+        model, model_file, inputs, expected, json_body, binary_body, header_length, grpc_body
+    )
+
+
+def json_request(inputs: dict[str, np.ndarray]) -> bytes:
+    tensors = [
+        {
+            "name": name,
+            "shape": list(array.shape),
+            "datatype": np_to_triton_dtype(array.dtype),
+            "data": array.ravel().tolist(),
+        }
+        for name, array in inputs.items()
+    ]
+    return json.dumps({"inputs": tensors}).encode()
+
+
+def binary_request(inputs: dict[str, np.ndarray], outputs: list[str]) -> tuple[bytes, int]:
+    """The body tritonclient.http sends by default: binary inputs, binary outputs asked for."""
+    infer_inputs = []
+    for name, array in inputs.items():
+        datatype = np_to_triton_dtype(array.dtype)
+        infer_input = triton_http.InferInput(name, list(array.shape), datatype)
+        infer_input.set_data_from_numpy(array, binary_data=True)
+        infer_inputs.append(infer_input)
+    requested = [triton_http.InferRequestedOutput(name, binary_data=True) for name in outputs]
+    body, header_length = triton_http.InferenceServerClient.generate_request_body(
+        infer_inputs, outputs=requested
+    )
+    return body, header_length
+
+
+def grpc_request(model: str, inputs: dict[str, np.ndarray]) -> bytes:
+    request = service_pb2.ModelInferRequest(model_name=model)
+    for name, array in inputs.items():
+        tensor = request.inputs.add()
+        tensor.name = name
+        tensor.datatype = np_to_triton_dtype(array.dtype)
+        tensor.shape.extend(array.shape)
+        request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
+    return request.SerializeToString()
+
+
+def grpc_frame(message: bytes) -> bytes:
+    """gRPC length-prefixed message: compressed flag 0, big-endian length, message."""
+    return struct.pack(">BI", 0, len(message)) + message
+
+
+# --- model repositories ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Repositories:
+    agent: Path  # MLP (sample batching settings) + CNN
+    agent_nobatch: Path  # the same with max_batch_size = 0 for the MLP
+    model_files: dict[str, Path]
+
+
+def write_repositories(workdir: Path, mlp_overrides: dict) -> Repositories:
+    samples = workdir / "samples"
+    write_sample_repository(samples)
+    agent = workdir / "agent-models"
+    for model in MODELS:
+        shutil.copytree(samples / model, agent / model)
+    mlp_toml = agent / "mlp" / "1" / "model.toml"
+    write_toml(mlp_toml, {**read_toml(mlp_toml), **mlp_overrides})
+    nobatch = workdir / "agent-models-nobatch"
+    shutil.copytree(agent, nobatch)
+    nobatch_toml = nobatch / "mlp" / "1" / "model.toml"
+    unbatched = {k: v for k, v in read_toml(nobatch_toml).items() if k not in BATCHING_KEYS}
+    write_toml(nobatch_toml, {**unbatched, "max_batch_size": 0})
+    files = {model: agent / model / "1" / "model.onnx" for model in MODELS}
+    return Repositories(agent, nobatch, files)
+
+
+def read_toml(path: Path) -> dict:
+    return tomllib.loads(path.read_text()) if path.exists() else {}
+
+
+def write_toml(path: Path, values: dict) -> None:
+    path.write_text("".join(f"{key} = {toml_value(value)}\n" for key, value in values.items()))
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise ValueError(f"cannot write {value!r} as a model.toml value")
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    try:
+        return key.strip(), tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a TOML value") from None
+
+
+# --- servers ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ports:
+    http: int
+    grpc: int
+    metrics: int
+
+    @classmethod
+    def pick(cls) -> Ports:
+        ports: set[int] = set()
+        while len(ports) < 3:
+            ports.add(free_port())
+        return cls(*sorted(ports))
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    name: str  # key in the JSON: agent, agent-nobatch, mlserver
+    label: str  # for the table
+    protocols: tuple[str, ...]
+    models: tuple[str, ...]
+    latency: bool  # p50/p99 at one client
+    clients: tuple[int, ...]  # throughput at these concurrencies
+    launch: Callable[[Ports, Path], ServerProcess]
+    ready_timeout_s: float
+
+
+def agent_launcher(repository: Path) -> Callable[[Ports, Path], ServerProcess]:
+    def launch(ports: Ports, logs: Path) -> ServerProcess:
+        command = [
+            sys.executable, "-m", "agent.cli", "serve", "--models", str(repository),
+            "--http", f"127.0.0.1:{ports.http}", "--grpc", f"127.0.0.1:{ports.grpc}",
+        ]  # fmt: skip
+        return start_server("agent", command, logs / f"{repository.name}.log", cwd=ROOT)
+
+    return launch
+
+
+def mlserver_launcher(
+    mlserver: Path, model_files: dict[str, Path], workdir: Path
+) -> Callable[[Ports, Path], ServerProcess]:
+    def launch(ports: Ports, logs: Path) -> ServerProcess:
+        repository = write_mlserver_repository(workdir / "mlserver-models", ports, model_files)
+        env = {**os.environ, "PYTHONPATH": str(BENCH_DIR)}
+        return start_server(
+            "MLServer",
+            [str(mlserver), "start", str(repository)],
+            logs / "mlserver.log",
+            cwd=repository,
+            env=env,
+        )
+
+    return launch
+
+
+def write_mlserver_repository(root: Path, ports: Ports, model_files: dict[str, Path]) -> Path:
+    """settings.json tuned for MLServer's best showing: one process, no access log."""
+    root.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "debug": False,
+        "parallel_workers": 0,
+        "host": "127.0.0.1",
+        "http_port": ports.http,
+        "grpc_port": ports.grpc,
+        "metrics_port": ports.metrics,
+    }
+    (root / "settings.json").write_text(json.dumps(settings, indent=2))
+    for model, path in model_files.items():
+        model_dir = root / model
+        model_dir.mkdir(exist_ok=True)
+        model_settings = {
+            "name": model,
+            "implementation": "mlserver_runtime.OnnxRuntimeModel",
+            "parameters": {"uri": str(path), "version": "1"},
+        }
+        (model_dir / "model-settings.json").write_text(json.dumps(model_settings, indent=2))
+    return root
+
+
+def launch(spec: ServerSpec, logs: Path) -> tuple[ServerProcess, Ports]:
+    """Start the server and wait until it is ready, retrying on fresh ports if it exits."""
+    for attempt in range(1, LAUNCH_ATTEMPTS + 1):
+        ports = Ports.pick()
+        say(f"starting {spec.label} (REST :{ports.http}, gRPC :{ports.grpc})")
+        server = spec.launch(ports, logs)
+        try:
+            wait_http_ready(server, ports.http, "/v2/health/ready", spec.ready_timeout_s)
+            return server, ports
+        except BaseException as exc:
+            server.stop()
+            if not isinstance(exc, ServerFailed) or attempt == LAUNCH_ATTEMPTS:
+                raise
+            say(f"{spec.label} failed to start (attempt {attempt}), retrying: {exc}")
+    raise AssertionError("unreachable")
+
+
+# --- answer checks ---------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """One server, protocol and model: what a load generator hits."""
+
+    server: str
+    protocol: str
+    workload: Workload
+    ports: Ports
+    pid: int
+    grpc_frame_bytes: int = 0  # size of a successful gRPC response frame, learnt by check()
+
+    @property
+    def name(self) -> str:
+        return f"{self.server} {self.protocol} {self.workload.model}"
+
+    @property
+    def rest_path(self) -> str:
+        return f"/v2/models/{self.workload.model}/infer"
+
+
+def check(target: Target) -> None:
+    """Send the exact bytes the load generator sends and compare the answer with onnxruntime's."""
+    outputs = check_grpc(target) if target.protocol == "grpc" else check_rest(target)
+    for name, expected in target.workload.expected.items():
+        got = outputs.get(name)
+        if got is None or got.shape != expected.shape:
+            raise BenchmarkError(f"{target.name}: output {name} missing or of the wrong shape")
+        if not np.allclose(got, expected, rtol=OUTPUT_RTOL, atol=OUTPUT_ATOL):
+            raise BenchmarkError(f"{target.name}: output {name} differs from onnxruntime's")
+
+
+def check_rest(target: Target) -> dict[str, np.ndarray]:
+    workload = target.workload
+    binary = target.protocol == "rest-binary"
+    body = (workload.binary_body if binary else workload.json_body).read_bytes()
+    headers = {"Content-Type": "application/json"}
+    if binary:
+        headers = {
+            "Content-Type": "application/octet-stream",
+            BINARY_HEADER: str(workload.binary_header_length),
+        }
+    connection = http.client.HTTPConnection("127.0.0.1", target.ports.http, REQUEST_TIMEOUT_S)
+    try:
+        connection.request("POST", target.rest_path, body=body, headers=headers)
+        response = connection.getresponse()
+        payload = response.read()
+    finally:
+        connection.close()
+    if response.status != 200:
+        raise BenchmarkError(f"{target.name}: HTTP {response.status}: {payload[:300]!r}")
+    header_length = response.getheader(BINARY_HEADER)
+    result = triton_http.InferenceServerClient.parse_response_body(
+        payload, header_length=int(header_length) if header_length else None
+    )
+    return {name: result.as_numpy(name) for name in workload.expected}
+
+
+def check_grpc(target: Target) -> dict[str, np.ndarray]:
+    message = target.workload.grpc_body.read_bytes()[5:]
+    with grpc.insecure_channel(f"127.0.0.1:{target.ports.grpc}") as channel:
+        call = channel.unary_unary(GRPC_METHOD)  # no serializers: bytes in, bytes out
+        try:
+            answer = call(message, timeout=REQUEST_TIMEOUT_S)
+        except grpc.RpcError as exc:
+            raise BenchmarkError(f"{target.name}: {exc.code().name}: {exc.details()}") from None
+    target.grpc_frame_bytes = len(grpc_frame(answer))
+    return grpc_outputs(service_pb2.ModelInferResponse.FromString(answer))
+
+
+def grpc_outputs(response: service_pb2.ModelInferResponse) -> dict[str, np.ndarray]:
+    outputs = {}
+    for index, tensor in enumerate(response.outputs):
+        if response.raw_output_contents:
+            data = np.frombuffer(response.raw_output_contents[index], np.float32)
+        else:
+            data = np.asarray(tensor.contents.fp32_contents, np.float32)
+        outputs[tensor.name] = data.reshape(tuple(tensor.shape))
+    return outputs
+
+
+# --- load generators -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    clients: int
+    requests: int
+    duration_s: float
+    errors: int
+    p50_us: float | None
+    p99_us: float | None
+    loadgen_cores: float  # CPU the load generator used, in cores
+    server_cores: float
+
+    @property
+    def throughput(self) -> float:
+        return self.requests / self.duration_s
+
+
+@dataclass(frozen=True)
+class _Counts:
+    requests: int
+    duration_s: float
+    errors: int
+    p50_us: float | None = None
+    p99_us: float | None = None
+
+
+def run_load(target: Target, clients: int, duration_s: int, workdir: Path) -> LoadResult:
+    """Closed-loop load: `clients` connections, each one request at a time."""
+    generator = run_h2load if target.protocol == "grpc" else run_wrk
+    server_cpu = tree_cpu_seconds(target.pid)
+    loadgen_cpu = children_cpu_seconds()
+    counts = generator(target, clients, duration_s, workdir)
+    server_cpu = tree_cpu_seconds(target.pid) - server_cpu
+    loadgen_cpu = children_cpu_seconds() - loadgen_cpu
+    return LoadResult(
+        clients,
+        counts.requests,
+        counts.duration_s,
+        counts.errors,
+        counts.p50_us,
+        counts.p99_us,
+        loadgen_cpu / counts.duration_s,
+        server_cpu / counts.duration_s,
+    )
+
+
+def run_wrk(target: Target, clients: int, duration_s: int, workdir: Path) -> _Counts:
+    workload = target.workload
+    command = [
+        "wrk", "-t1", f"-c{clients}", f"-d{duration_s}s", f"--timeout={REQUEST_TIMEOUT_S}s",
+        "-s", str(WRK_SCRIPT), f"http://127.0.0.1:{target.ports.http}{target.rest_path}", "--",
+    ]  # fmt: skip
+    if target.protocol == "rest-binary":
+        command += [str(workload.binary_body), str(workload.binary_header_length)]
+    else:
+        command += [str(workload.json_body)]
+    output = _run_tool(command, duration_s)
+    match = re.search(r"^WRK_RESULT (\{.*\})$", output, re.MULTILINE)
+    if not match:
+        raise BenchmarkError(f"wrk printed no result:\n{output}")
+    doc = json.loads(match.group(1))
+    errors = sum(doc[k] for k in ("connect_errors", "read_errors", "write_errors"))
+    errors += doc["status_errors"] + doc["timeouts"]
+    return _Counts(doc["requests"], doc["duration_us"] / 1e6, errors, doc["p50_us"], doc["p99_us"])
+
+
+def run_h2load(target: Target, clients: int, duration_s: int, workdir: Path) -> _Counts:
+    """h2load posts the pre-encoded gRPC frame. It cannot read trailers, so a request counts as
+    good only if its response carried a full frame: errors come back trailers-only, no data."""
+    log = workdir / "h2load-requests.tsv"
+    log.unlink(missing_ok=True)
+    command = [
+        "h2load", "-t1", f"-c{clients}", "-m1", f"-D{duration_s}",
+        "-d", str(target.workload.grpc_body),
+        "-H", "content-type: application/grpc", "-H", "te: trailers",
+    ]  # fmt: skip
+    if clients == 1:
+        command.append(f"--log-file={log}")
+    command.append(f"http://127.0.0.1:{target.ports.grpc}{GRPC_METHOD}")
+    output = _run_tool(command, duration_s)
+    finished = re.search(r"finished in ([\d.]+)s", output)
+    requests = re.search(r"requests: .* (\d+) done, (\d+) succeeded", output)
+    data = re.search(r"traffic: .*\((\d+)\) data", output)
+    if not (finished and requests and data):
+        raise BenchmarkError(f"unexpected h2load output:\n{output}")
+    done, succeeded = int(requests.group(1)), int(requests.group(2))
+    full_frames = int(data.group(1)) // target.grpc_frame_bytes
+    errors = (done - succeeded) + max(0, succeeded - full_frames)
+    p50 = p99 = None
+    if clients == 1:
+        p50, p99 = _log_percentiles(log)
+    return _Counts(done, float(finished.group(1)), errors, p50, p99)
+
+
+def _log_percentiles(log: Path) -> tuple[float, float]:
+    """p50/p99 of h2load's per-request log (start µs, status, elapsed µs)."""
+    elapsed = [float(line.split("\t")[2]) for line in log.read_text().splitlines() if line]
+    if not elapsed:
+        raise BenchmarkError("h2load logged no request")
+    return percentile(elapsed, 50), percentile(elapsed, 99)
+
+
+def _run_tool(command: list[str], duration_s: int) -> str:
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=duration_s + REQUEST_TIMEOUT_S + 30
+    )
+    if result.returncode != 0:
+        raise BenchmarkError(
+            f"{command[0]} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
+    return result.stdout
+
+
+# --- measurements ----------------------------------------------------------------------------
+
+
+@dataclass
+class Figures:
+    """One row of the table: a server (or onnxruntime itself), a protocol, a model."""
+
+    server: str
+    protocol: str
+    model: str
+    p50_us: float | None = None
+    p99_us: float | None = None
+    throughput: dict[str, float] = field(default_factory=dict)  # clients -> requests/s
+    errors: int = 0
+    runs: list[dict] = field(default_factory=list)
+
+    def add(self, run: LoadResult) -> None:
+        self.errors += run.errors
+        self.runs.append({**asdict(run), "throughput": run.throughput})
+        if run.clients == 1:
+            self.p50_us, self.p99_us = run.p50_us, run.p99_us
+        else:
+            self.throughput[str(run.clients)] = run.throughput
+
+
+def time_session_run(workload: Workload, duration_s: float) -> Figures:
+    """onnxruntime in this process, loaded the way the agent loads it (runtimes.load)."""
+    session = load_session(workload.model_file)
+    try:
+        for _ in range(RAW_WARMUP_CALLS):
+            session.infer(workload.inputs)
+        samples: list[float] = []
+        deadline = time.perf_counter() + duration_s
+        while time.perf_counter() < deadline or len(samples) < RAW_MIN_SAMPLES:
+            start = time.perf_counter_ns()
+            session.infer(workload.inputs)
+            samples.append((time.perf_counter_ns() - start) / 1000)
+    finally:
+        session.close()
+    figures = Figures("onnxruntime", "session.run", workload.model)
+    figures.p50_us, figures.p99_us = percentile(samples, 50), percentile(samples, 99)
+    return figures
+
+
+@dataclass
+class ServerResult:
+    figures: list[Figures]
+    rss_ready_mb: float
+    rss_after_mb: float
+
+
+def bench_server(
+    spec: ServerSpec, workloads: dict[str, Workload], settings: Settings, workdir: Path
+) -> ServerResult:
+    server, ports = launch(spec, workdir)
+    with running(server):
+        targets = [
+            Target(spec.name, protocol, workloads[model], ports, server.pid)
+            for model in spec.models
+            for protocol in spec.protocols
+        ]
+        for target in targets:
+            check(target)
+        rss_ready = tree_rss_bytes(server.pid) / 2**20
+        figures = [measure(target, spec, settings, workdir) for target in targets]
+        rss_after = tree_rss_bytes(server.pid) / 2**20
+        say(f"{spec.label}: RSS {rss_ready:.0f} MB ready, {rss_after:.0f} MB after the load")
+    return ServerResult(figures, rss_ready, rss_after)
+
+
+def measure(target: Target, spec: ServerSpec, settings: Settings, workdir: Path) -> Figures:
+    figures = Figures(target.server, target.protocol, target.workload.model)
+    if settings.warmup_s:
+        run_load(target, max(spec.clients), settings.warmup_s, workdir)
+    levels = ((1,) if spec.latency else ()) + spec.clients
+    for clients in levels:
+        run = run_load(target, clients, settings.duration_s, workdir)
+        figures.add(run)
+        say(
+            f"{target.name}: {clients:>2} clients {run.throughput:>8,.0f} req/s"
+            + (f", p50 {run.p50_us:,.0f} µs p99 {run.p99_us:,.0f} µs" if clients == 1 else "")
+            + f" (server {run.server_cores:.2f} cores, load generator {run.loadgen_cores:.2f})"
+            + (f", {run.errors} ERRORS" if run.errors else "")
+        )
+    check(target)  # still answering correctly after the load
+    return figures
+
+
+# --- targets ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Goal:
+    name: str
+    value: float | None
+    bound: float
+    at_least: bool  # the value must be >= bound (else <= bound)
+    unit: str = "x"
+
+    @property
+    def met(self) -> bool | None:
+        if self.value is None:
+            return None
+        return self.value >= self.bound if self.at_least else self.value <= self.bound
+
+    def as_dict(self) -> dict:
+        sign = ">=" if self.at_least else "<="
+        return {
+            "name": self.name,
+            "value": self.value,
+            "target": f"{sign} {self.bound:g}{self.unit}",
+            "met": self.met,
+        }
+
+
+class Results:
+    """All figures of a run, looked up by (server, protocol, model)."""
+
+    def __init__(self) -> None:
+        self.figures: list[Figures] = []
+        self.rss_mb: dict[str, dict[str, float]] = {}
+
+    def get(self, server: str, protocol: str, model: str) -> Figures | None:
+        for f in self.figures:
+            if (f.server, f.protocol, f.model) == (server, protocol, model):
+                return f
+        return None
+
+    def ratio(self, a: tuple[str, str, str], b: tuple[str, str, str], what: str) -> float | None:
+        fa, fb = self.get(*a), self.get(*b)
+        if fa is None or fb is None or fa.errors or fb.errors:
+            return None
+        va, vb = _figure(fa, what), _figure(fb, what)
+        return va / vb if va and vb else None
+
+    def goals(self) -> list[Goal]:
+        raw = ("onnxruntime", "session.run", "cnn")
+        goals = [
+            Goal(
+                "REST JSON MLP throughput@8, agent / MLServer",
+                self.ratio(("agent", "rest-json", "mlp"), ("mlserver", "rest-json", "mlp"), "8"),
+                3,
+                True,
+            ),
+            Goal(
+                "gRPC MLP throughput@8, agent / MLServer",
+                self.ratio(("agent", "grpc", "mlp"), ("mlserver", "grpc", "mlp"), "8"),
+                2,
+                True,
+            ),
+            Goal(
+                "CNN p50, agent gRPC raw / session.run",
+                self.ratio(("agent", "grpc", "cnn"), raw, "p50"),
+                1.15,
+                False,
+            ),
+            Goal(
+                "CNN p50, agent REST binary / session.run",
+                self.ratio(("agent", "rest-binary", "cnn"), raw, "p50"),
+                1.15,
+                False,
+            ),
+        ]
+        for protocol in AGENT_PROTOCOLS:
+            goals.append(
+                Goal(
+                    f"MLP throughput@32 {PROTOCOL_LABELS[protocol]}, batching on / off",
+                    self.ratio(
+                        ("agent", protocol, "mlp"), ("agent-nobatch", protocol, "mlp"), "32"
+                    ),
+                    2,
+                    True,
+                )
+            )
+        agent_rss = self.rss_mb.get("agent", {}).get("after_load")
+        goals.append(Goal("agent RSS, MLP + CNN, after the load", agent_rss, 120, False, " MB"))
+        return goals
+
+
+def _figure(figures: Figures, what: str) -> float | None:
+    return figures.p50_us if what == "p50" else figures.throughput.get(what)
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def setup_label(server: str, protocol: str) -> str:
+    servers = {
+        "onnxruntime": "onnxruntime",
+        "agent": "agent",
+        "agent-nobatch": "agent, batching off",
+        "mlserver": f"MLServer {MLSERVER_VERSION}",
+    }
+    return f"{servers[server]} {PROTOCOL_LABELS.get(protocol, protocol)}"
+
+
+def format_table(results: Results) -> str:
+    header = f"{'setup':<36} {'model':<5} {'p50 µs':>9} {'p99 µs':>9}"
+    header += "".join(f" {f'req/s@{c}':>10}" for c in CLIENTS) + "  errors"
+    lines = [header, "-" * len(header)]
+    for f in results.figures:
+        cells = [_cell(f.p50_us), _cell(f.p99_us)]
+        cells += [_cell(f.throughput.get(str(c))) for c in CLIENTS]
+        row = f"{setup_label(f.server, f.protocol):<36} {f.model:<5} {cells[0]:>9} {cells[1]:>9}"
+        row += "".join(f" {c:>10}" for c in cells[2:])
+        lines.append(row + f"  {f.errors if f.server != 'onnxruntime' else '':>6}")
+    return "\n".join(lines)
+
+
+def format_memory(results: Results) -> str:
+    lines = ["RSS of the server process tree, MLP + CNN loaded:"]
+    for server, rss in results.rss_mb.items():
+        lines.append(
+            f"  {setup_label(server, '').strip():<22} {rss['ready']:6.0f} MB when ready, "
+            f"{rss['after_load']:6.0f} MB after the load"
+        )
+    return "\n".join(lines)
+
+
+def format_goals(goals: list[Goal]) -> str:
+    lines = ["Targets (issue 2), ratios from this run:"]
+    for goal in goals:
+        doc = goal.as_dict()
+        value = "n/a" if goal.value is None else f"{goal.value:.2f}{goal.unit}"
+        verdict = {True: "met", False: "MISSED", None: "not measured"}[goal.met]
+        lines.append(f"  {goal.name:<52} {value:>10}  target {doc['target']:<9} {verdict}")
+    return "\n".join(lines)
+
+
+def _cell(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.1f}" if value < 100 else f"{value:,.0f}"
+
+
+def machine_info() -> dict:
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "agent": agent_version,
+        "load_average": list(os.getloadavg()),
+    }
+
+
+def report_document(results: Results, settings: Settings, started: float) -> dict:
+    return {
+        "benchmark": "bench/serving.py",
+        "settings": {
+            "duration_s": settings.duration_s,
+            "warmup_s": settings.warmup_s,
+            "quick": settings.quick,
+            "mlp_overrides": settings.mlp_overrides,
+            "mlserver": None if settings.skip_mlserver else MLSERVER_VERSION,
+        },
+        "machine": {**machine_info(), "elapsed_s": round(time.monotonic() - started, 1)},
+        "setups": [asdict(f) for f in results.figures],
+        "rss_mb": results.rss_mb,
+        "targets": [goal.as_dict() for goal in results.goals()],
+    }
+
+
+# --- setup: tools and the MLServer venv ------------------------------------------------------
+
+
+def ensure_load_generators() -> None:
+    missing = [name for name in SYSTEM_TOOLS if shutil.which(name) is None]
+    if not missing:
+        return
+    packages = sorted({SYSTEM_TOOLS[name] for name in missing})
+    install = ["apt-get", "install", "-y", *packages]
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise BenchmarkError(
+            f"{', '.join(missing)} not found; install with: sudo {' '.join(install)}"
+        )
+    say(f"installing {' '.join(packages)} (apt-get)")
+    if subprocess.run(install).returncode != 0:
+        subprocess.run(["apt-get", "update"], check=False)
+        if subprocess.run(install).returncode != 0:
+            raise BenchmarkError(f"could not install {' '.join(packages)} with apt-get")
+
+
+def ensure_mlserver(venv: Path = BENCH_VENV) -> Path:
+    """The `mlserver` command of the benchmark's own venv, created on first use."""
+    python, command = venv / "bin" / "python", venv / "bin" / "mlserver"
+    if _mlserver_version(python) == MLSERVER_VERSION and command.exists():
+        return command
+    say(f"creating {venv} with MLServer {MLSERVER_VERSION} (first run only; a few minutes)")
+    packages = [f"mlserver=={MLSERVER_VERSION}", f"onnxruntime=={onnxruntime.__version__}", "numpy"]
+    steps = [
+        [sys.executable, "-m", "venv", str(venv)],
+        [str(python), "-m", "pip", "install", "--upgrade", "pip"],
+        [str(python), "-m", "pip", "install", *packages],
+    ]
+    for step in steps:
+        say(" ".join(step))
+        if subprocess.run(step, stdout=sys.stderr).returncode != 0:
+            raise BenchmarkError(
+                f"could not build {venv} ({' '.join(step[2:])} failed); "
+                "rerun with --skip-mlserver to benchmark without MLServer"
+            )
+    if _mlserver_version(python) != MLSERVER_VERSION:
+        raise BenchmarkError(f"MLServer {MLSERVER_VERSION} did not install into {venv}")
+    return command
+
+
+def _mlserver_version(python: Path) -> str | None:
+    if not python.exists():
+        return None
+    probe = "import mlserver, onnxruntime; print(mlserver.__version__)"
+    result = subprocess.run([str(python), "-c", probe], capture_output=True, text=True)
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+# --- main ------------------------------------------------------------------------------------
+
+
+def server_specs(repos: Repositories, settings: Settings, workdir: Path) -> list[ServerSpec]:
+    specs = [
+        ServerSpec("agent", "agent", AGENT_PROTOCOLS, MODELS, True, CLIENTS,
+                   agent_launcher(repos.agent), AGENT_READY_TIMEOUT_S),
+        ServerSpec("agent-nobatch", "agent, batching off", AGENT_PROTOCOLS, ("mlp",), False,
+                   (32,), agent_launcher(repos.agent_nobatch), AGENT_READY_TIMEOUT_S),
+    ]  # fmt: skip
+    if not settings.skip_mlserver:
+        mlserver = ensure_mlserver()
+        specs.append(
+            ServerSpec("mlserver", f"MLServer {MLSERVER_VERSION}", MLSERVER_PROTOCOLS, MODELS,
+                       True, CLIENTS, mlserver_launcher(mlserver, repos.model_files, workdir),
+                       MLSERVER_READY_TIMEOUT_S)
+        )  # fmt: skip
+    return specs
+
+
+def run_benchmark(settings: Settings, workdir: Path) -> Results:
+    ensure_load_generators()
+    say("generating the sample models and request bodies")
+    repos = write_repositories(workdir, settings.mlp_overrides)
+    specs = server_specs(repos, settings, workdir)
+    bodies = workdir / "bodies"
+    bodies.mkdir()
+    workloads = {m: make_workload(m, repos.model_files[m], bodies) for m in MODELS}
+    results = Results()
+    for model in MODELS:
+        say(f"timing onnxruntime session.run of {model} for {settings.raw_duration_s:g} s")
+        results.figures.append(time_session_run(workloads[model], settings.raw_duration_s))
+    for spec in specs:
+        outcome = bench_server(spec, workloads, settings, workdir)
+        results.figures.extend(outcome.figures)
+        if spec.models == MODELS:
+            results.rss_mb[spec.name] = {
+                "ready": outcome.rss_ready_mb,
+                "after_load": outcome.rss_after_mb,
+            }
+    return results
+
+
+def parse_args(argv: list[str] | None) -> Settings:
+    parser = argparse.ArgumentParser(
+        description="Benchmark the agent's KServe v2 serving against raw onnxruntime and "
+        "MLServer: latency at 1 client, throughput at 8 and 32, batching, memory."
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="1 s per measurement and no warm-up: a smoke run")  # fmt: skip
+    parser.add_argument("--duration", type=int, default=5, metavar="S",
+                        help="seconds per measurement (default 5)")  # fmt: skip
+    parser.add_argument("--skip-mlserver", action="store_true",
+                        help="leave MLServer out (e.g. when its venv cannot be built)")  # fmt: skip
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the JSON here")
+    parser.add_argument("--mlp-setting", type=parse_override, action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="override a key of the MLP's model.toml for the agent, e.g. "
+                        "max_queue_delay_us=0 (repeatable)")  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.duration < 1:
+        parser.error("--duration must be at least 1 second")
+    duration = 1 if args.quick else args.duration
+    return Settings(
+        duration_s=duration,
+        warmup_s=0 if args.quick else 2,
+        raw_duration_s=0.5 if args.quick else float(duration),
+        skip_mlserver=args.skip_mlserver,
+        quick=args.quick,
+        json_path=args.json,
+        mlp_overrides=dict(args.mlp_setting),
+    )
+
+
+@contextlib.contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit so that every server still gets stopped."""
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_args(argv)
+    started = time.monotonic()
+    try:
+        with sigterm_as_exit(), tempfile.TemporaryDirectory(prefix="edgefleet-bench-") as tmp:
+            results = run_benchmark(settings, Path(tmp))
+    except KeyboardInterrupt:
+        say("interrupted; servers stopped")
+        return 130
+    except (BenchmarkError, ServerFailed) as exc:
+        say(f"error: {exc}")
+        return 1
+    document = report_document(results, settings, started)
+    print(format_table(results))
+    print()
+    print(format_memory(results))
+    print()
+    print(format_goals(results.goals()))
+    print()
+    print(json.dumps(document, indent=2))
+    if settings.json_path:
+        settings.json_path.write_text(json.dumps(document, indent=2) + "\n")
+        say(f"wrote {settings.json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

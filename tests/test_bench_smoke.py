@@ -1,0 +1,72 @@
+"""Smoke test of the serving benchmark: a --quick run without MLServer yields every agent figure.
+
+Timings on a shared machine say nothing here, so nothing is asserted about them; the test only
+proves that the benchmark starts and stops the agent, drives it over REST and gRPC with wrk and
+h2load, and reports positive figures.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "bench" / "serving.py"
+TIMEOUT_S = 150
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("wrk") is None or shutil.which("h2load") is None,
+    reason="needs wrk and h2load (apt-get install -y wrk nghttp2-client)",
+)
+
+
+def run_quick_benchmark(json_path: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(SCRIPT), "--quick", "--skip-mlserver", "--json", str(json_path)]
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGTERM)  # the benchmark stops its servers on SIGTERM
+        stdout, stderr = process.communicate(timeout=30)
+        pytest.fail(f"benchmark did not finish within {TIMEOUT_S} s:\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def setup(document: dict, server: str, protocol: str, model: str) -> dict:
+    for figures in document["setups"]:
+        if (figures["server"], figures["protocol"], figures["model"]) == (server, protocol, model):
+            return figures
+    raise AssertionError(f"no figures for {server} {protocol} {model}")
+
+
+def test_quick_run_reports_every_agent_figure(tmp_path: Path) -> None:
+    json_path = tmp_path / "serving.json"
+    result = run_quick_benchmark(json_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    document = json.loads(json_path.read_text())
+
+    for model in ("mlp", "cnn"):
+        raw = setup(document, "onnxruntime", "session.run", model)
+        assert raw["p50_us"] > 0 and raw["p99_us"] > 0
+        for protocol in ("rest-json", "rest-binary", "grpc"):
+            figures = setup(document, "agent", protocol, model)
+            assert figures["errors"] == 0
+            assert figures["p50_us"] > 0 and figures["p99_us"] > 0
+            assert figures["throughput"]["8"] > 0 and figures["throughput"]["32"] > 0
+    for protocol in ("rest-json", "rest-binary", "grpc"):
+        assert setup(document, "agent-nobatch", protocol, "mlp")["throughput"]["32"] > 0
+
+    assert document["rss_mb"]["agent"]["after_load"] > 0
+    assert "mlserver" not in document["rss_mb"]
+    names = [target["name"] for target in document["targets"]]
+    assert any("batching on / off" in name for name in names)
+    assert "agent rest-json mlp" in result.stderr  # progress went to stderr
+    assert "REST JSON" in result.stdout  # the table went to stdout

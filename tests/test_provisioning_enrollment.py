@@ -1,0 +1,196 @@
+"""Enrollment over server-authenticated HTTPS: tokens, CSR checks, identity chosen by the CA."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from agent.identity import IdentityError, IdentityStore, enroll
+from controlplane.storage import open_database
+from provisioning.csr import build_csr
+from provisioning.errors import TokenFormatError
+from provisioning.identity import DEVICE_URN, REGION_URN, device_identity_of
+from provisioning.keys import new_private_key
+from tests.trust_fixtures import control_plane, post_enroll  # noqa: F401
+
+
+def csr_for(key, name: str = "edgefleet-device", uris: tuple[str, ...] = ()) -> str:
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    )
+    if uris:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]),
+            critical=False,
+        )
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
+
+
+async def test_token_from_cli_enrolls_a_device_with_its_region_and_tags(control_plane):
+    env = control_plane
+    rc, out, err = env.cli(
+        "token", "create", "--region", "ae", "--tag", "line=3", "--uses", "1", "--expires", "24h"
+    )
+    assert rc == 0, err
+    token = out.splitlines()[0]
+    credentials = await env.enroll(token)
+
+    cert = credentials.certificate
+    identity = credentials.identity
+    assert identity.region == "ae" and identity.device_id.startswith("dev-")
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == identity.device_id
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.UniformResourceIdentifier)) == {
+        DEVICE_URN + identity.device_id,
+        REGION_URN + "ae",
+    }
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+    assert timedelta(days=30) <= lifetime <= timedelta(days=30, hours=1)
+    assert env.plane.registry.get(identity.device_id).tags == {"line": "3"}
+    # The key was made on the device and is readable by its owner only.
+    assert credentials.key_file.stat().st_mode & 0o777 == 0o600
+    # The control plane stored the token's hash, never the token.
+    secret = token.split(".")[2]
+    dump = "\n".join(open_database(env.config.database_path).iterdump())
+    assert secret not in dump and token.split(".")[1] in dump
+
+
+async def test_forged_csr_gets_the_identity_the_control_plane_chooses(control_plane):
+    env = control_plane
+    victim = await env.enroll()
+    key = new_private_key()
+    forged = csr_for(
+        key,
+        name=victim.identity.device_id,
+        uris=(DEVICE_URN + victim.identity.device_id, REGION_URN + "eu"),
+    )
+    status, reply = await post_enroll(env, {"token": env.token(), "csr": forged})
+    assert status == 201, reply
+    cert = x509.load_pem_x509_certificate(reply["certificate"].encode())
+    identity = device_identity_of(cert)
+    assert identity.device_id != victim.identity.device_id
+    assert identity.region == "ae"
+    assert reply["device_id"] == identity.device_id
+    assert cert.public_key() == key.public_key()
+
+
+async def test_reused_token_is_refused(control_plane):
+    env = control_plane
+    token = env.token(uses=1)
+    await env.enroll(token)
+    with pytest.raises(IdentityError, match="already been used"):
+        await env.enroll(token)
+
+
+async def test_token_with_two_uses_enrolls_two_devices_then_stops(control_plane):
+    env = control_plane
+    token = env.token(uses=2)
+    first, second = await env.enroll(token), await env.enroll(token)
+    assert first.identity.device_id != second.identity.device_id
+    with pytest.raises(IdentityError, match="already been used"):
+        await env.enroll(token)
+
+
+async def test_expired_token_is_refused(control_plane):
+    env = control_plane
+    token = env.token(expires_in=timedelta(hours=1))
+    env.clock.advance(timedelta(hours=1, seconds=1))
+    with pytest.raises(IdentityError, match="expired at"):
+        await env.enroll(token)
+
+
+async def test_out_of_scope_token_is_refused(control_plane):
+    env = control_plane
+    token = env.token(region="eu")
+    with pytest.raises(IdentityError, match="is for region 'eu'"):
+        await env.enroll(token)
+    assert env.plane.registry.list() == []
+
+
+async def test_token_of_another_control_plane_is_refused_before_anything_is_sent(control_plane):
+    env = control_plane
+    parts = env.token().split(".")
+    parts[3] = "A" * 43  # the pin of some other CA
+    store = IdentityStore(env.root / "stray" / "identity")
+    with pytest.raises(IdentityError, match="does not match the pin"):
+        await enroll(env.endpoints.enroll_url, ".".join(parts), store)
+    assert store.current() is None
+
+
+@pytest.mark.parametrize(
+    "token", ["", "garbage", "ef1.short.x.y", "ef2." + "a" * 10 + "." + "b" * 43 + "." + "c" * 43]
+)
+async def test_malformed_token_is_refused_with_a_clear_error(control_plane, token):
+    env = control_plane
+    with pytest.raises(TokenFormatError, match="malformed enrollment token"):
+        await env.enroll(token)
+    status, reply = await post_enroll(
+        env, {"token": token or " ", "csr": build_csr(new_private_key()).decode()}
+    )
+    assert status == 400 and "malformed enrollment token" in reply["message"]
+
+
+async def test_garbage_csr_is_refused_without_spending_the_token(control_plane):
+    env = control_plane
+    token = env.token(uses=1)
+    for csr, message in [
+        ("hello", "not a PEM certificate signing request"),
+        (
+            "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+            "cannot be parsed",
+        ),
+    ]:
+        status, reply = await post_enroll(env, {"token": token, "csr": csr})
+        assert status == 400 and message in reply["message"], reply
+    # The token still has its one use.
+    status, _ = await post_enroll(env, {"token": token, "csr": build_csr(new_private_key()).decode()})
+    assert status == 201
+
+
+async def test_csr_with_a_broken_signature_is_refused(control_plane):
+    env = control_plane
+    pem = build_csr(new_private_key())
+    der = bytearray(x509.load_pem_x509_csr(pem).public_bytes(serialization.Encoding.DER))
+    der[-3] ^= 0x01  # inside the ECDSA signature
+    tampered = x509.load_der_x509_csr(bytes(der)).public_bytes(serialization.Encoding.PEM)
+    status, reply = await post_enroll(env, {"token": env.token(), "csr": tampered.decode()})
+    assert status == 400 and "signature does not verify" in reply["message"]
+
+
+@pytest.mark.parametrize(
+    ("make_key", "message"),
+    [
+        (lambda: rsa.generate_private_key(65537, 1024), "RSA-1024, which is not accepted"),
+        (lambda: ec.generate_private_key(ec.SECP192R1()), "EC secp192r1, which is not accepted"),
+    ],
+    ids=["rsa-1024", "p-192"],
+)
+async def test_weak_key_types_are_refused(control_plane, make_key, message):
+    env = control_plane
+    token = env.token()
+    status, reply = await post_enroll(env, {"token": token, "csr": csr_for(make_key())})
+    assert status == 400 and message in reply["message"], reply
+    assert "EC secp256r1 or secp384r1" in reply["message"]
+    assert env.plane.tokens.get(token.split(".")[1]).uses_left == 1
+
+
+async def test_oversized_and_non_json_bodies_are_refused(control_plane):
+    env = control_plane
+    huge = json.dumps({"token": env.token(), "csr": "A" * 200_000}).encode()
+    status, reply = await post_enroll(env, huge)
+    assert status == 413 and "65536 bytes" in reply["message"]
+
+    status, reply = await post_enroll(env, b"{not json")
+    assert status == 400 and "not valid JSON" in reply["message"]
+    status, reply = await post_enroll(env, b"token=x", content_type="text/plain")
+    assert status == 400 and "Content-Type: application/json" in reply["message"]
+    status, reply = await post_enroll(env, {"token": env.token()})
+    assert status == 400 and "'csr' is missing" in reply["message"]

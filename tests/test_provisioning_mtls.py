@@ -1,0 +1,140 @@
+"""Mutual TLS on the control plane's device endpoints: HTTPS and gRPC, revocation included."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from datetime import timedelta
+
+import aiohttp
+import grpc
+import pytest
+from cryptography import x509
+
+from protocol import fleet_pb2, fleet_pb2_grpc
+from provisioning.ca import CertificateAuthority, utc_now
+from provisioning.identity import DeviceIdentity
+from tests.trust_fixtures import WAIT, control_plane, hello, whoami  # noqa: F401
+
+
+async def test_enrolled_device_is_known_by_its_certificate_over_https_and_grpc(control_plane):
+    env = control_plane
+    device = await env.enroll()
+    status, me = await whoami(env, device)
+    assert status == 200
+    assert (me["device_id"], me["region"], me["status"]) == (
+        device.identity.device_id,
+        "ae",
+        "active",
+    )
+    assert me["certificate"]["serial"] == device.serial
+    reply = await hello(env, device)
+    assert (reply.device_id, reply.region, reply.server_region) == (
+        device.identity.device_id,
+        "ae",
+        "ae",
+    )
+    assert reply.certificate_serial == device.serial
+
+
+async def test_server_certificate_carries_the_region(control_plane):
+    env = control_plane
+    from provisioning.identity import region_of
+
+    cert = x509.load_pem_x509_certificate((env.config.server_dir / "server.pem").read_bytes())
+    assert region_of(cert) == "ae"
+
+
+async def test_client_without_certificate_is_refused(control_plane):
+    env = control_plane
+    ctx = ssl.create_default_context(cafile=str(env.config.ca_dir / "ca.pem"))
+    with pytest.raises(aiohttp.ClientError):
+        async with aiohttp.ClientSession() as session:
+            await session.get(f"{env.endpoints.device_url}/v1/devices/self", ssl=ctx)
+    creds = grpc.ssl_channel_credentials((env.config.ca_dir / "ca.pem").read_bytes())
+    async with grpc.aio.secure_channel(env.endpoints.grpc_target, creds) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await fleet_pb2_grpc.FleetStub(channel).Hello(fleet_pb2.HelloRequest(), timeout=WAIT)
+    assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def _refused_by_tls(env, credentials) -> None:
+    with pytest.raises(aiohttp.ClientError):
+        await whoami(env, credentials)
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await hello(env, credentials)
+    assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_expired_certificate_is_refused(control_plane):
+    env = control_plane
+    expired = env.forge_credentials(
+        DeviceIdentity("dev-expired", "ae"), now=utc_now() - timedelta(days=40)
+    )
+    assert expired.certificate.not_valid_after_utc < utc_now()
+    await _refused_by_tls(env, expired)
+
+
+async def test_certificate_of_another_ca_is_refused(control_plane, tmp_path):
+    env = control_plane
+    other = CertificateAuthority.create(tmp_path / "other-ca", name="EdgeFleet device CA")
+    foreign = env.forge_credentials(DeviceIdentity("dev-foreign", "ae"), ca=other)
+    await _refused_by_tls(env, foreign)
+
+
+async def test_certificate_unknown_to_the_registry_is_refused(control_plane):
+    env = control_plane
+    unrecorded = env.forge_credentials(DeviceIdentity("dev-unrecorded", "ae"), record=False)
+    status, reply = await whoami(env, unrecorded)
+    assert status == 403 and "not issued to a device" in reply["message"]
+
+
+async def test_revoked_certificate_is_refused_and_its_live_stream_ended(control_plane):
+    env = control_plane
+    device, bystander = await env.enroll(), await env.enroll()
+    device_id = device.identity.device_id
+
+    async with (
+        grpc.aio.secure_channel(
+            env.endpoints.grpc_target, device.grpc_channel_credentials()
+        ) as channel,
+        grpc.aio.secure_channel(
+            env.endpoints.grpc_target, bystander.grpc_channel_credentials()
+        ) as other_channel,
+    ):
+        stream = fleet_pb2_grpc.FleetStub(channel).Heartbeat()
+        other = fleet_pb2_grpc.FleetStub(other_channel).Heartbeat()
+        for call in (stream, other):
+            await call.write(fleet_pb2.Beat(seq=1))
+            assert (await call.read()).seq == 1
+
+        # Revoked from another "process": the CLI, with its own database connection.
+        rc, out, err = await asyncio.to_thread(env.cli, "device", "revoke", device_id)
+        assert rc == 0, err
+        assert f"device {device_id} revoked" in out
+
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await asyncio.wait_for(stream.read(), WAIT)
+        assert ended.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "revoked" in ended.value.details()
+        # Other devices' streams go on.
+        await other.write(fleet_pb2.Beat(seq=2))
+        assert (await other.read()).seq == 2
+        await other.done_writing()
+
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await hello(env, device)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    status, reply = await whoami(env, device)
+    assert status == 403 and "revoked" in reply["message"]
+    assert (await whoami(env, bystander))[0] == 200
+
+    # The published CRL lists the revoked certificate.
+    crl = x509.load_pem_x509_crl(env.config.crl_path.read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(device.certificate.serial_number)
+    assert crl.is_signature_valid(env.plane.ca.certificate.public_key())
+
+
+async def test_revoking_an_unknown_device_is_a_clear_error(control_plane):
+    rc, _, err = control_plane.cli("device", "revoke", "dev-nope")
+    assert rc == 1 and "no device 'dev-nope'" in err
