@@ -87,12 +87,14 @@ def demo() -> int:
     models = ROOT / "demo-models"
     run(PY, "-m", "agent.cli", "sample-models", models)
     http, grpc = "127.0.0.1:8000", "127.0.0.1:8001"
-    print(f"""
+    data = ",".join(["0.5"] * 64)
+    print(
+        f"""
 EdgeFleet agent demo: serving {models} on REST http://{http} and gRPC {grpc}  (Ctrl-C stops)
 
   curl -s http://{http}/v2/models/mlp
   curl -s -X POST http://{http}/v2/models/mlp/infer -H 'Content-Type: application/json' \\
-    -d '{{"inputs":[{{"name":"input","shape":[1,64],"datatype":"FP32","data":[{",".join(["0.5"] * 64)}]}}]}}'
+    -d '{{"inputs":[{{"name":"input","shape":[1,64],"datatype":"FP32","data":[{data}]}}]}}'
 
   .venv/bin/python - <<'PY'
 import numpy as np, tritonclient.grpc as tc
@@ -101,9 +103,24 @@ x = tc.InferInput("input", [1, 3, 224, 224], "FP32")
 x.set_data_from_numpy(np.random.rand(1, 3, 224, 224).astype(np.float32))
 print(c.infer("cnn", [x]).as_numpy("output").argmax())
 PY
-""", flush=True)
-    os.execv(PY, [str(PY), "-m", "agent.cli", "serve", "--models", str(models),
-                  "--http", http, "--grpc", grpc])  # fmt: skip
+""",
+        flush=True,
+    )
+    os.execv(
+        PY,
+        [
+            str(PY),
+            "-m",
+            "agent.cli",
+            "serve",
+            "--models",
+            str(models),
+            "--http",
+            http,
+            "--grpc",
+            grpc,
+        ],
+    )
 
 
 def test() -> int:

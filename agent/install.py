@@ -19,6 +19,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,10 @@ class Layout:
     @property
     def identity_dir(self) -> Path:
         return self.state_dir / "identity"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.state_dir / "models"
 
     def on_disk(self, path: Path) -> Path:
         """`path` as seen from this process: below `root` when installing into a directory."""
@@ -100,7 +105,7 @@ def default_exec_start() -> tuple[str, ...]:
 
 
 def render_unit(layout: Layout, exec_start: tuple[str, ...]) -> str:
-    command = shlex.join((*exec_start, "serve"))
+    command = shlex.join((*exec_start, "serve", "--models", str(layout.models_dir)))
     return f"""\
 # Written by `edgefleet-agent install`; `edgefleet-agent uninstall` removes it.
 [Unit]
@@ -151,11 +156,23 @@ url = "{server}"
 """
 
 
+def installed_config(layout: Layout) -> dict:
+    """The config an earlier install wrote under `layout.root`, or {} if there is none."""
+    path = layout.on_disk(layout.config_path)
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise InstallError(f"cannot read {path}: {exc}") from exc
+
+
 def install(plan: InstallPlan) -> InstallReport:
     layout = plan.layout
     state_dir = layout.on_disk(layout.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     state_dir.chmod(0o750)
+    layout.on_disk(layout.models_dir).mkdir(mode=0o750, exist_ok=True)
     store = IdentityStore(layout.on_disk(layout.identity_dir))
 
     current = store.current()
@@ -233,17 +250,28 @@ def _next_steps(layout: Layout, report: InstallReport) -> list[str]:
 
 def _ensure_user(state_dir: Path) -> None:
     try:
-        entry = pwd.getpwnam(SERVICE_USER)
+        pwd.getpwnam(SERVICE_USER)
     except KeyError:
         subprocess.run(
             ["useradd", "--system", "--user-group", "--home-dir", str(state_dir),
              "--no-create-home", "--shell", "/usr/sbin/nologin", SERVICE_USER],
             check=True,
         )  # fmt: skip
+    hand_state_to_service(Layout(state_dir=state_dir))
+
+
+def hand_state_to_service(layout: Layout) -> None:
+    """On a live system, make the state dir (key included) the service user's, as the unit
+    runs as that user. A no-op below another root, when not root, or without the user."""
+    if not layout.is_live_system or os.geteuid() != 0:
+        return
+    try:
         entry = pwd.getpwnam(SERVICE_USER)
-    for directory, _, names in os.walk(state_dir):
+    except KeyError:
+        return
+    for directory, dirs, names in os.walk(layout.state_dir):
         os.chown(directory, entry.pw_uid, entry.pw_gid)
-        for name in names:
+        for name in dirs + names:
             os.chown(
                 os.path.join(directory, name), entry.pw_uid, entry.pw_gid, follow_symlinks=False
             )

@@ -42,6 +42,7 @@ OPENVINO_HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
 OPENVINO_PRECISIONS = ("f32", "bf16", "f16")
 
 PROFILES_DIR_ENV = "EDGEFLEET_PROFILES_DIR"
+PROFILE_ENV = "EDGEFLEET_PROFILE"  # forces a profile by name or path
 # Where packaged installs put the profiles when the repository layout is not there.
 SYSTEM_PROFILE_DIRS = (
     Path("/etc/edgefleet/firmware-profiles"),

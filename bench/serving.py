@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import http.client
 import json
 import os
@@ -29,6 +30,7 @@ import platform
 import re
 import shutil
 import signal
+import statistics
 import struct
 import subprocess
 import sys
@@ -94,9 +96,9 @@ class BenchmarkError(RuntimeError):
 
 @dataclass(frozen=True)
 class Settings:
-    duration_s: int
+    duration_s: int  # per measurement and round
+    rounds: int
     warmup_s: int
-    raw_duration_s: float
     skip_mlserver: bool
     quick: bool
     json_path: Path | None
@@ -261,8 +263,7 @@ class ServerSpec:
     label: str  # for the table
     protocols: tuple[str, ...]
     models: tuple[str, ...]
-    latency: bool  # p50/p99 at one client
-    clients: tuple[int, ...]  # throughput at these concurrencies
+    levels: tuple[int, ...]  # client counts measured: 1 for p50/p99, more for throughput
     launch: Callable[[Ports, Path], ServerProcess]
     ready_timeout_s: float
 
@@ -535,6 +536,11 @@ def _run_tool(command: list[str], duration_s: int) -> str:
 
 
 # --- measurements ----------------------------------------------------------------------------
+#
+# The machine is shared and its load changes from one minute to the next, so figures taken
+# minutes apart do not compare. Every server therefore runs at once (idle unless measured), and
+# the benchmark goes through all measurements in rounds, each round in an order that puts the
+# setups a target compares next to each other. A figure is the median over the rounds.
 
 
 @dataclass
@@ -548,78 +554,132 @@ class Figures:
     p99_us: float | None = None
     throughput: dict[str, float] = field(default_factory=dict)  # clients -> requests/s
     errors: int = 0
-    runs: list[dict] = field(default_factory=list)
+    runs: list[dict] = field(default_factory=list)  # every round's raw result
 
     def add(self, run: LoadResult) -> None:
         self.errors += run.errors
         self.runs.append({**asdict(run), "throughput": run.throughput})
-        if run.clients == 1:
-            self.p50_us, self.p99_us = run.p50_us, run.p99_us
-        else:
-            self.throughput[str(run.clients)] = run.throughput
+
+    def summarize(self) -> None:
+        """Medians over the rounds."""
+        single = [r for r in self.runs if r["clients"] == 1]
+        if single:
+            self.p50_us = statistics.median(r["p50_us"] for r in single)
+            self.p99_us = statistics.median(r["p99_us"] for r in single)
+        for clients in sorted({r["clients"] for r in self.runs} - {1}):
+            rates = [r["throughput"] for r in self.runs if r["clients"] == clients]
+            self.throughput[str(clients)] = statistics.median(rates)
 
 
-def time_session_run(workload: Workload, duration_s: float) -> Figures:
+class RawSession:
     """onnxruntime in this process, loaded the way the agent loads it (runtimes.load)."""
-    session = load_session(workload.model_file)
-    try:
+
+    def __init__(self, workload: Workload):
+        self.workload = workload
+        self.session = load_session(workload.model_file)
         for _ in range(RAW_WARMUP_CALLS):
-            session.infer(workload.inputs)
+            self.session.infer(workload.inputs)
+
+    def time(self, duration_s: float) -> LoadResult:
+        inputs, infer = self.workload.inputs, self.session.infer
         samples: list[float] = []
-        deadline = time.perf_counter() + duration_s
+        cpu, start = time.process_time(), time.perf_counter()
+        deadline = start + duration_s
         while time.perf_counter() < deadline or len(samples) < RAW_MIN_SAMPLES:
-            start = time.perf_counter_ns()
-            session.infer(workload.inputs)
-            samples.append((time.perf_counter_ns() - start) / 1000)
-    finally:
-        session.close()
-    figures = Figures("onnxruntime", "session.run", workload.model)
-    figures.p50_us, figures.p99_us = percentile(samples, 50), percentile(samples, 99)
-    return figures
+            began = time.perf_counter_ns()
+            infer(inputs)
+            samples.append((time.perf_counter_ns() - began) / 1000)
+        elapsed = time.perf_counter() - start
+        cores = (time.process_time() - cpu) / elapsed
+        p50, p99 = percentile(samples, 50), percentile(samples, 99)
+        return LoadResult(1, len(samples), elapsed, 0, p50, p99, 0.0, cores)
+
+    def close(self) -> None:
+        self.session.close()
 
 
-@dataclass
-class ServerResult:
-    figures: list[Figures]
-    rss_ready_mb: float
-    rss_after_mb: float
+@dataclass(frozen=True)
+class Measurement:
+    """One entry of a round: run `measure(duration_s)` and add the result to `figures`."""
+
+    figures: Figures
+    clients: int
+    measure: Callable[[float], LoadResult]
+
+    def describe(self, run: LoadResult) -> str:
+        f = self.figures
+        text = f"{f.server} {f.protocol} {f.model}: {self.clients:>2} clients"
+        text += f" {run.throughput:>8,.0f} req/s"
+        if self.clients == 1:
+            text += f", p50 {run.p50_us:,.0f} µs p99 {run.p99_us:,.0f} µs"
+        text += f" (server {run.server_cores:.2f} cores, load generator {run.loadgen_cores:.2f})"
+        return text + (f", {run.errors} ERRORS" if run.errors else "")
 
 
-def bench_server(
-    spec: ServerSpec, workloads: dict[str, Workload], settings: Settings, workdir: Path
-) -> ServerResult:
-    server, ports = launch(spec, workdir)
-    with running(server):
-        targets = [
-            Target(spec.name, protocol, workloads[model], ports, server.pid)
-            for model in spec.models
-            for protocol in spec.protocols
-        ]
-        for target in targets:
-            check(target)
-        rss_ready = tree_rss_bytes(server.pid) / 2**20
-        figures = [measure(target, spec, settings, workdir) for target in targets]
-        rss_after = tree_rss_bytes(server.pid) / 2**20
-        say(f"{spec.label}: RSS {rss_ready:.0f} MB ready, {rss_after:.0f} MB after the load")
-    return ServerResult(figures, rss_ready, rss_after)
+def plan_round(
+    specs: list[ServerSpec],
+    targets: dict[tuple[str, str, str], Target],
+    raw: dict[str, RawSession],
+    workdir: Path,
+) -> list[Measurement]:
+    """The order of one round: per model and client count, session.run first, then each
+    protocol on each server, so that compared setups run back to back. Measurements of one
+    setup share its Figures, one row of the table."""
+    rows: dict[tuple[str, str, str], Figures] = {}
+
+    def row(server: str, protocol: str, model: str) -> Figures:
+        return rows.setdefault((server, protocol, model), Figures(server, protocol, model))
+
+    plan = []
+    for model in MODELS:
+        plan.append(Measurement(row("onnxruntime", "session.run", model), 1, raw[model].time))
+        for clients in (1, *CLIENTS):
+            for protocol in AGENT_PROTOCOLS:
+                for spec in specs:
+                    target = targets.get((spec.name, protocol, model))
+                    if target is not None and clients in spec.levels:
+                        measure = functools.partial(run_load, target, clients, workdir=workdir)
+                        plan.append(Measurement(row(spec.name, protocol, model), clients, measure))
+    return plan
 
 
-def measure(target: Target, spec: ServerSpec, settings: Settings, workdir: Path) -> Figures:
-    figures = Figures(target.server, target.protocol, target.workload.model)
-    if settings.warmup_s:
-        run_load(target, max(spec.clients), settings.warmup_s, workdir)
-    levels = ((1,) if spec.latency else ()) + spec.clients
-    for clients in levels:
-        run = run_load(target, clients, settings.duration_s, workdir)
-        figures.add(run)
-        say(
-            f"{target.name}: {clients:>2} clients {run.throughput:>8,.0f} req/s"
-            + (f", p50 {run.p50_us:,.0f} µs p99 {run.p99_us:,.0f} µs" if clients == 1 else "")
-            + f" (server {run.server_cores:.2f} cores, load generator {run.loadgen_cores:.2f})"
-            + (f", {run.errors} ERRORS" if run.errors else "")
+def run_rounds(plan: list[Measurement], settings: Settings) -> list[Figures]:
+    for number in range(1, settings.rounds + 1):
+        say(f"round {number} of {settings.rounds}: {len(plan)} measurements")
+        for measurement in plan:
+            run = measurement.measure(settings.duration_s)
+            measurement.figures.add(run)
+            say(measurement.describe(run))
+    rows = list({id(m.figures): m.figures for m in plan}.values())
+    for row in rows:
+        row.summarize()
+    return sorted(rows, key=_row_order)
+
+
+def _row_order(f: Figures) -> tuple[int, int, int]:
+    servers = ("onnxruntime", "agent", "agent-nobatch", "mlserver")
+    protocols = ("session.run", *AGENT_PROTOCOLS)
+    return servers.index(f.server), MODELS.index(f.model), protocols.index(f.protocol)
+
+
+def targets_of(
+    spec: ServerSpec, server: ServerProcess, ports: Ports, workloads: dict[str, Workload]
+) -> dict[tuple[str, str, str], Target]:
+    return {
+        (spec.name, protocol, model): Target(
+            spec.name, protocol, workloads[model], ports, server.pid
         )
-    check(target)  # still answering correctly after the load
-    return figures
+        for model in spec.models
+        for protocol in spec.protocols
+    }
+
+
+def warm_up(targets: list[Target], settings: Settings, workdir: Path) -> None:
+    if not settings.warmup_s:
+        return
+    say(f"warming up: {settings.warmup_s} s at {max(CLIENTS)} clients per setup")
+    for target in targets:
+        run_load(target, max(CLIENTS), settings.warmup_s, workdir)
 
 
 # --- targets ---------------------------------------------------------------------------------
@@ -776,21 +836,28 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "onnxruntime": onnxruntime.__version__,
         "agent": agent_version,
-        "load_average": list(os.getloadavg()),
+        "load_average_at_end": list(os.getloadavg()),
     }
 
 
-def report_document(results: Results, settings: Settings, started: float) -> dict:
+def report_document(
+    results: Results, settings: Settings, started: float, load_at_start: list[float]
+) -> dict:
     return {
         "benchmark": "bench/serving.py",
         "settings": {
             "duration_s": settings.duration_s,
+            "rounds": settings.rounds,
             "warmup_s": settings.warmup_s,
             "quick": settings.quick,
             "mlp_overrides": settings.mlp_overrides,
             "mlserver": None if settings.skip_mlserver else MLSERVER_VERSION,
         },
-        "machine": {**machine_info(), "elapsed_s": round(time.monotonic() - started, 1)},
+        "machine": {
+            **machine_info(),
+            "load_average_at_start": load_at_start,
+            "elapsed_s": round(time.monotonic() - started, 1),
+        },
         "setups": [asdict(f) for f in results.figures],
         "rss_mb": results.rss_mb,
         "targets": [goal.as_dict() for goal in results.goals()],
@@ -853,17 +920,18 @@ def _mlserver_version(python: Path) -> str | None:
 
 
 def server_specs(repos: Repositories, settings: Settings, workdir: Path) -> list[ServerSpec]:
+    levels = (1, *CLIENTS)
     specs = [
-        ServerSpec("agent", "agent", AGENT_PROTOCOLS, MODELS, True, CLIENTS,
+        ServerSpec("agent", "agent", AGENT_PROTOCOLS, MODELS, levels,
                    agent_launcher(repos.agent), AGENT_READY_TIMEOUT_S),
-        ServerSpec("agent-nobatch", "agent, batching off", AGENT_PROTOCOLS, ("mlp",), False,
-                   (32,), agent_launcher(repos.agent_nobatch), AGENT_READY_TIMEOUT_S),
+        ServerSpec("agent-nobatch", "agent, batching off", AGENT_PROTOCOLS, ("mlp",),
+                   (max(CLIENTS),), agent_launcher(repos.agent_nobatch), AGENT_READY_TIMEOUT_S),
     ]  # fmt: skip
     if not settings.skip_mlserver:
         mlserver = ensure_mlserver()
         specs.append(
             ServerSpec("mlserver", f"MLServer {MLSERVER_VERSION}", MLSERVER_PROTOCOLS, MODELS,
-                       True, CLIENTS, mlserver_launcher(mlserver, repos.model_files, workdir),
+                       levels, mlserver_launcher(mlserver, repos.model_files, workdir),
                        MLSERVER_READY_TIMEOUT_S)
         )  # fmt: skip
     return specs
@@ -878,17 +946,29 @@ def run_benchmark(settings: Settings, workdir: Path) -> Results:
     bodies.mkdir()
     workloads = {m: make_workload(m, repos.model_files[m], bodies) for m in MODELS}
     results = Results()
-    for model in MODELS:
-        say(f"timing onnxruntime session.run of {model} for {settings.raw_duration_s:g} s")
-        results.figures.append(time_session_run(workloads[model], settings.raw_duration_s))
-    for spec in specs:
-        outcome = bench_server(spec, workloads, settings, workdir)
-        results.figures.extend(outcome.figures)
-        if spec.models == MODELS:
-            results.rss_mb[spec.name] = {
-                "ready": outcome.rss_ready_mb,
-                "after_load": outcome.rss_after_mb,
-            }
+    with contextlib.ExitStack() as stack:
+        raw = {m: RawSession(workloads[m]) for m in MODELS}
+        for session in raw.values():
+            stack.callback(session.close)
+        servers: dict[str, ServerProcess] = {}
+        targets: dict[tuple[str, str, str], Target] = {}
+        for spec in specs:
+            server, ports = launch(spec, workdir)
+            stack.enter_context(running(server))
+            servers[spec.name] = server
+            targets.update(targets_of(spec, server, ports, workloads))
+        say("checking every server's answers against onnxruntime's")
+        for target in targets.values():
+            check(target)
+        rss_ready = {name: tree_rss_bytes(s.pid) / 2**20 for name, s in servers.items()}
+        warm_up(list(targets.values()), settings, workdir)
+        results.figures = run_rounds(plan_round(specs, targets, raw, workdir), settings)
+        for target in targets.values():
+            check(target)  # still answering correctly after the load
+        for spec in specs:
+            if spec.models == MODELS:  # the RSS target is about a server with both models
+                after = tree_rss_bytes(servers[spec.name].pid) / 2**20
+                results.rss_mb[spec.name] = {"ready": rss_ready[spec.name], "after_load": after}
     return results
 
 
@@ -898,9 +978,12 @@ def parse_args(argv: list[str] | None) -> Settings:
         "MLServer: latency at 1 client, throughput at 8 and 32, batching, memory."
     )
     parser.add_argument("--quick", action="store_true",
-                        help="1 s per measurement and no warm-up: a smoke run")  # fmt: skip
-    parser.add_argument("--duration", type=int, default=5, metavar="S",
-                        help="seconds per measurement (default 5)")  # fmt: skip
+                        help="one round of 1 s measurements, no warm-up: a smoke run")  # fmt: skip
+    parser.add_argument("--duration", type=int, default=2, metavar="S",
+                        help="seconds per measurement and round (default 2)")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=3, metavar="N",
+                        help="rounds over all measurements, figures are medians "
+                        "(default 3)")  # fmt: skip
     parser.add_argument("--skip-mlserver", action="store_true",
                         help="leave MLServer out (e.g. when its venv cannot be built)")  # fmt: skip
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the JSON here")
@@ -909,13 +992,12 @@ def parse_args(argv: list[str] | None) -> Settings:
                         help="override a key of the MLP's model.toml for the agent, e.g. "
                         "max_queue_delay_us=0 (repeatable)")  # fmt: skip
     args = parser.parse_args(argv)
-    if args.duration < 1:
-        parser.error("--duration must be at least 1 second")
-    duration = 1 if args.quick else args.duration
+    if args.duration < 1 or args.rounds < 1:
+        parser.error("--duration and --rounds must be at least 1")
     return Settings(
-        duration_s=duration,
-        warmup_s=0 if args.quick else 2,
-        raw_duration_s=0.5 if args.quick else float(duration),
+        duration_s=1 if args.quick else args.duration,
+        rounds=1 if args.quick else args.rounds,
+        warmup_s=0 if args.quick else 1,
         skip_mlserver=args.skip_mlserver,
         quick=args.quick,
         json_path=args.json,
@@ -935,7 +1017,7 @@ def sigterm_as_exit() -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv)
-    started = time.monotonic()
+    started, load_at_start = time.monotonic(), list(os.getloadavg())
     try:
         with sigterm_as_exit(), tempfile.TemporaryDirectory(prefix="edgefleet-bench-") as tmp:
             results = run_benchmark(settings, Path(tmp))
@@ -945,7 +1027,7 @@ def main(argv: list[str] | None = None) -> int:
     except (BenchmarkError, ServerFailed) as exc:
         say(f"error: {exc}")
         return 1
-    document = report_document(results, settings, started)
+    document = report_document(results, settings, started, load_at_start)
     print(format_table(results))
     print()
     print(format_memory(results))

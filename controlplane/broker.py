@@ -25,10 +25,11 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from controlplane.errors import ConfigError
-from provisioning.ca import CertificateAuthority, utc_now
+from provisioning.ca import CertificateAuthority, renewal_time, utc_now
 from provisioning.identity import DeviceIdentity
 from provisioning.keys import (
     PRIVATE_MODE,
@@ -90,8 +91,13 @@ class BrokerFiles:
         return self.directory / "controlplane.key"
 
     @property
+    def run_dir(self) -> Path:
+        """Owned by the user Mosquitto runs as: it writes its pid file after dropping root."""
+        return self.directory / "run"
+
+    @property
     def pid(self) -> Path:
-        return self.directory / "mosquitto.pid"
+        return self.run_dir / "mosquitto.pid"
 
 
 def render_conf(
@@ -172,21 +178,23 @@ def write_broker_config(
     write_file_atomic(files.crl, crl_pem)
     write_file_atomic(files.acl, render_acl(revoked_device_ids).encode())
     write_file_atomic(files.conf, render_conf(files, port=port, bind=bind, run_as=run_as).encode())
-    _give_key_to(files.key, run_as)
+    files.run_dir.mkdir(exist_ok=True)
+    _give_to(run_as, files.key, files.run_dir)
     return files
 
 
-def _give_key_to(path: Path, user: str) -> None:
-    """Mosquitto drops root privileges before reading its key: let its user read the key."""
+def _give_to(user: str, *paths: Path) -> None:
+    """Mosquitto drops root privileges before it reads its key and writes its pid file: hand
+    those to the user it runs as (a no-op unless we are root)."""
     if os.geteuid() != 0 or user == "root":
         return
     try:
         entry = pwd.getpwnam(user)
     except KeyError:
-        log.warning("user %s does not exist; %s stays readable by root only", user, path)
+        log.warning("user %s does not exist: Mosquitto cannot run as it", user)
         return
-    os.chown(path, entry.pw_uid, entry.pw_gid)
-    path.chmod(PRIVATE_MODE)
+    for path in paths:
+        os.chown(path, entry.pw_uid, entry.pw_gid)
 
 
 class Broker:
@@ -213,6 +221,33 @@ class Broker:
         write_file_atomic(self.files.acl, render_acl(revoked_device_ids).encode())
         return self.reload()
 
+    def renew_certificates(self, region: str, now: datetime | None = None) -> bool:
+        """Reissue the broker's certificate and the control plane's MQTT certificate at 2/3 of
+        their lifetime (same names), then reload: Mosquitto 2.0 rereads them on SIGHUP.
+        Returns whether anything was renewed."""
+        now = now or utc_now()
+        renewed = False
+        broker_cert = _load_certificate(self.files.cert)
+        if broker_cert is not None and now >= renewal_time(broker_cert):
+            key = new_private_key()
+            cert = self._ca.issue_server(
+                key.public_key(), region, _host_names(broker_cert), name="edgefleet-broker", now=now
+            )
+            _replace_key_and_certificate(self.files.key, self.files.cert, key, cert)
+            renewed = True
+        client_cert = _load_certificate(self.files.client_cert)
+        if client_cert is not None and now >= renewal_time(client_cert):
+            key = new_private_key()
+            cert = self._ca.issue_service_client(
+                key.public_key(), CONTROL_PLANE_USER, region, now=now
+            )
+            _replace_key_and_certificate(self.files.client_key, self.files.client_cert, key, cert)
+            renewed = True
+        if renewed:
+            log.info("broker certificates renewed", extra={"directory": str(self.files.directory)})
+            self.reload()
+        return renewed
+
     def reload(self) -> bool:
         try:
             pid = int(self._pid_file.read_text().strip())
@@ -229,7 +264,7 @@ class Broker:
         return True
 
     def disconnect(self, device: DeviceIdentity, timeout: float = 10.0) -> bool:
-        """Close `device_id`'s live MQTT connection, if any, by taking over its session.
+        """Close the device's live MQTT connection, if any, by taking over its session.
 
         Mosquitto 2.0 has no admin command to drop a client, but it closes an existing
         connection when another connects with the same client id. The broker sets the client id
@@ -256,7 +291,7 @@ class Broker:
                 mqtt.CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv5
             )
             client.tls_set_context(ctx)
-            client.on_connect = lambda c, u, f, rc, p: connected.set()
+            client.on_connect = lambda c, u, f, rc, p: None if rc.is_failure else connected.set()
             try:
                 client.connect(host, port, keepalive=10, clean_start=True)
             except (OSError, ssl.SSLError) as exc:
@@ -271,6 +306,29 @@ class Broker:
                 client.disconnect()
                 client.loop_stop()
         return ok
+
+
+def _load_certificate(path: Path) -> x509.Certificate | None:
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+def _host_names(cert: x509.Certificate) -> list[str]:
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return san.get_values_for_type(x509.DNSName) + [
+        str(ip) for ip in san.get_values_for_type(x509.IPAddress)
+    ]
+
+
+def _replace_key_and_certificate(key_file: Path, cert_file: Path, key, cert) -> None:
+    """Write a new key (keeping the old file's owner, e.g. mosquitto) and its certificate."""
+    owner = key_file.stat() if key_file.exists() else None
+    write_private_key(key_file, key)
+    if owner is not None and os.geteuid() == 0:
+        os.chown(key_file, owner.st_uid, owner.st_gid)
+    write_file_atomic(cert_file, cert.public_bytes(serialization.Encoding.PEM))
 
 
 def _host_port(url: str) -> tuple[str, int]:

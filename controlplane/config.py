@@ -69,7 +69,9 @@ class ControlPlaneConfig:
     clock_skew_seconds: int = field(
         default=3600, metadata={"toml": "certificates.clock_skew_seconds"}
     )
-    crl_days: int = field(default=7, metadata={"toml": "certificates.crl_days"})
+    # Mosquitto refuses every client once the CRL's nextUpdate passes; the server republishes at
+    # half of this, so the broker keeps working at least crl_days/2 with the control plane down.
+    crl_days: int = field(default=30, metadata={"toml": "certificates.crl_days"})
     broker_dir: Path | None = field(default=None, metadata={"toml": "broker.dir"})
     broker_pid_file: Path | None = field(default=None, metadata={"toml": "broker.pid_file"})
     broker_url: str = field(default="", metadata={"toml": "broker.url"})
@@ -188,5 +190,7 @@ def _check(config: ControlPlaneConfig) -> None:
             raise ConfigError(f"config: {name} {port} is not a TCP port")
     if config.device_cert_days < 1 or config.server_cert_days < 1 or config.crl_days < 1:
         raise ConfigError("config: certificate and CRL lifetimes must be at least one day")
+    if config.broker_url and not config.broker_url.startswith("mqtts://"):
+        raise ConfigError(f"config: broker url {config.broker_url!r} must be mqtts://HOST:PORT")
     if config.revocation_poll_seconds <= 0:
         raise ConfigError("config: revocation_poll_seconds must be positive")

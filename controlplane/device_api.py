@@ -4,9 +4,9 @@
                                    certificate, and the server's clock (for skew estimates)
     POST /v1/devices/self/renew    {"csr": "..."} -> a new certificate, same identity
 
-TLS has already refused expired and foreign certificates; every handler refuses revoked and
-unknown ones on every request (keep-alive connections included), because Python's TLS stack
-cannot reload a CRL into a running server.
+TLS has already refused expired and foreign certificates; a middleware refuses revoked and
+unknown ones on every request to this port (keep-alive connections included, and routes other
+modules mount here), because a running Python TLS server cannot swap its CRL.
 """
 
 from __future__ import annotations
@@ -28,14 +28,20 @@ if TYPE_CHECKING:
     from controlplane.service import ControlPlane
 
 
-
 def device_app(plane: ControlPlane, endpoints: Endpoints) -> web.Application:
     app = json_app(plane.config.max_request_bytes)
 
+    @web.middleware
+    async def devices_only(request: web.Request, handler) -> web.StreamResponse:
+        # Every route on this port, including ones mounted later (artifacts), admits only
+        # active devices of the registry; TLS has only checked the CA and the dates.
+        authenticate_request(plane, request)
+        return await handler(request)
+
+    app.middlewares.append(devices_only)
+
     def caller(request: web.Request) -> tuple[Device, x509.Certificate]:
-        transport = request.transport
-        cert = peer_certificate(transport.get_extra_info("ssl_object") if transport else None)
-        return plane.registry.authenticate(cert), cert
+        return authenticate_request(plane, request)
 
     async def whoami(request: web.Request) -> web.Response:
         device, cert = caller(request)
@@ -50,6 +56,18 @@ def device_app(plane: ControlPlane, endpoints: Endpoints) -> web.Application:
     app.router.add_get("/v1/devices/self", whoami)
     app.router.add_post("/v1/devices/self/renew", renew)
     return app
+
+
+def authenticate_request(
+    plane: ControlPlane, request: web.Request
+) -> tuple[Device, x509.Certificate]:
+    """The active device behind this request's client certificate, or DeviceRefused (403).
+
+    Runs before any handler reads a body. Handlers that need the caller call it again (one
+    indexed lookup) rather than passing it through the request."""
+    transport = request.transport
+    cert = peer_certificate(transport.get_extra_info("ssl_object") if transport else None)
+    return plane.registry.authenticate(cert), cert
 
 
 def _describe(device: Device, cert: x509.Certificate) -> dict:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import inspect
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
@@ -78,13 +77,13 @@ class DeviceGate(grpc.aio.ServerInterceptor):
             return None
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary),
+                self._unary(handler.unary_unary, watch=False),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                self._unary(handler.stream_unary),
+                self._unary(handler.stream_unary, watch=True),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -109,36 +108,44 @@ class DeviceGate(grpc.aio.ServerInterceptor):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         return device, cert
 
-    def _unary(self, behaviour: Callable):
+    def _unary(self, behaviour: Callable, *, watch: bool):
         async def call(request, context):
             caller = await self._admit(context)
             _caller.set(caller)
-            return await behaviour(request, context)
+            if not watch:
+                return await behaviour(request, context)
+            serial = serial_hex(caller[1])
+            revoked = self._streams.open(serial)
+            try:
+                return await _until_done(behaviour(request, context), revoked)
+            except _Revoked:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, _revoked_text(caller))
+            finally:
+                self._streams.close(serial, revoked)
 
         return call
 
     def _streaming(self, behaviour: Callable):
+        # Streaming handlers are async generators (not `context.write` style).
         async def call(request, context) -> AsyncIterator:
             caller = await self._admit(context)
             _caller.set(caller)
             serial = serial_hex(caller[1])
             revoked = self._streams.open(serial)
             try:
-                result = behaviour(request, context)
-                if inspect.isasyncgen(result):
-                    async for reply in _until(result, revoked):
-                        yield reply
-                else:
-                    await _until_done(result, revoked)
+                async for reply in _until(behaviour(request, context), revoked):
+                    yield reply
             except _Revoked:
-                await context.abort(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    f"certificate {serial} of device {caller[0].device_id} was revoked",
-                )
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, _revoked_text(caller))
             finally:
                 self._streams.close(serial, revoked)
 
         return call
+
+
+def _revoked_text(caller: tuple[Device, x509.Certificate]) -> str:
+    device, cert = caller
+    return f"certificate {serial_hex(cert)} of device {device.device_id} was revoked"
 
 
 class _Revoked(Exception):
@@ -165,7 +172,8 @@ async def _until(replies: AsyncIterator, revoked: asyncio.Event) -> AsyncIterato
         await replies.aclose()
 
 
-async def _until_done(coro, revoked: asyncio.Event) -> None:
+async def _until_done(coro, revoked: asyncio.Event):
+    """Await `coro` unless `revoked` is set first (then cancel it and raise _Revoked)."""
     task = asyncio.ensure_future(coro)
     waiter = asyncio.ensure_future(revoked.wait())
     try:
@@ -174,7 +182,7 @@ async def _until_done(coro, revoked: asyncio.Event) -> None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             raise _Revoked
-        task.result()
+        return task.result()
     finally:
         waiter.cancel()
 

@@ -11,7 +11,7 @@ import logging
 
 from aiohttp import web
 
-from controlplane.errors import BadRequest, ControlPlaneError
+from controlplane.errors import BadRequest, ControlPlaneError, DeviceRefused
 from provisioning.errors import ProvisioningError
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,10 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     except ControlPlaneError as exc:
         if exc.http_status >= 500:
             log.exception("request failed", extra={"path": request.path})
-        return error_response(exc.http_status, exc.code, str(exc))
+        response = error_response(exc.http_status, exc.code, str(exc))
+        if isinstance(exc, DeviceRefused):
+            response.force_close()  # a revoked device keeps no keep-alive connection
+        return response
     except ProvisioningError as exc:
         return error_response(400, "bad_request", str(exc))
     except web.HTTPRequestEntityTooLarge:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -47,7 +47,7 @@ class Revocation:
         registry: DeviceRegistry,
         *,
         crl_path: Path,
-        crl_lifetime,
+        crl_lifetime: timedelta,
         broker: Broker | None = None,
         clock: Callable[[], datetime] = utc_now,
     ) -> None:

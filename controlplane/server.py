@@ -6,7 +6,8 @@
 
 Beside the listeners, one maintenance task keeps the server safe to leave running: it ends the
 live streams of devices revoked by another process (`edgefleet device revoke`), republishes the
-CRL before it goes stale, and renews the server certificate before it expires.
+CRL before it goes stale, and renews the server's and the broker's certificates before they
+expire.
 
     server = ControlPlaneServer(ControlPlane.open(load_config()))
     endpoints = await server.start()
@@ -21,6 +22,7 @@ import logging
 import socket
 import ssl
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import grpc
@@ -51,8 +53,16 @@ class Endpoints:
 
 
 class ControlPlaneServer:
-    def __init__(self, plane: ControlPlane) -> None:
+    def __init__(
+        self,
+        plane: ControlPlane,
+        *,
+        device_routes: Sequence[Callable[[web.Application], None]] = (),
+    ) -> None:
+        """`device_routes` mount more routes on the device port (e.g. artifacts), behind the
+        same client-certificate and revocation checks."""
         self.plane = plane
+        self._device_routes = tuple(device_routes)
         self.streams = LiveStreams()
         self.endpoints: Endpoints | None = None
         self._credentials = ServerCredentials.in_dir(plane.config.server_dir)
@@ -89,7 +99,10 @@ class ControlPlaneServer:
             mqtt_url=config.broker_url,
         )
         await self._serve(enrollment_app(plane, self.endpoints), enroll_sock, enroll_ctx)
-        await self._serve(device_app(plane, self.endpoints), device_sock, device_ctx)
+        devices = device_app(plane, self.endpoints)
+        for mount in self._device_routes:
+            mount(devices)
+        await self._serve(devices, device_sock, device_ctx)
         self._maintenance = asyncio.create_task(self._maintain(), name="controlplane-maintenance")
         log.info("control plane serving", extra=self.endpoints.to_json())
         return self.endpoints
@@ -164,6 +177,10 @@ class ControlPlaneServer:
                 if self.plane.revocation.crl_due():
                     self.plane.revocation.publish()
                 self._renew_server_certificate()
+                if self.plane.broker is not None:
+                    self.plane.broker.renew_certificates(
+                        self.plane.config.region, self.plane.clock()
+                    )
             except Exception:
                 log.exception("control-plane maintenance step failed; retrying")
 

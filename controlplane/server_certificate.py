@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from provisioning.ca import CertificateAuthority
+from provisioning.ca import CertificateAuthority, renewal_time
 from provisioning.identity import region_of
 from provisioning.keys import new_private_key, write_file_atomic, write_private_key
 
@@ -73,5 +73,4 @@ def _needs_renewal(
     named |= set(san.get_values_for_type(x509.DNSName))
     if named != set(hostnames):
         return True
-    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-    return now >= start + (end - start) * 2 / 3
+    return now >= renewal_time(cert)

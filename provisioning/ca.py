@@ -50,6 +50,16 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+RENEW_AT = 2 / 3
+
+
+def renewal_time(cert: x509.Certificate, fraction: float = RENEW_AT) -> datetime:
+    """When a certificate should be replaced: after `fraction` of its lifetime (2/3 leaves a
+    third, ten days of a 30-day certificate, to ride out an outage)."""
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    return start + (end - start) * fraction
+
+
 class CertificateAuthority:
     """Signs certificates with the CA key kept in `directory` (`ca.key` 0600, `ca.pem`)."""
 

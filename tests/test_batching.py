@@ -19,8 +19,16 @@ from runtimes import load
 
 def _body(x: np.ndarray) -> bytes:
     return json.dumps(
-        {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
-                     "data": x.ravel().tolist()}]}  # fmt: skip
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": list(x.shape),
+                    "datatype": "FP32",
+                    "data": x.ravel().tolist(),
+                }
+            ]
+        }
     ).encode()
 
 
@@ -47,8 +55,9 @@ def test_concurrent_requests_form_batches_with_unbatched_results(private_agent, 
     session = load(private_repo / "mlp" / "1" / "model.onnx")
     for x, data in zip(xs, got, strict=True):
         want = session.infer({"input": x})["output"]
-        np.testing.assert_allclose(np.array(data, np.float32).reshape(want.shape), want,
-                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+        np.testing.assert_allclose(
+            np.array(data, np.float32).reshape(want.shape), want, rtol=1e-5, atol=1e-6
+        )
     registry = private_agent.dataplane.metrics.registry
     labels = {"model": "mlp", "version": "1"}
     rows = registry.get_sample_value("edgefleet_inference_count_total", labels)
@@ -73,8 +82,7 @@ class _Gate:
 
 def _scheduler(gate: _Gate, **config) -> Scheduler:
     metrics = Metrics().for_model("gate", "1")
-    return Scheduler("gate", gate.infer, ModelConfig(**config), metrics,
-                     asyncio.get_running_loop())  # fmt: skip
+    return Scheduler("gate", gate.infer, ModelConfig(**config), metrics, asyncio.get_running_loop())
 
 
 async def test_full_queue_refuses_with_queue_full():
@@ -140,9 +148,12 @@ def test_request_past_its_deadline_times_out(private_agent):
     real_infer = model.scheduler._infer
     model.scheduler._infer = gate.infer
     url = f"http://{private_agent.http_url}/v2/models/mlp/infer"
-    body = json.dumps({"parameters": {"timeout": 50_000},
-                       "inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
-                                   "data": [0.0] * 64}]}).encode()  # fmt: skip
+    body = json.dumps(
+        {
+            "parameters": {"timeout": 50_000},
+            "inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}],
+        }
+    ).encode()
 
     async def call():
         async with aiohttp.ClientSession() as s, s.post(url, data=body) as r:
@@ -191,9 +202,13 @@ async def test_runtime_error_is_reported_not_crashing():
     def broken(inputs):
         raise RuntimeError("kernel exploded")
 
-    scheduler = Scheduler("broken", broken, ModelConfig(), Metrics().for_model("broken", "1"),
-                          asyncio.get_running_loop())  # fmt: skip
+    scheduler = Scheduler(
+        "broken",
+        broken,
+        ModelConfig(),
+        Metrics().for_model("broken", "1"),
+        asyncio.get_running_loop(),
+    )
     with pytest.raises(InferenceFailed, match="kernel exploded"):
         await scheduler.submit({"input": np.ones((1, 2))}, 1)
     await scheduler.close()
-

@@ -563,6 +563,11 @@ def test_oversized_message_is_resource_exhausted(grpc_repo):
         assert stub.ModelInfer(raw_request()).outputs[0].name == "output"
 
 
+def test_port_in_use_is_a_clear_error(server):
+    with pytest.raises(OSError, match=f"cannot serve gRPC on {server.url}: the address is in use"):
+        server.call(start_grpc_server(server.dataplane, server.url))
+
+
 class BrokenDataPlane:
     """Raises what no front end expects, to show the server survives its own bugs."""
 

@@ -17,7 +17,8 @@ from provisioning.csr import build_csr
 from provisioning.errors import TokenFormatError
 from provisioning.identity import DEVICE_URN, REGION_URN, device_identity_of
 from provisioning.keys import new_private_key
-from tests.trust_fixtures import control_plane, post_enroll  # noqa: F401
+
+pytest_plugins = ["tests.trust_fixtures"]
 
 
 def csr_for(key, name: str = "edgefleet-device", uris: tuple[str, ...] = ()) -> str:
@@ -72,7 +73,7 @@ async def test_forged_csr_gets_the_identity_the_control_plane_chooses(control_pl
         name=victim.identity.device_id,
         uris=(DEVICE_URN + victim.identity.device_id, REGION_URN + "eu"),
     )
-    status, reply = await post_enroll(env, {"token": env.token(), "csr": forged})
+    status, reply = await env.post_enroll({"token": env.token(), "csr": forged})
     assert status == 201, reply
     cert = x509.load_pem_x509_certificate(reply["certificate"].encode())
     identity = device_identity_of(cert)
@@ -132,8 +133,8 @@ async def test_malformed_token_is_refused_with_a_clear_error(control_plane, toke
     env = control_plane
     with pytest.raises(TokenFormatError, match="malformed enrollment token"):
         await env.enroll(token)
-    status, reply = await post_enroll(
-        env, {"token": token or " ", "csr": build_csr(new_private_key()).decode()}
+    status, reply = await env.post_enroll(
+        {"token": token or " ", "csr": build_csr(new_private_key()).decode()}
     )
     assert status == 400 and "malformed enrollment token" in reply["message"]
 
@@ -148,10 +149,12 @@ async def test_garbage_csr_is_refused_without_spending_the_token(control_plane):
             "cannot be parsed",
         ),
     ]:
-        status, reply = await post_enroll(env, {"token": token, "csr": csr})
+        status, reply = await env.post_enroll({"token": token, "csr": csr})
         assert status == 400 and message in reply["message"], reply
     # The token still has its one use.
-    status, _ = await post_enroll(env, {"token": token, "csr": build_csr(new_private_key()).decode()})
+    status, _ = await env.post_enroll(
+        {"token": token, "csr": build_csr(new_private_key()).decode()}
+    )
     assert status == 201
 
 
@@ -161,7 +164,7 @@ async def test_csr_with_a_broken_signature_is_refused(control_plane):
     der = bytearray(x509.load_pem_x509_csr(pem).public_bytes(serialization.Encoding.DER))
     der[-3] ^= 0x01  # inside the ECDSA signature
     tampered = x509.load_der_x509_csr(bytes(der)).public_bytes(serialization.Encoding.PEM)
-    status, reply = await post_enroll(env, {"token": env.token(), "csr": tampered.decode()})
+    status, reply = await env.post_enroll({"token": env.token(), "csr": tampered.decode()})
     assert status == 400 and "signature does not verify" in reply["message"]
 
 
@@ -176,7 +179,7 @@ async def test_csr_with_a_broken_signature_is_refused(control_plane):
 async def test_weak_key_types_are_refused(control_plane, make_key, message):
     env = control_plane
     token = env.token()
-    status, reply = await post_enroll(env, {"token": token, "csr": csr_for(make_key())})
+    status, reply = await env.post_enroll({"token": token, "csr": csr_for(make_key())})
     assert status == 400 and message in reply["message"], reply
     assert "EC secp256r1 or secp384r1" in reply["message"]
     assert env.plane.tokens.get(token.split(".")[1]).uses_left == 1
@@ -185,12 +188,12 @@ async def test_weak_key_types_are_refused(control_plane, make_key, message):
 async def test_oversized_and_non_json_bodies_are_refused(control_plane):
     env = control_plane
     huge = json.dumps({"token": env.token(), "csr": "A" * 200_000}).encode()
-    status, reply = await post_enroll(env, huge)
+    status, reply = await env.post_enroll(huge)
     assert status == 413 and "65536 bytes" in reply["message"]
 
-    status, reply = await post_enroll(env, b"{not json")
+    status, reply = await env.post_enroll(b"{not json")
     assert status == 400 and "not valid JSON" in reply["message"]
-    status, reply = await post_enroll(env, b"token=x", content_type="text/plain")
+    status, reply = await env.post_enroll(b"token=x", content_type="text/plain")
     assert status == 400 and "Content-Type: application/json" in reply["message"]
-    status, reply = await post_enroll(env, {"token": env.token()})
+    status, reply = await env.post_enroll({"token": env.token()})
     assert status == 400 and "'csr' is missing" in reply["message"]

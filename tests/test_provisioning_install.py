@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import io
 import shutil
 import subprocess
 import tomllib
 
 import pytest
 
-from agent import cli as agent_cli
 from agent.identity import IdentityStore
-from tests.trust_fixtures import control_plane, whoami  # noqa: F401
+from provisioning.tokens import new_token
+
+pytest_plugins = ["tests.trust_fixtures"]
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze") or "/usr/bin/systemd-analyze"
 UNIT = "etc/systemd/system/edgefleet-agent.service"
 CONFIG = "etc/edgefleet/agent.toml"
-
-
-def agent(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = agent_cli.main(list(argv))
-    return rc, out.getvalue(), err.getvalue()
 
 
 async def test_install_enrolls_writes_a_verified_hardened_unit_and_is_idempotent(
@@ -35,7 +26,7 @@ async def test_install_enrolls_writes_a_verified_hardened_unit_and_is_idempotent
     token = env.token(uses=1)
     argv = ("install", "--server", env.endpoints.enroll_url, "--token", token, "--root", str(root))
 
-    rc, out, err = await asyncio.to_thread(agent, *argv)
+    rc, out, err = await env.agent(*argv)
     assert rc == 0, err
     assert out.startswith("enrolled as device dev-")
     assert "next steps:" in out and "systemctl daemon-reload" in out
@@ -61,11 +52,11 @@ async def test_install_enrolls_writes_a_verified_hardened_unit_and_is_idempotent
     store = IdentityStore(root / "var/lib/edgefleet/identity")
     first = store.current()
     assert first.key_file.stat().st_mode & 0o777 == 0o600
-    assert (await whoami(env, first))[0] == 200
+    assert (await env.whoami(first))[0] == 200
 
     # Again, with the same (now spent) token: nothing is enrolled twice, nothing changes.
     before = {p: p.read_bytes() for p in (root / UNIT, root / CONFIG)}
-    rc, out, err = await asyncio.to_thread(agent, *argv)
+    rc, out, err = await env.agent(*argv)
     assert rc == 0, err
     assert out.startswith(f"already enrolled as device {first.identity.device_id}")
     assert "wrote" not in out
@@ -73,11 +64,11 @@ async def test_install_enrolls_writes_a_verified_hardened_unit_and_is_idempotent
     assert store.current().serial == first.serial
     assert len(env.plane.registry.list()) == 1
 
-    rc, out, err = await asyncio.to_thread(agent, "uninstall", "--root", str(root))
+    rc, out, err = await env.agent("uninstall", "--root", str(root))
     assert rc == 0, err
     assert not (root / UNIT).exists() and not (root / CONFIG).exists()
     assert not (root / "var/lib/edgefleet").exists()
-    rc, out, _ = await asyncio.to_thread(agent, "uninstall", "--root", str(root))
+    rc, out, _ = await env.agent("uninstall", "--root", str(root))
     assert rc == 0 and "nothing to remove" in out
 
 
@@ -96,15 +87,22 @@ async def test_install_with_a_bad_token_fails_clearly_and_writes_no_unit(
         token = env.token(uses=1)
         await env.enroll(token)
     root = tmp_path / "root"
-    rc, out, err = await asyncio.to_thread(
-        agent, "install", "--server", env.endpoints.enroll_url, "--token", token, "--root", str(root)
+    rc, _, err = await env.agent(
+        "install",
+        "--server",
+        env.endpoints.enroll_url,
+        "--token",
+        token,
+        "--root",
+        str(root),
     )
     assert rc == 1 and message in err and "Traceback" not in err
     assert not (root / UNIT).exists()
 
 
-def test_install_needs_an_https_server(tmp_path):
-    rc, _, err = agent(
-        "install", "--server", "http://cp:8443", "--token", "x", "--root", str(tmp_path)
+async def test_install_needs_an_https_server(control_plane, tmp_path):
+    token = str(new_token("A" * 43))
+    rc, _, err = await control_plane.agent(
+        "install", "--server", "http://cp:8443", "--token", token, "--root", str(tmp_path)
     )
-    assert rc == 1 and "error" in err
+    assert rc == 1 and "must be an https:// URL" in err

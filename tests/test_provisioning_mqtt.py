@@ -8,7 +8,8 @@ from datetime import timedelta
 from controlplane.broker import device_topic_root
 from provisioning.ca import CertificateAuthority, utc_now
 from provisioning.identity import DeviceIdentity
-from tests.trust_fixtures import MqttClient, control_plane_mqtt, mqtt_fleet  # noqa: F401
+
+pytest_plugins = ["tests.trust_fixtures"]
 
 
 def test_broker_config_is_mutual_tls_with_crl_and_per_device_acl(mqtt_fleet):
@@ -32,9 +33,9 @@ async def test_device_cannot_read_or_write_another_devices_topics(mqtt_fleet):
     env, broker = mqtt_fleet
     a, b = await env.enroll(), await env.enroll()
     a_id, b_id = a.identity.device_id, b.identity.device_id
-    observer = control_plane_mqtt(env, broker.port)
-    dev_a = MqttClient.for_credentials(broker.port, a)
-    dev_b = MqttClient.for_credentials(broker.port, b)
+    observer = broker.control_plane_client()
+    dev_a = broker.client(a)
+    dev_b = broker.client(b)
 
     def scenario():
         for client in (observer, dev_a, dev_b):
@@ -75,8 +76,8 @@ async def test_revoked_device_is_cut_off_and_refused(mqtt_fleet):
     device = await env.enroll()
     device_id = device.identity.device_id
     topic = f"{device_topic_root(device_id)}/desired"
-    observer = control_plane_mqtt(env, broker.port)
-    live = MqttClient.for_credentials(broker.port, device)
+    observer = broker.control_plane_client()
+    live = broker.client(device)
 
     def connect_and_check():
         assert observer.connect() and live.connect()
@@ -95,7 +96,7 @@ async def test_revoked_device_is_cut_off_and_refused(mqtt_fleet):
         assert live.ended.wait(15)
         live.close()
         # ...and the broker refuses the certificate from now on.
-        again = MqttClient.for_credentials(broker.port, device)
+        again = broker.client(device)
         assert not again.connect()
         again.close()
         observer.close()
@@ -115,7 +116,7 @@ async def test_expired_and_foreign_certificates_are_refused(mqtt_fleet, tmp_path
 
     def scenario():
         for credentials, accepted in ((expired, False), (foreign, False), (good, True)):
-            client = MqttClient.for_credentials(broker.port, credentials)
+            client = broker.client(credentials)
             assert client.connect() is accepted
             client.close()
 

@@ -14,13 +14,14 @@ from cryptography import x509
 from protocol import fleet_pb2, fleet_pb2_grpc
 from provisioning.ca import CertificateAuthority, utc_now
 from provisioning.identity import DeviceIdentity
-from tests.trust_fixtures import WAIT, control_plane, hello, whoami  # noqa: F401
+
+pytest_plugins = ["tests.trust_fixtures"]
 
 
 async def test_enrolled_device_is_known_by_its_certificate_over_https_and_grpc(control_plane):
     env = control_plane
     device = await env.enroll()
-    status, me = await whoami(env, device)
+    status, me = await env.whoami(device)
     assert status == 200
     assert (me["device_id"], me["region"], me["status"]) == (
         device.identity.device_id,
@@ -28,7 +29,7 @@ async def test_enrolled_device_is_known_by_its_certificate_over_https_and_grpc(c
         "active",
     )
     assert me["certificate"]["serial"] == device.serial
-    reply = await hello(env, device)
+    reply = await env.hello(device)
     assert (reply.device_id, reply.region, reply.server_region) == (
         device.identity.device_id,
         "ae",
@@ -54,15 +55,17 @@ async def test_client_without_certificate_is_refused(control_plane):
     creds = grpc.ssl_channel_credentials((env.config.ca_dir / "ca.pem").read_bytes())
     async with grpc.aio.secure_channel(env.endpoints.grpc_target, creds) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as failure:
-            await fleet_pb2_grpc.FleetStub(channel).Hello(fleet_pb2.HelloRequest(), timeout=WAIT)
+            await fleet_pb2_grpc.FleetStub(channel).Hello(
+                fleet_pb2.HelloRequest(), timeout=env.timeout
+            )
     assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 async def _refused_by_tls(env, credentials) -> None:
     with pytest.raises(aiohttp.ClientError):
-        await whoami(env, credentials)
+        await env.whoami(credentials)
     with pytest.raises(grpc.aio.AioRpcError) as failure:
-        await hello(env, credentials)
+        await env.hello(credentials)
     assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
@@ -85,7 +88,7 @@ async def test_certificate_of_another_ca_is_refused(control_plane, tmp_path):
 async def test_certificate_unknown_to_the_registry_is_refused(control_plane):
     env = control_plane
     unrecorded = env.forge_credentials(DeviceIdentity("dev-unrecorded", "ae"), record=False)
-    status, reply = await whoami(env, unrecorded)
+    status, reply = await env.whoami(unrecorded)
     assert status == 403 and "not issued to a device" in reply["message"]
 
 
@@ -94,7 +97,9 @@ async def test_revoked_certificate_is_refused_and_its_live_stream_ended(control_
     device, bystander = await env.enroll(), await env.enroll()
     device_id = device.identity.device_id
 
+    url, ctx = f"{env.endpoints.device_url}/v1/devices/self", device.ssl_context()
     async with (
+        aiohttp.ClientSession() as session,
         grpc.aio.secure_channel(
             env.endpoints.grpc_target, device.grpc_channel_credentials()
         ) as channel,
@@ -107,6 +112,8 @@ async def test_revoked_certificate_is_refused_and_its_live_stream_ended(control_
         for call in (stream, other):
             await call.write(fleet_pb2.Beat(seq=1))
             assert (await call.read()).seq == 1
+        async with session.get(url, ssl=ctx) as response:
+            assert response.status == 200  # a keep-alive HTTPS connection is open too
 
         # Revoked from another "process": the CLI, with its own database connection.
         rc, out, err = await asyncio.to_thread(env.cli, "device", "revoke", device_id)
@@ -114,20 +121,24 @@ async def test_revoked_certificate_is_refused_and_its_live_stream_ended(control_
         assert f"device {device_id} revoked" in out
 
         with pytest.raises(grpc.aio.AioRpcError) as ended:
-            await asyncio.wait_for(stream.read(), WAIT)
+            await asyncio.wait_for(stream.read(), env.timeout)
         assert ended.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "revoked" in ended.value.details()
+        # The keep-alive HTTPS connection gets a 403 and is closed.
+        async with session.get(url, ssl=ctx) as response:
+            assert response.status == 403
+            assert response.headers.get("Connection", "").lower() == "close"
         # Other devices' streams go on.
         await other.write(fleet_pb2.Beat(seq=2))
         assert (await other.read()).seq == 2
         await other.done_writing()
 
     with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await hello(env, device)
+        await env.hello(device)
     assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    status, reply = await whoami(env, device)
+    status, reply = await env.whoami(device)
     assert status == 403 and "revoked" in reply["message"]
-    assert (await whoami(env, bystander))[0] == 200
+    assert (await env.whoami(bystander))[0] == 200
 
     # The published CRL lists the revoked certificate.
     crl = x509.load_pem_x509_crl(env.config.crl_path.read_bytes())

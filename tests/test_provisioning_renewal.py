@@ -12,12 +12,13 @@ from datetime import timedelta
 import aiohttp
 import pytest
 
-from agent.identity import CertificateRenewer, IdentityError, IdentityStore, enroll
+from agent.identity import CertificateRenewer, IdentityStore
 from agent.identity.errors import CertificateExpired
 from agent.serving.server import ServeOptions, start
 from provisioning.ca import utc_now
 from provisioning.keys import new_private_key
-from tests.trust_fixtures import WAIT, control_plane, hello, whoami  # noqa: F401
+
+pytest_plugins = ["tests.trust_fixtures"]
 
 
 class DeviceTime:
@@ -83,21 +84,21 @@ async def test_renewal_at_two_thirds_while_local_serving_continues(control_plane
         # What the sync client does: reconnect with the new certificate, no restart.
         renewed.append((time.now(), credentials))
         time.offset, time.parked = timedelta(0), True
-        renewed.append(await hello(env, credentials))
+        renewed.append(await env.hello(credentials))
         reloaded.set()
 
     renewer = CertificateRenewer(store, clock=time.now, sleep=time.sleep, on_renewed=[hot_reload])
     task = asyncio.create_task(renewer.run())
     try:
         async with aiohttp.ClientSession() as session:
-            await asyncio.wait_for(seen.wait(), WAIT)
+            await asyncio.wait_for(seen.wait(), env.timeout)
             attempt_at = time.now()
             # The renewal is in flight (held at the proxy): local serving answers throughout.
             for _ in range(20):
                 assert await local_ready(session, serving.http_port) == 200
             assert not renewed
             gate.set()
-            await asyncio.wait_for(reloaded.wait(), WAIT)
+            await asyncio.wait_for(reloaded.wait(), env.timeout)
             assert await local_ready(session, serving.http_port) == 200
     finally:
         task.cancel()
@@ -137,11 +138,17 @@ async def test_renewal_is_not_attempted_before_it_is_due(control_plane):
     assert store.current().serial == device.serial
 
 
-async def test_certificate_expired_offline_is_recovered_with_a_reenrollment_token(control_plane):
+async def test_certificate_expired_offline_is_recovered_with_a_reenrollment_token(
+    control_plane, tmp_path
+):
     env = control_plane
-    device = await env.enroll()
-    identity = device.identity
-    store = IdentityStore(device.ca_file.parent)
+    root = tmp_path / "root"
+    rc, _, err = await env.agent(
+        "install", "--server", env.endpoints.enroll_url, "--token", env.token(), "--root", str(root)
+    )
+    assert rc == 0, err
+    store = IdentityStore(root / "var/lib/edgefleet/identity")
+    identity = store.current().identity
 
     # The node was offline past expiry: its current certificate is expired.
     key = new_private_key()
@@ -156,15 +163,19 @@ async def test_certificate_expired_offline_is_recovered_with_a_reenrollment_toke
     assert f"edgefleet token create --device {identity.device_id}" in str(failure.value)
     assert "edgefleet-agent enroll --token" in str(failure.value)
 
+    # The documented recovery: a re-enrollment token, then `edgefleet-agent enroll`.
     rc, out, err = env.cli("token", "create", "--device", identity.device_id)
     assert rc == 0, err
     token = out.splitlines()[0]
-    recovered = await enroll(env.endpoints.enroll_url, token, store)
-    assert recovered.identity == identity
-    status, me = await whoami(env, recovered)
+    rc, out, err = await env.agent("enroll", "--token", token, "--root", str(root))
+    assert rc == 0, err
+    assert f"enrolled as device {identity.device_id} (region ae)" in out
+    recovered = store.current()
+    assert recovered.identity == identity and recovered.serial != format(expired.serial_number, "x")
+    status, me = await env.whoami(recovered)
     assert status == 200 and me["device_id"] == identity.device_id
-    with pytest.raises(IdentityError, match="already been used"):
-        await enroll(env.endpoints.enroll_url, token, store)
+    rc, _, err = await env.agent("enroll", "--token", token, "--root", str(root))
+    assert rc == 1 and "already been used" in err
 
     # A revoked device gets no re-enrollment token.
     assert env.cli("device", "revoke", identity.device_id)[0] == 0

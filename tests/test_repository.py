@@ -135,8 +135,7 @@ def test_version_dir_layout_errors(client, private_repo, private_agent):
     (private_repo / "cnn-openvino" / "1" / "model.bin").unlink()
     client.unload_model("cnn-openvino")
     client.load_model("cnn-openvino")
-    entry = next(e for e in private_agent.dataplane.repository_index()
-                 if e.name == "cnn-openvino")  # fmt: skip
+    entry = next(e for e in private_agent.dataplane.repository_index() if e.name == "cnn-openvino")
     assert "without its .bin" in entry.reason
 
 

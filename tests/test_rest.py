@@ -112,8 +112,11 @@ async def _get(url: str) -> str:
 
 def test_unix_socket_serves_inference(agent):
     x = sample_input("mlp")["input"]
-    body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
-                        "data": x.ravel().tolist()}]}  # fmt: skip
+    body = {
+        "inputs": [
+            {"name": "input", "shape": [1, 64], "datatype": "FP32", "data": x.ravel().tolist()}
+        ]
+    }
 
     async def call():
         connector = aiohttp.UnixConnector(path=str(agent.server.socket))
@@ -137,9 +140,12 @@ def test_binary_output_on_request_level_parameter(agent):
     """`binary_data_output: true` sends every output as raw bytes after the JSON header."""
     x = sample_input("mlp")["input"]
     body = json.dumps(
-        {"parameters": {"binary_data_output": True},
-         "inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
-                     "data": x.ravel().tolist()}]}  # fmt: skip
+        {
+            "parameters": {"binary_data_output": True},
+            "inputs": [
+                {"name": "input", "shape": [1, 64], "datatype": "FP32", "data": x.ravel().tolist()}
+            ],
+        }
     ).encode()
 
     async def call():

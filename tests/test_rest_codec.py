@@ -31,8 +31,7 @@ SAMPLES = {
 def _json_request(datatype: str, array: np.ndarray) -> bytes:
     data = [b.decode() for b in array.ravel()] if datatype == "BYTES" else array.tolist()
     return json.dumps(
-        {"inputs": [{"name": "x", "datatype": datatype, "shape": list(array.shape),
-                     "data": data}]}  # fmt: skip
+        {"inputs": [{"name": "x", "datatype": datatype, "shape": list(array.shape), "data": data}]}
     ).encode()
 
 
@@ -52,8 +51,16 @@ def test_binary_request_round_trip(datatype):
     array = SAMPLES[datatype]
     raw = rest_codec.encode_raw(datatype, array)
     header = json.dumps(
-        {"inputs": [{"name": "x", "datatype": datatype, "shape": list(array.shape),
-                     "parameters": {"binary_data_size": len(raw)}}]}  # fmt: skip
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "datatype": datatype,
+                    "shape": list(array.shape),
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ]
+        }
     ).encode()
     req = rest_codec.decode_request(header + raw, str(len(header)), "m", None)
     assert req.inputs[0].data.tolist() == array.tolist()

@@ -67,7 +67,7 @@ def test_writing_twice_into_the_same_directory_overwrites(repo):
 def test_mlp_config_is_read_by_the_serving_config(repo):
     config = ModelConfig.from_file(repo / "mlp" / "1" / "model.toml")
     assert config.max_batch_size == 32
-    assert config.max_queue_delay_us == 500
+    assert config.threads == 1
 
 
 def test_the_serving_repository_finds_every_sample(repo):

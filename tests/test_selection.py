@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from onnx import numpy_helper
 import agent.selection.decide as decide_module
 from agent.profiles import AllowedDevice, Profile, RuntimeOptions, SelectionSettings, load_profile
 from agent.samples import reference_output, sample_input
-from agent.selection import DecisionCache, Pin, SelectionError, Tolerance, choose
+from agent.selection import DecisionCache, Pin, SelectionError, Selector, Tolerance, choose
 from agent.selection.decision import CHOSEN, REJECTED, SKIPPED, VERIFIED
 from agent.selection.key import runtime_versions
 from agent.selection.sandbox import Sandbox, SandboxTimeout
@@ -333,3 +334,19 @@ def test_throughput_objective_scores_per_item(tmp_path, sample_repo, devices):
     chosen = decision.chosen
     assert decision.score_unit == "ms per item (p50 / batch)"
     assert chosen.score == pytest.approx(chosen.p50_ms / QUICK.batch_size)
+
+
+def test_selector_decides_from_worker_threads(tmp_path, sample_repo):
+    """The data plane runs `decide` in a thread pool; the stored decision serves any thread."""
+    quick = tmp_path / "quick.toml"
+    text = (PROFILES / "generic-cpu.toml").read_text()
+    quick.write_text(text.replace("benchmark_seconds = 0.3", "benchmark_seconds = 0.02"))
+    selector = Selector(tmp_path / "state", profile=str(quick))
+    directory = model_dir(tmp_path, sample_repo, "mlp")
+    with ThreadPoolExecutor(max_workers=1) as first, ThreadPoolExecutor(max_workers=1) as second:
+        measured = first.submit(selector.decide, directory, config={"runtime": "onnxruntime"})
+        decision = measured.result()
+        cached = second.submit(selector.decide, directory, config={"runtime": "onnxruntime"})
+        assert cached.result().from_cache
+    assert decision.runtime == "onnxruntime"
+    assert (tmp_path / "state" / "agent.db").exists()

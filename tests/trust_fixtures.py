@@ -5,7 +5,8 @@ Everything runs on free loopback ports with its own temporary directory: the con
 subprocess configured by `edgefleet broker-config`. The control plane's clock is a `Clock` the
 test can move forward (token expiry), never a sleep.
 
-Test modules use them with `from tests.trust_fixtures import control_plane, mqtt_fleet`.
+Test modules load them with `pytest_plugins = ["tests.trust_fixtures"]`; helpers are methods
+of what the fixtures return (`env.whoami(credentials)`, `broker.client(credentials)`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -30,8 +32,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from agent import cli as agent_cli
 from agent.identity import DeviceCredentials, IdentityStore, enroll
 from controlplane import cli as controlplane_cli
+from controlplane.broker import BrokerFiles
 from controlplane.config import ControlPlaneConfig, load_config
 from controlplane.server import ControlPlaneServer, Endpoints
 from controlplane.service import ControlPlane
@@ -63,7 +67,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(root: Path, broker_port: int | None = None) -> Path:
+def write_config(
+    root: Path, broker_port: int | None = None, broker_dir: Path | None = None
+) -> Path:
     lines = [
         f'state_dir = "{root / "cp"}"',
         'region = "ae"',
@@ -78,7 +84,7 @@ def write_config(root: Path, broker_port: int | None = None) -> Path:
     if broker_port is not None:
         lines += [
             "[broker]",
-            f'dir = "{root / "broker"}"',
+            f'dir = "{broker_dir}"',
             f'url = "mqtts://127.0.0.1:{broker_port}"',
         ]
     path = root / "controlplane.toml"
@@ -98,6 +104,7 @@ class TrustEnv:
     endpoints: Endpoints
     clock: Clock
     _devices: int = field(default=0)
+    timeout: float = WAIT
 
     def token(self, region: str = "ae", **kwargs) -> str:
         token, _ = self.plane.tokens.create(region=region, ca_pin=self.plane.ca_pin, **kwargs)
@@ -116,6 +123,53 @@ class TrustEnv:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             rc = controlplane_cli.main([*argv, "--config", str(self.config_path)])
         return rc, out.getvalue(), err.getvalue()
+
+    async def agent(self, *argv: str) -> tuple[int, str, str]:
+        """Run `edgefleet-agent ARGV` in-process (in a thread: it runs its own event loop)."""
+
+        def run() -> tuple[int, str, str]:
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                rc = agent_cli.main(list(argv))
+            return rc, out.getvalue(), err.getvalue()
+
+        return await asyncio.to_thread(run)
+
+    async def hello(self, credentials: DeviceCredentials) -> fleet_pb2.HelloReply:
+        """Fleet.Hello over gRPC with these credentials."""
+        async with grpc.aio.secure_channel(
+            self.endpoints.grpc_target, credentials.grpc_channel_credentials()
+        ) as channel:
+            stub = fleet_pb2_grpc.FleetStub(channel)
+            return await stub.Hello(fleet_pb2.HelloRequest(agent_version="test"), timeout=WAIT)
+
+    async def whoami(self, credentials: DeviceCredentials) -> tuple[int, dict]:
+        """GET /v1/devices/self over HTTPS with these credentials: (status, JSON)."""
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(
+                f"{self.endpoints.device_url}/v1/devices/self", ssl=credentials.ssl_context()
+            ) as response,
+        ):
+            return response.status, await response.json()
+
+    async def post_enroll(
+        self, body: bytes | dict, content_type: str = "application/json"
+    ) -> tuple[int, dict]:
+        """A raw POST /v1/enroll, without the agent's own checks: (status, JSON)."""
+        ctx = ssl.create_default_context(cafile=str(self.config.ca_dir / "ca.pem"))
+        data = body if isinstance(body, bytes) else None
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{self.endpoints.enroll_url}/v1/enroll",
+                data=data,
+                json=None if data is not None else body,
+                headers={"Content-Type": content_type},
+                ssl=ctx,
+            ) as response,
+        ):
+            return response.status, await response.json(content_type=None)
 
     def forge_credentials(
         self,
@@ -144,51 +198,17 @@ class TrustEnv:
         )
 
 
-async def hello(env: TrustEnv, credentials: DeviceCredentials) -> fleet_pb2.HelloReply:
-    async with grpc.aio.secure_channel(
-        env.endpoints.grpc_target, credentials.grpc_channel_credentials()
-    ) as channel:
-        stub = fleet_pb2_grpc.FleetStub(channel)
-        return await stub.Hello(fleet_pb2.HelloRequest(agent_version="test"), timeout=WAIT)
-
-
-async def whoami(env: TrustEnv, credentials: DeviceCredentials) -> tuple[int, dict]:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(
-            f"{env.endpoints.device_url}/v1/devices/self", ssl=credentials.ssl_context()
-        ) as response,
-    ):
-        return response.status, await response.json()
-
-
-async def post_enroll(env: TrustEnv, body: bytes | dict, content_type: str = "application/json"):
-    """A raw POST /v1/enroll (no agent-side checks): (status, JSON reply)."""
-    ctx = ssl.create_default_context(cafile=str(env.config.ca_dir / "ca.pem"))
-    data = body if isinstance(body, bytes) else None
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(
-            f"{env.endpoints.enroll_url}/v1/enroll",
-            data=data,
-            json=None if data is not None else body,
-            headers={"Content-Type": content_type},
-            ssl=ctx,
-        ) as response,
-    ):
-        return response.status, await response.json(content_type=None)
-
-
-async def start_control_plane(root: Path, broker_port: int | None = None) -> TrustEnv:
-    config_path = write_config(root, broker_port)
+async def start_control_plane(
+    root: Path, broker_port: int | None = None, broker_dir: Path | None = None
+) -> TrustEnv:
+    config_path = write_config(root, broker_port, broker_dir)
     config = load_config(config_path, env={})
     CertificateAuthority.create(config.ca_dir, lifetimes=config.lifetimes)
     clock = Clock()
     if broker_port is not None:
         rc = controlplane_cli.main(
             ["broker-config", str(config.broker_dir), "--port", str(broker_port),
-             "--bind", "127.0.0.1", "--hostname", "127.0.0.1", "--run-as", "root",
-             "--config", str(config_path)]
+             "--bind", "127.0.0.1", "--hostname", "127.0.0.1", "--config", str(config_path)]
         )  # fmt: skip
         assert rc == 0
     plane = ControlPlane.open(config, clock=clock)
@@ -211,13 +231,30 @@ class Mosquitto:
     port: int
     process: subprocess.Popen
     log: Path
+    directory: Path
+
+    def client(self, credentials: DeviceCredentials) -> MqttClient:
+        """An MQTT client connecting with a device's credentials."""
+        return MqttClient(self.port, credentials.ssl_context())
+
+    def control_plane_client(self) -> MqttClient:
+        """An MQTT client with the control plane's own identity (written by broker-config)."""
+        files = BrokerFiles(self.directory)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(cafile=str(files.ca))
+        ctx.load_cert_chain(str(files.client_cert), str(files.client_key))
+        return MqttClient(self.port, ctx)
 
 
 @pytest.fixture
 async def mqtt_fleet(tmp_path) -> AsyncIterator[tuple[TrustEnv, Mosquitto]]:
-    """A control plane and a real Mosquitto set up by `edgefleet broker-config`."""
+    """A control plane and a real Mosquitto set up by `edgefleet broker-config`, as deployed:
+    run as root, Mosquitto drops to the `mosquitto` user, so its directory sits where that user
+    can reach it (pytest's temporary directories are private to root)."""
     port = free_port()
-    env = await start_control_plane(tmp_path, broker_port=port)
+    broker_dir = Path(tempfile.mkdtemp(prefix="edgefleet-broker-"))
+    broker_dir.chmod(0o755)
+    env = await start_control_plane(tmp_path, broker_port=port, broker_dir=broker_dir)
     log = tmp_path / "mosquitto.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -227,12 +264,13 @@ async def mqtt_fleet(tmp_path) -> AsyncIterator[tuple[TrustEnv, Mosquitto]]:
         )
     try:
         await _wait_for_port(port, process, log)
-        yield env, Mosquitto(port, process, log)
+        yield env, Mosquitto(port, process, log, env.config.broker_dir)
     finally:
         process.terminate()
         process.wait(10)
         await env.server.stop()
         env.plane.close()
+        shutil.rmtree(broker_dir, ignore_errors=True)
 
 
 async def _wait_for_port(port: int, process: subprocess.Popen, log: Path) -> None:
@@ -269,10 +307,6 @@ class MqttClient:
         self.client.on_message = lambda c, u, m: self.messages.append((m.topic, m.payload))
         self.client.on_subscribe = self._on_subscribe
         self.client.on_publish = self._on_publish
-
-    @classmethod
-    def for_credentials(cls, port: int, credentials: DeviceCredentials) -> MqttClient:
-        return cls(port, credentials.ssl_context())
 
     def connect(self) -> bool:
         """True once the broker accepted the connection; False if it refused it."""
@@ -335,14 +369,3 @@ class MqttClient:
         with self._acked:
             self.puback[mid] = reason_code
             self._acked.notify_all()
-
-
-def control_plane_mqtt(env: TrustEnv, port: int) -> MqttClient:
-    """The control plane's own MQTT identity (written by broker-config)."""
-    from controlplane.broker import BrokerFiles
-
-    files = BrokerFiles(env.config.broker_dir)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.load_verify_locations(cafile=str(files.ca))
-    ctx.load_cert_chain(str(files.client_cert), str(files.client_key))
-    return MqttClient(port, ctx)

@@ -9,8 +9,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-PROFILE_ENV = "EDGEFLEET_PROFILE"
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -32,6 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def add_profile_arguments(p: argparse.ArgumentParser) -> None:
+    from agent.profiles import PROFILE_ENV
+
     p.add_argument(
         "--profile",
         default=os.environ.get(PROFILE_ENV),

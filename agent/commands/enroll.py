@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tomllib
 from pathlib import Path
 
 from agent.cli import UserError
@@ -34,13 +33,16 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
 
     from agent.identity import IdentityError, IdentityStore, enroll
-    from agent.install import SERVICE, Layout
+    from agent.install import SERVICE, InstallError, Layout, hand_state_to_service, installed_config
     from provisioning.errors import ProvisioningError
 
     if not args.token:
         raise UserError("--token is required (or set EDGEFLEET_TOKEN)")
     layout = Layout(root=args.root)
-    config = _read_config(layout.on_disk(layout.config_path))
+    try:
+        config = installed_config(layout)
+    except InstallError as exc:
+        raise UserError(str(exc)) from exc
     server = args.server or config.get("control_plane", {}).get("url")
     if not server:
         raise UserError("no --server given and no installed config names one")
@@ -51,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         credentials = asyncio.run(enroll(server, args.token, store))
     except (IdentityError, ProvisioningError, OSError) as exc:
         raise UserError(f"enrollment failed: {exc}") from exc
+    hand_state_to_service(layout)
     identity = credentials.identity
     print(
         f"enrolled as device {identity.device_id} (region {identity.region}); certificate "
@@ -59,12 +62,3 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"restart the agent to use it: systemctl restart {SERVICE}")
     return 0
-
-
-def _read_config(path: Path) -> dict:
-    try:
-        return tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise UserError(f"cannot read {path}: {exc}") from exc

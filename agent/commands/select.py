@@ -4,24 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import tomllib
 from pathlib import Path
 
 from agent.commands.accelerators import add_profile_arguments
-
-STATE_DIR_ENV = "EDGEFLEET_STATE_DIR"
-DATABASE = "agent.db"
-
-
-def default_state_dir() -> Path:
-    """$EDGEFLEET_STATE_DIR, else $XDG_STATE_HOME/edgefleet, else ~/.local/state/edgefleet."""
-    if os.environ.get(STATE_DIR_ENV):
-        return Path(os.environ[STATE_DIR_ENV])
-    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
-    return Path(base) / "edgefleet"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -45,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=Path,
         default=None,
         metavar="DIR",
-        help=f"agent state directory (default: ${STATE_DIR_ENV} or ~/.local/state/edgefleet)",
+        help="agent state directory (default: $EDGEFLEET_STATE_DIR or ~/.local/state/edgefleet)",
     )
     p.add_argument(
         "--again",
@@ -68,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         model_settings,
     )
     from agent.selection.report import candidate_table, decision_text
+    from agent.selection.selector import DATABASE, default_state_dir
     from agent.selection.variants import VariantError, version_dir
     from runtimes.hardware import probe
 

@@ -14,10 +14,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "over the KServe v2 Open Inference Protocol. Binds 127.0.0.1 unless told otherwise.",
     )
     p.add_argument("--models", required=True, type=Path, metavar="DIR", help="model repository")
-    p.add_argument("--http", default="127.0.0.1:8000", metavar="HOST:PORT",
-                   help="REST address (default %(default)s; 'off' to disable)")  # fmt: skip
-    p.add_argument("--grpc", default="127.0.0.1:8001", metavar="HOST:PORT",
-                   help="gRPC address (default %(default)s; 'off' to disable)")  # fmt: skip
+    p.add_argument(
+        "--http",
+        default="127.0.0.1:8000",
+        metavar="HOST:PORT",
+        help="REST address (default %(default)s; 'off' to disable)",
+    )
+    p.add_argument(
+        "--grpc",
+        default="127.0.0.1:8001",
+        metavar="HOST:PORT",
+        help="gRPC address (default %(default)s; 'off' to disable)",
+    )
     p.add_argument("--socket", type=Path, metavar="PATH", help="also serve REST on a unix socket")
     p.add_argument("--max-body-mb", type=int, default=64, help="largest request (default 64)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

@@ -17,7 +17,9 @@ def add_parser(subparsers) -> None:
         "fleet for good, also revoke it: edgefleet device revoke ID.",
     )
     parser.add_argument("--root", type=Path, default=Path("/"))
-    parser.add_argument("--state-dir", type=Path, default=Path("/var/lib/edgefleet"))
+    parser.add_argument(
+        "--state-dir", type=Path, default=None, help="default: from the installed config"
+    )
     parser.add_argument(
         "--keep-state", action="store_true", help="keep the state directory (models, identity)"
     )
@@ -25,12 +27,13 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from agent.install import InstallError, Layout, uninstall
+    from agent.install import STATE_DIR, InstallError, Layout, installed_config, uninstall
 
     try:
-        removed = uninstall(
-            Layout(root=args.root, state_dir=args.state_dir), keep_state=args.keep_state
+        state_dir = args.state_dir or Path(
+            installed_config(Layout(root=args.root)).get("state_dir", STATE_DIR)
         )
+        removed = uninstall(Layout(root=args.root, state_dir=state_dir), keep_state=args.keep_state)
     except (InstallError, OSError) as exc:
         raise UserError(f"uninstall failed: {exc}") from exc
     if not removed:

@@ -36,10 +36,10 @@ async def enroll(
     ca_file: Path | None = None,
 ) -> DeviceCredentials:
     """Enroll this device at `server_url` (the control plane's enrollment endpoint)."""
-    token = parse_token(token_text)
     server_url = server_url.rstrip("/")
     if not server_url.startswith("https://"):
         raise IdentityError(f"--server {server_url!r} must be an https:// URL")
+    token = parse_token(token_text)
     if ca_file is not None:
         ca_pem = Path(ca_file).read_bytes()
     else:

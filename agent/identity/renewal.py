@@ -29,7 +29,7 @@ from agent.identity.client import post_json
 from agent.identity.enroll import check_issued, enrollment_record
 from agent.identity.errors import CertificateExpired, IdentityError
 from agent.identity.store import DeviceCredentials, IdentityStore
-from provisioning.ca import utc_now
+from provisioning.ca import RENEW_AT, renewal_time, utc_now
 from provisioning.csr import build_csr
 from provisioning.keys import new_private_key
 
@@ -41,7 +41,7 @@ Listener = Callable[[DeviceCredentials], Awaitable[None] | None]
 @dataclass(frozen=True, slots=True)
 class RenewalPolicy:
     # Renew once this fraction of the certificate's lifetime has passed.
-    at_fraction: float = 2 / 3
+    at_fraction: float = RENEW_AT
     # Look at the clock at least this often, so a clock jump is noticed.
     max_sleep: timedelta = timedelta(hours=1)
     # Retries after a failed renewal: exponential from first to max, with jitter.
@@ -70,9 +70,7 @@ class CertificateRenewer:
         self._listeners.append(listener)
 
     def due_at(self, credentials: DeviceCredentials) -> datetime:
-        cert = credentials.certificate
-        start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-        return start + (end - start) * self.policy.at_fraction
+        return renewal_time(credentials.certificate, self.policy.at_fraction)
 
     async def renew(self) -> DeviceCredentials:
         """One renewal attempt; IdentityError (CertificateExpired past expiry) if it fails."""

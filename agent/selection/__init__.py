@@ -8,14 +8,14 @@ against golden vectors or the CPU fp32 reference within a per-datatype tolerance
 and chooses by the profile's objective. The decision persists in the agent's SQLite state, keyed
 by model digest, hardware fingerprint, runtime versions and profile, so a restart reuses it.
 
-    from agent.profiles import resolve
-    from agent.selection import DecisionCache, choose
-    from runtimes.hardware import probe
+    from agent.selection import Selector
 
-    facts = probe()
-    decision = choose("models/cnn", profile=resolve(None, facts), facts=facts,
-                      cache=DecisionCache(state_dir / "agent.db"), state_dir=state_dir)
-    session = decision.load()    # runtimes.load(variant_path, runtime=..., options=...)
+    selector = Selector(state_dir)           # hardware facts, firmware profile, decision cache
+    decision = selector.decide("models/cnn/1", model="cnn", config=model_toml_dict)
+    session = decision.load()                # runtimes.load(variant_path, runtime=, options=)
+
+`choose()` is the same with every input explicit (profile, cache, facts, devices, tolerance,
+golden vectors, pin), which is what tests and the bench use.
 """
 
 from agent.selection.cache import DecisionCache
@@ -24,6 +24,7 @@ from agent.selection.decide import choose, pick
 from agent.selection.decision import CandidateResult, Decision
 from agent.selection.inputs import Reference, load_golden
 from agent.selection.key import SelectionKey
+from agent.selection.selector import Selector
 from agent.selection.settings import model_settings
 from agent.selection.tolerance import Tolerance, ToleranceError
 from agent.selection.trials import SelectionError
@@ -37,6 +38,7 @@ __all__ = [
     "Reference",
     "SelectionError",
     "SelectionKey",
+    "Selector",
     "Tolerance",
     "ToleranceError",
     "choose",

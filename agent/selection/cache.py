@@ -13,12 +13,15 @@ version should not measure again); older ones are deleted.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlite_utils
 
@@ -31,18 +34,36 @@ _DECISIONS = "selection_decisions"
 _CANDIDATES = "selection_candidates"
 _DIGESTS = "selection_file_digests"
 
+_T = TypeVar("_T")
+
+
+def _locked(method: Callable[..., _T]) -> Callable[..., _T]:
+    @functools.wraps(method)
+    def locked(self: DecisionCache, *args: Any, **kwargs: Any) -> _T:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
 
 class DecisionCache:
+    """Safe to share between threads (the data plane decides in a thread pool); one lock."""
+
     def __init__(self, database: str | Path | sqlite_utils.Database):
+        self._lock = threading.RLock()
         if isinstance(database, sqlite_utils.Database):
             self.db = database
         else:
             Path(database).parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite_utils.Database(database)
+            connection = sqlite3.connect(str(database), check_same_thread=False)
+            self.db = sqlite_utils.Database(connection)
             self.db.enable_wal()
-        self._ensure_tables()
+        with self._lock:
+            self._ensure_tables()
 
     def _ensure_tables(self) -> None:
+        if {_DECISIONS, _CANDIDATES, _DIGESTS} <= set(self.db.table_names()):
+            return  # the common case at start-up: one query instead of four DDL statements
         self.db[_DECISIONS].create(
             {
                 "key": str,
@@ -85,6 +106,7 @@ class DecisionCache:
             {"path": str, "stamp": str, "digest": str}, pk="path", if_not_exists=True
         )
 
+    @_locked
     def get(self, key: SelectionKey) -> Decision | None:
         rows = list(self.db.query(f"select decision from {_DECISIONS} where key = ?", [key.ident]))
         if not rows:
@@ -93,6 +115,7 @@ class DecisionCache:
         decision.from_cache = True
         return decision
 
+    @_locked
     def latest(self, model: str) -> Decision | None:
         rows = list(
             self.db.query(
@@ -103,6 +126,7 @@ class DecisionCache:
         )
         return Decision.from_dict(json.loads(rows[0]["decision"])) if rows else None
 
+    @_locked
     def put(self, decision: Decision) -> None:
         key = decision.key
         with self.db.conn:
@@ -146,10 +170,12 @@ class DecisionCache:
             )
             self._forget_old(decision.model)
 
+    @_locked
     def candidates(self, key: SelectionKey) -> list[dict[str, Any]]:
         """The stored rows of every candidate of a decision, in measuring order."""
         return list(self.db[_CANDIDATES].rows_where("key = ?", [key.ident], order_by="position"))
 
+    @_locked
     def forget(self, model: str) -> int:
         """Drop every decision for a model, so the next start measures again."""
         keys = [r["key"] for r in self.db[_DECISIONS].rows_where("model = ?", [model])]
@@ -159,6 +185,7 @@ class DecisionCache:
                 self.db[_DECISIONS].delete(key)
         return len(keys)
 
+    @_locked
     def compile_dirs_in_use(self) -> set[str]:
         """OpenVINO compile cache directories that stored decisions load from."""
         used = set()
@@ -171,13 +198,17 @@ class DecisionCache:
     def digest(self, path: Path, compute: Callable[[Path], str]) -> str:
         """`compute(path)`, remembered while the file (and an IR's .bin) keeps size and mtime."""
         stamp = _stamp(path)
-        rows = list(
-            self.db.query(f"select stamp, digest from {_DIGESTS} where path = ?", [str(path)])
-        )
+        with self._lock:
+            rows = list(
+                self.db.query(f"select stamp, digest from {_DIGESTS} where path = ?", [str(path)])
+            )
         if rows and rows[0]["stamp"] == stamp:
             return rows[0]["digest"]
-        digest = compute(path)
-        self.db[_DIGESTS].upsert({"path": str(path), "stamp": stamp, "digest": digest}, pk="path")
+        digest = compute(path)  # outside the lock: hashing a large model takes a while
+        with self._lock:
+            self.db[_DIGESTS].upsert(
+                {"path": str(path), "stamp": stamp, "digest": digest}, pk="path"
+            )
         return digest
 
     def _forget_old(self, model: str) -> None:

@@ -147,7 +147,7 @@ def _measure(
     if not runnable:
         raise SelectionError("no candidate can run on this node", results)
     try:
-        reference = golden or trials.reference()
+        reference = golden or trials.reference([r.candidate for r in runnable])
     except SelectionError as exc:
         exc.results = results
         raise

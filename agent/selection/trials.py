@@ -41,6 +41,8 @@ from runtimes.base import LoadOptions
 # Candidates kept loaded for the run-off, and how close to the best they must be to stay.
 MAX_FINALISTS = 3
 FINALIST_MARGIN = 0.15
+# A benchmark stops early once its median is this many times the best score so far.
+EARLY_STOP_FACTOR = 1.5
 # Reference runtime for each format: the plain CPU fp32 path.
 REFERENCE_RUNTIMES = {
     "onnx": ("onnxruntime", "openvino"),
@@ -90,6 +92,11 @@ class Trials:
         self.loaded: dict[str, _Loaded] = {}
         self.compile_dirs: dict[str, Path] = {}  # candidate ident -> its CACHE_DIR
         self._first_run: float | None = None  # the last verified candidate's first inference
+        self.best_score: float | None = None
+        # candidate ident -> (worker generation, load reply) of a session the reference loaded
+        self.preloaded: dict[str, tuple[int, dict[str, Any]]] = {}
+        # Candidates out of tolerance, by what decides their numerics (not hint or threads).
+        self.out_of_tolerance: dict[tuple[str, str, str, Any], CandidateResult] = {}
         # (runtime, device) pairs whose profile entry turns OpenVINO's compile cache on
         self.cached = {
             (a.runtime, a.device)
@@ -99,21 +106,36 @@ class Trials:
 
     # --- the reference ------------------------------------------------------------------------
 
-    def reference(self) -> Reference:
-        """Outputs of the first full-precision variant on the CPU in f32, on seeded inputs."""
+    def reference(self, candidates: list[Candidate] = ()) -> Reference:
+        """Outputs of the first full-precision variant on the CPU in f32, on seeded inputs.
+
+        When one of `candidates` is exactly the reference configuration, its session stays
+        loaded and `run` measures it without loading it a second time.
+        """
         problems = []
         limit = self.profile.limits.max_compile_seconds
         for variant in self.ordered_variants:
             for runtime in REFERENCE_RUNTIMES[variant.format]:
                 label = f"{runtime} CPU f32 [{variant.name}]"
                 self.progress(f"reference: {label}")
+                # The OpenVINO adapter computes in f32 unless told otherwise.
+                options = LoadOptions(device="CPU")
+                same = next(
+                    (
+                        c
+                        for c in candidates
+                        if (c.variant, c.runtime) == (variant.name, runtime)
+                        and c.load_options() == options
+                    ),
+                    None,
+                )
+                key = same.ident if same else "reference"
                 request = {
                     "op": "load",
-                    "id": "reference",
+                    "id": key,
                     "path": str(variant.path),
                     "runtime": runtime,
-                    # The OpenVINO adapter computes in f32 unless told otherwise.
-                    "options": LoadOptions(device="CPU"),
+                    "options": options,
                 }
                 try:
                     reply = self.sandbox.call(request, timeout=limit)
@@ -123,15 +145,19 @@ class Trials:
                     specs: list[Spec] = reply["inputs"]
                     inputs = random_inputs(specs)
                     ran = self.sandbox.call(
-                        {"op": "infer", "id": "reference", "inputs": inputs}, timeout=limit
+                        {"op": "infer", "id": key, "inputs": inputs}, timeout=limit
                     )
-                    self.sandbox.call({"op": "close", "id": "reference"}, timeout=limit)
+                    if same is None:
+                        self.sandbox.call({"op": "close", "id": key}, timeout=limit)
                 except (SandboxTimeout, SandboxCrashed, InputError) as exc:
                     problems.append(f"{label}: {exc}")
                     continue
                 if not ran["ok"]:
+                    self._close(key)
                     problems.append(f"{label}: {ran['error']}")
                     continue
+                if same is not None:
+                    self.preloaded[key] = (self.sandbox.restarts, reply)
                 datatypes = {name: datatype for name, datatype, _ in reply["outputs"]}
                 return Reference(inputs, ran["outputs"], datatypes, source=label)
         raise SelectionError(
@@ -144,6 +170,14 @@ class Trials:
 
     def run(self, candidate: Candidate, reference: Reference) -> CandidateResult:
         result = CandidateResult(candidate, SKIPPED)
+        same_numerics = self.out_of_tolerance.get(_numerics(candidate))
+        if same_numerics is not None:
+            # A performance hint or thread count does not change what is computed.
+            result.verdict, result.max_error = REJECTED, same_numerics.max_error
+            result.reason = (
+                f"same numerics as {same_numerics.candidate.label()}: {same_numerics.reason}"
+            )
+            return result
         key = candidate.ident
         limit = candidate.max_compile_seconds
         variant = self.variants[candidate.variant]
@@ -159,7 +193,11 @@ class Trials:
             "options": candidate.load_options(compile_dir),
         }
         try:
-            reply = self.sandbox.call(request, timeout=limit)
+            preloaded = self.preloaded.pop(key, None)
+            if preloaded is not None and preloaded[0] == self.sandbox.restarts:
+                reply = preloaded[1]  # loaded as the reference, in this same worker
+            else:
+                reply = self.sandbox.call(request, timeout=limit)
             generation = self.sandbox.restarts  # after the call: it may have started a worker
             if not reply["ok"]:
                 result.reason = f"failed to load: {reply['error']}"
@@ -175,7 +213,8 @@ class Trials:
             inputs = inputs_for(reference, reply["inputs"])
             batch_inputs, batch = self._batch(inputs, reply["inputs"])
             self.loaded[key] = _Loaded(generation, batch_inputs, batch)
-            latencies = self._benchmark(key, batch_inputs, first_run=self._first_run)
+            stop_above = self._stop_above(candidate, batch)
+            latencies = self._benchmark(key, batch_inputs, self._first_run, stop_above)
             if isinstance(latencies, str):
                 result.verdict, result.reason = REJECTED, latencies
                 self._close(key)
@@ -220,6 +259,8 @@ class Trials:
         comparison = compare(outputs, reference.outputs, reference.datatypes, self.tolerance)
         result.max_error = comparison.max_error
         if not comparison.ok:
+            result.reason = comparison.problem
+            self.out_of_tolerance[_numerics(candidate)] = result
             return comparison.problem
         cap = self.profile.limits.max_model_memory_mb
         if result.memory_mb is not None and result.memory_mb > cap:
@@ -236,7 +277,11 @@ class Trials:
         return batch_inputs, int(first.shape[0]) if first.ndim else 1
 
     def _benchmark(
-        self, key: str, inputs: dict[str, np.ndarray], first_run: float | None
+        self,
+        key: str,
+        inputs: dict[str, np.ndarray],
+        first_run: float | None,
+        stop_above: float | None,
     ) -> list[float] | str:
         """Latencies in seconds, or why the benchmark failed."""
         settings = self.settings
@@ -248,11 +293,28 @@ class Trials:
             "seconds": settings.benchmark_seconds,
             "min_runs": settings.min_runs,
             "max_runs": 100_000,
+            "stop_above": stop_above,
         }
         reply = self.sandbox.call(request, timeout=self._bench_limit(first_run, 1))
         if not reply["ok"]:
             return f"benchmark failed: {reply['error']}"
+        if reply["stopped_early"]:
+            self.progress(f"    stopped early: over {EARLY_STOP_FACTOR:g} x the best so far")
         return reply["latencies"]
+
+    def _score_per_ms(self, candidate: Candidate, batch: int) -> float:
+        """The objective's score for a p50 of 1 ms."""
+        per_item = 1.0 if self.settings.objective == "latency" else 1.0 / max(batch, 1)
+        if self.settings.objective == "efficiency":
+            per_item *= self.profile.power[candidate.device]
+        return per_item
+
+    def _stop_above(self, candidate: Candidate, batch: int) -> float | None:
+        """The p50 (seconds) past which this candidate cannot come near the best so far."""
+        if self.best_score is None:
+            return None
+        ms = self.best_score * EARLY_STOP_FACTOR / self._score_per_ms(candidate, batch)
+        return ms / 1e3
 
     def _bench_limit(self, first_run: float | None, candidates: int) -> float:
         """Time budget plus the minimum runs at a slow first-run pace, with room to spare."""
@@ -265,13 +327,9 @@ class Trials:
         result.runs = len(latencies)
         result.p50_ms = float(np.percentile(ms, 50))
         result.p99_ms = float(np.percentile(ms, 99))
-        per_item = result.p50_ms / max(batch, 1)
-        if self.settings.objective == "latency":
-            result.score = result.p50_ms
-        elif self.settings.objective == "throughput":
-            result.score = per_item
-        else:
-            result.score = per_item * self.profile.power[result.candidate.device]
+        result.score = result.p50_ms * self._score_per_ms(result.candidate, batch)
+        if self.best_score is None or result.score < self.best_score:
+            self.best_score = result.score
 
     # --- finalists ------------------------------------------------------------------------------
 
@@ -332,11 +390,21 @@ class Trials:
         return finalists
 
     def close_all(self) -> None:
-        for key in list(self.loaded):
+        for key in [*self.loaded, *self.preloaded]:
             self._close(key)
+        self.preloaded.clear()
 
     def _close(self, key: str) -> None:
         self.loaded.pop(key, None)
         if self.sandbox.running:
             with contextlib.suppress(SandboxTimeout, SandboxCrashed):
                 self.sandbox.call({"op": "close", "id": key}, timeout=30)
+
+
+def _numerics(candidate: Candidate) -> tuple[str, str, str, Any]:
+    return (
+        candidate.variant,
+        candidate.runtime,
+        candidate.device,
+        dict(candidate.options).get("precision"),
+    )

@@ -12,6 +12,7 @@ once, then verified, benchmarked and, if it is a finalist, measured again in the
 from __future__ import annotations
 
 import gc
+import importlib
 import os
 import pickle
 import struct
@@ -79,9 +80,12 @@ class Worker:
         return {"ok": True, "devices": devices}
 
     def op_load(self, request: dict[str, Any]) -> dict[str, Any]:
-        from runtimes.loader import load
+        from runtimes.loader import RUNTIMES, load
 
         key = request["id"]
+        if request["runtime"] in RUNTIMES:
+            # Import first, so neither the load time nor the memory growth counts the library.
+            importlib.import_module(RUNTIMES[request["runtime"]])
         gc.collect()
         before = _rss()
         started = time.perf_counter()
@@ -115,21 +119,31 @@ class Worker:
         }
 
     def op_benchmark(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Warm-up runs, then timed runs until the time budget is spent and `min_runs` are done."""
+        """Warm-up runs, then timed runs until the time budget is spent and `min_runs` are done.
+
+        `stop_above` (seconds, optional) ends the runs early once `min_runs` are done and their
+        median is above it: a candidate that clearly cannot win need not use its whole budget.
+        """
         infer = self.sessions[request["id"]].infer
         inputs = request["inputs"]
         for _ in range(request["warmup"]):
             infer(inputs)
         latencies: list[float] = []
+        min_runs, stop_above = request["min_runs"], request.get("stop_above")
         deadline = time.perf_counter() + request["seconds"]
         clock = time.perf_counter
+        stopped_early = False
         while len(latencies) < request["max_runs"] and (
-            len(latencies) < request["min_runs"] or clock() < deadline
+            len(latencies) < min_runs or clock() < deadline
         ):
             started = clock()
             infer(inputs)
             latencies.append(clock() - started)
-        return {"ok": True, "latencies": latencies}
+            checkpoint = len(latencies) >= min_runs and len(latencies) % min_runs == 0
+            if stop_above and checkpoint and float(np.median(latencies)) > stop_above:
+                stopped_early = True
+                break
+        return {"ok": True, "latencies": latencies, "stopped_early": stopped_early}
 
     def op_runoff(self, request: dict[str, Any]) -> dict[str, Any]:
         """Finalists in turn, one run each per round, so load on the machine hits them alike."""

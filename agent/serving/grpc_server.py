@@ -161,7 +161,7 @@ def _check_repository_request(request, action: str) -> None:
         )
 
 
-def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+def _options(max_message_bytes: int) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
@@ -181,12 +181,14 @@ async def start_grpc_server(
 
     Messages beyond `max_message_bytes` are refused by gRPC itself with RESOURCE_EXHAUSTED.
     """
-    server = grpc.aio.server(options=server_options(max_message_bytes))
+    server = grpc.aio.server(options=_options(max_message_bytes))
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(dataplane), server)
     try:
         port = server.add_insecure_port(address)
-    except RuntimeError as exc:  # grpc reports a failed bind this way
-        raise OSError(f"cannot serve gRPC on {address}: {exc} (address in use?)") from None
+    except RuntimeError:  # grpc's own message only points at GRPC_VERBOSITY
+        raise OSError(
+            f"cannot serve gRPC on {address}: the address is in use or not a valid HOST:PORT"
+        ) from None
     await server.start()
-    log.info("gRPC inference service listening on %s", address.rsplit(":", 1)[0] + f":{port}")
+    log.info("gRPC inference service listening on %s (port %d)", address, port)
     return server, port

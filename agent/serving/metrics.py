@@ -13,9 +13,23 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LABELS = ("model", "version")
 _LATENCY_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0,
-)  # fmt: skip
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 
 
@@ -44,9 +58,11 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self._success = Counter(
-            "edgefleet_inference_request_success", "Successful inference requests", _LABELS,
+            "edgefleet_inference_request_success",
+            "Successful inference requests",
+            _LABELS,
             registry=r,
-        )  # fmt: skip
+        )
         self._failure = Counter(
             "edgefleet_inference_request_failure",
             "Failed inference requests, by reason (invalid, queue_full, timeout, runtime, ...)",

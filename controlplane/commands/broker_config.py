@@ -68,7 +68,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"cannot write broker config: {exc}") from exc
     finally:
         plane.close()
-    print(f"Mosquitto config written to {files.directory}" + (" (broker reloaded)" if reloaded else ""))
+    print(
+        f"Mosquitto config written to {files.directory}"
+        + (" (broker reloaded)" if reloaded else "")
+    )
     print(f"  run:   mosquitto -c {files.conf}")
     print("  in the control plane's config (so revocations reach the broker):")
     print(f'    [broker]\n    dir = "{files.directory}"')

@@ -1,0 +1,218 @@
+"""The SELECTED and SELF_TESTED steps: choose how to run the package here, then prove it.
+
+`choose_variant` hands the downloaded variants to accelerator selection (agent.selection), which
+loads each allowed (variant x runtime x device x options) candidate, checks it against the
+package's golden vectors and measures it; the decision is cached by model digest and hardware,
+so a restarted update does not measure again. `prepare_serving` writes the version directory
+serving will load (the chosen variant's files and a model.toml with runtime, device, threads).
+`self_test` loads that directory exactly as serving will and runs every golden set on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import sqlite_utils
+
+from agent.update.errors import SelectionFailed, SelfTestFailed
+from provisioning.package import GoldenVectors, Package, Variant
+
+SERVING_CONFIG = "model.toml"
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    variant: str
+    runtime: str
+    device: str
+    threads: int | None
+    extra: dict[str, Any] = field(default_factory=dict)
+    from_cache: bool = False
+    seconds: float = 0.0
+    label: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Choice:
+        return cls(**data)
+
+
+def choose_variant(
+    package: Package,
+    variants: list[str],
+    work_dir: Path,
+    *,
+    profile: Any,
+    database: sqlite_utils.Database,
+    state_dir: Path,
+) -> Choice:
+    """Measure the downloaded `variants` of `package` on this node and return the winner."""
+    from agent.selection import DecisionCache, Reference, SelectionError, Tolerance, choose
+
+    view = _selection_view(package, variants, work_dir / "select")
+    golden = package.golden_vectors(package.manifest.golden[0])
+    reference = Reference(
+        inputs=golden.inputs,
+        outputs=golden.outputs,
+        datatypes={d.name: d.datatype for d in package.manifest.outputs},
+        source=golden.source,
+    )
+    # One tolerance for every candidate: the loosest any downloaded variant asks for; each
+    # variant is held to its own in the self-test that follows.
+    atol = max(_tolerance(package.manifest.variant(v), golden)[0] for v in variants)
+    rtol = max(_tolerance(package.manifest.variant(v), golden)[1] for v in variants)
+    tolerance = Tolerance.from_mapping(
+        {d.datatype: {"atol": atol, "rtol": rtol} for d in package.manifest.outputs}
+    )
+    try:
+        decision = choose(
+            view,
+            model=package.manifest.name,
+            profile=profile,
+            cache=DecisionCache(database),
+            state_dir=state_dir,
+            golden=reference,
+            tolerance=tolerance,
+        )
+    except SelectionError as exc:
+        reasons = sorted({r.reason for r in exc.results if r.reason})
+        detail = "; ".join(reasons[:3])
+        raise SelectionFailed(f"{exc}{': ' + detail if detail else ''}") from None
+    finally:
+        shutil.rmtree(view, ignore_errors=True)
+    chosen = Path(decision.variant).stem
+    return Choice(
+        variant=chosen,
+        runtime=decision.runtime,
+        device=decision.device,
+        threads=decision.options.threads or None,
+        extra={k: v for k, v in decision.options.extra.items() if k != "CACHE_DIR"},
+        from_cache=decision.from_cache,
+        seconds=decision.selection_seconds,
+        label=decision.candidate.label(),
+    )
+
+
+def prepare_serving(package: Package, choice: Choice, root: Path) -> Path:
+    """Write `root`/<model>/<version>/ for serving: the chosen variant's files and model.toml."""
+    manifest = package.manifest
+    variant = manifest.variant(choice.variant)
+    directory = root / manifest.name / str(manifest.version)
+    if root.exists():
+        shutil.rmtree(root)
+    directory.mkdir(parents=True)
+    primary = PurePosixPath(variant.model_file)
+    for relative in variant.files:
+        path = PurePosixPath(relative)
+        if relative == variant.model_file:
+            name = f"model{primary.suffix.lower()}"
+        elif primary.suffix.lower() == ".xml" and path == primary.with_suffix(".bin"):
+            name = "model.bin"  # OpenVINO finds the weights by the .xml's stem
+        elif path.is_relative_to(primary.parent):
+            name = str(path.relative_to(primary.parent))  # companions keep their place
+        else:
+            raise SelfTestFailed(f"variant {variant.name}: {relative} is outside its model's directory")
+        target = directory / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _link_or_copy(package.root / relative, target)
+    lines = [f"runtime = {json.dumps(choice.runtime)}", f"device = {json.dumps(choice.device)}"]
+    if choice.threads:
+        lines.append(f"threads = {int(choice.threads)}")
+    (directory / SERVING_CONFIG).write_text("\n".join(lines) + "\n")
+    return directory
+
+
+def self_test(package: Package, choice: Choice, serving_root: Path) -> str:
+    """Load the prepared version directory as serving does; run every golden set. A summary."""
+    from agent.selection.tolerance import Tolerance, compare
+    from agent.serving.repository import ModelRepository, RepositoryError
+    from runtimes import load
+    from runtimes.base import LoadOptions, RuntimeAdapterError
+
+    manifest = package.manifest
+    try:
+        source = ModelRepository(serving_root).source(manifest.name, str(manifest.version))
+        session = load(
+            source.model_file,
+            runtime=source.config.runtime,
+            options=LoadOptions(device=source.config.device, threads=source.config.threads),
+        )
+    except (RepositoryError, RuntimeAdapterError) as exc:
+        raise SelfTestFailed(f"the chosen variant does not load as serving loads it: {exc}") from None
+    try:
+        _check_interface(package, session)
+        variant = manifest.variant(choice.variant)
+        worst = 0.0
+        for golden in package.all_golden():
+            atol, rtol = _tolerance(variant, golden)
+            try:
+                outputs = session.infer(golden.inputs)
+            except Exception as exc:  # a runtime may raise anything on a bad model
+                raise SelfTestFailed(f"{golden.source}: inference failed: {exc}") from None
+            result = compare(
+                outputs,
+                golden.outputs,
+                {d.name: d.datatype for d in manifest.outputs},
+                Tolerance.from_mapping(
+                    {d.datatype: {"atol": atol, "rtol": rtol} for d in manifest.outputs}
+                ),
+            )
+            if not result.ok:
+                raise SelfTestFailed(f"golden vectors {golden.source}: {result.problem}")
+            worst = max(worst, result.max_error)
+    finally:
+        session.close()
+    return f"{len(manifest.golden)} golden set(s) pass on {choice.label or choice.runtime}, max error {worst:.2g}"
+
+
+def _check_interface(package: Package, session: Any) -> None:
+    for kind, declared, actual in (
+        ("input", package.manifest.inputs, session.inputs),
+        ("output", package.manifest.outputs, session.outputs),
+    ):
+        have = {s.name: s for s in actual}
+        for decl in declared:
+            spec = have.get(decl.name)
+            if spec is None:
+                raise SelfTestFailed(
+                    f"the model has no {kind} {decl.name!r} (it has {sorted(have)})"
+                )
+            if spec.datatype != decl.datatype:
+                raise SelfTestFailed(
+                    f"{kind} {decl.name!r} is {spec.datatype}, the manifest declares {decl.datatype}"
+                )
+
+
+def _tolerance(variant: Variant, golden: GoldenVectors) -> tuple[float, float]:
+    atol = golden.atol if variant.atol is None else variant.atol
+    rtol = golden.rtol if variant.rtol is None else variant.rtol
+    return atol, rtol
+
+
+def _selection_view(package: Package, variants: list[str], directory: Path) -> Path:
+    """One directory with each variant's model file named after the variant, as selection
+    expects (it treats every model file in a directory as one variant)."""
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    for name in variants:
+        variant = package.manifest.variant(name)
+        primary = PurePosixPath(variant.model_file)
+        _link_or_copy(package.root / variant.model_file, directory / f"{name}{primary.suffix.lower()}")
+        if primary.suffix.lower() == ".xml":
+            _link_or_copy(package.root / str(primary.with_suffix(".bin")), directory / f"{name}.bin")
+    return directory
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)

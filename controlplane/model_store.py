@@ -1,0 +1,83 @@
+"""Publishing a signed package: check the publisher, split it into variants, add TUF targets.
+
+    store = ModelStore(TufRepository(state / "tuf"))
+    published = store.push(Path("cnn-pkg"))       # -> [PublishedVariant(...), ...]
+
+`push` accepts a package only if its signature verifies with a registered publisher's key and
+that publisher may sign the model's name, which is what every node checks again on its own.
+Each variant becomes one target, `<model>/<version>/<variant>.tar`: a deterministic tar of the
+manifest, the golden vectors, the signature and that variant's files, so a node downloads only
+what it can run. Custom metadata on the target names model, version, variant, runtime,
+precision and the publisher's key id. Blobs are content-addressed in the TUF repository.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from controlplane.publishers import PublisherRegistry
+from controlplane.tuf_repository import NewTarget, TufRepository
+from provisioning.archive import pack
+from provisioning.package import SIGNATURE_FILE
+from provisioning.publishers import authenticate_package
+
+
+class PushRefused(ValueError):
+    """The package cannot be published; the message says why and what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class PublishedVariant:
+    target: str
+    sha256: str
+    length: int
+    custom: dict
+
+
+def target_path(model: str, version: int | str, variant: str) -> str:
+    return f"{model}/{version}/{variant}.tar"
+
+
+class ModelStore:
+    def __init__(self, repository: TufRepository) -> None:
+        self.repository = repository
+        self.publishers = PublisherRegistry(repository)
+
+    def push(self, package_dir: Path) -> list[PublishedVariant]:
+        package_dir = Path(package_dir)
+        try:
+            publisher, package = authenticate_package(
+                package_dir, self.publishers.current(), strict=False
+            )
+        except ValueError as exc:  # SignatureError, ManifestError
+            raise PushRefused(f"{package_dir}: {exc}") from None
+        manifest = package.manifest
+        published: list[PublishedVariant] = []
+        with tempfile.TemporaryDirectory(prefix="edgefleet-push-") as scratch:
+            new_targets = []
+            for variant in manifest.variants:
+                tar = Path(scratch) / f"{variant.name}.tar"
+                pack(package_dir, [*manifest.files_for([variant.name]), SIGNATURE_FILE], tar)
+                custom = {
+                    "model": manifest.name,
+                    "version": manifest.version,
+                    "variant": variant.name,
+                    "runtime": variant.runtime,
+                    "precision": variant.precision,
+                    "publisher": publisher.key_id,
+                }
+                path = target_path(manifest.name, manifest.version, variant.name)
+                new_targets.append(NewTarget(path, tar, custom))
+            try:
+                self.repository.add_targets(new_targets)
+            except ValueError as exc:
+                raise PushRefused(str(exc)) from None
+            targets = self.repository.targets().signed.targets
+            for item in new_targets:
+                info = targets[item.path]
+                published.append(
+                    PublishedVariant(item.path, info.hashes["sha256"], info.length, item.custom)
+                )
+        return published

@@ -1,0 +1,514 @@
+"""The model package: a directory a publisher signs, the control plane publishes, a node installs.
+
+    cnn/
+      edgefleet.toml        the manifest (below)
+      model.onnx            variant files, anywhere below the directory
+      openvino/model.xml    (an OpenVINO IR lists its .bin too)
+      openvino/model.bin
+      golden.npz            golden vectors: arrays input/<name> and output/<name>
+      model.sig             the OpenSSF model-signing signature (see provisioning.signing)
+
+The manifest says what the package is and how a node checks it:
+
+    name = "cnn"                      # the serving name
+    version = 2                       # a positive integer: serving orders versions numerically
+    min_agent_version = "0.1.0"       # optional; older agents refuse the package
+    allowed_regions = ["ae", "eu"]    # regions whose nodes may run it; ["*"] for any
+
+    [[inputs]]                        # the model's interface, checked against each variant
+    name = "input"
+    datatype = "FP32"
+    shape = [1, 3, 224, 224]          # -1 for a dynamic dimension
+
+    [[outputs]]
+    name = "output"
+    datatype = "FP32"
+    shape = [1, 1000]
+
+    [[variants]]                      # one or more ways to run the model
+    name = "onnx-fp32"
+    runtime = "onnxruntime"           # onnxruntime | openvino | litert
+    precision = "fp32"                # fp32 | fp16 | bf16 | int8 | uint8 | int4 | mixed
+    files = ["model.onnx"]            # the first is the file the runtime opens
+    # atol / rtol: optional, this variant's golden tolerance (reduced precision needs more)
+
+    [[golden]]                        # one or more golden vector files (.npz)
+    file = "golden.npz"
+    atol = 1e-4
+    rtol = 1e-3
+
+Arrays live in .npz files, not in TOML. `Manifest.parse` checks every key and value strictly
+and names the offending key in its error; `Package.load` also checks the files and the golden
+arrays against the declared inputs and outputs.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+MANIFEST_FILE = "edgefleet.toml"
+SIGNATURE_FILE = "model.sig"
+
+# Model names become URL path segments, metric labels and directory names on the node.
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+VARIANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+REGION = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+AGENT_VERSION = re.compile(r"^\d+(\.\d+){0,3}$")
+RUNTIMES = ("onnxruntime", "openvino", "litert")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "uint8", "int4", "mixed")
+ANY_REGION = "*"
+# The file each runtime opens; its companions (an IR's .bin) follow it in `files`.
+_MODEL_SUFFIXES = {
+    "onnxruntime": (".onnx",),
+    "openvino": (".xml", ".onnx", ".tflite"),
+    "litert": (".tflite",),
+}
+_DATATYPES = (
+    "BOOL", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64",
+    "FP16", "FP32", "FP64",
+)  # fmt: skip
+_MAX_FILES = 64
+_MAX_DIMS = 8
+
+
+class ManifestError(ValueError):
+    """edgefleet.toml or the files it names are not what the package format requires."""
+
+
+@dataclass(frozen=True, slots=True)
+class TensorDecl:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def accepts(self, array: np.ndarray) -> bool:
+        if array.ndim != len(self.shape):
+            return False
+        return all(d in (-1, n) for d, n in zip(self.shape, array.shape, strict=True))
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    name: str
+    runtime: str
+    precision: str
+    files: tuple[str, ...]
+    atol: float | None = None
+    rtol: float | None = None
+
+    @property
+    def model_file(self) -> str:
+        return self.files[0]
+
+
+@dataclass(frozen=True, slots=True)
+class GoldenSet:
+    file: str
+    atol: float
+    rtol: float
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    version: int
+    min_agent_version: str
+    allowed_regions: tuple[str, ...]
+    inputs: tuple[TensorDecl, ...]
+    outputs: tuple[TensorDecl, ...]
+    variants: tuple[Variant, ...]
+    golden: tuple[GoldenSet, ...]
+    description: str = ""
+
+    @classmethod
+    def load(cls, path: Path) -> Manifest:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ManifestError(f"{path}: no manifest; a package needs {MANIFEST_FILE}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ManifestError(f"{path}: cannot read the manifest: {exc}") from None
+        return cls.parse(text, source=str(path))
+
+    @classmethod
+    def parse(cls, text: str, source: str = MANIFEST_FILE) -> Manifest:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ManifestError(f"{source}: not valid TOML: {exc}") from None
+        return _Reader(source).manifest(data)
+
+    def variant(self, name: str) -> Variant:
+        for variant in self.variants:
+            if variant.name == name:
+                return variant
+        known = ", ".join(v.name for v in self.variants)
+        raise ManifestError(f"{self.name}@{self.version} has no variant {name!r} (has: {known})")
+
+    def shared_files(self) -> tuple[str, ...]:
+        """Files every installation needs whichever variant it runs: manifest and golden."""
+        return (MANIFEST_FILE, *(g.file for g in self.golden))
+
+    def files_for(self, variants: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+        """The files a node needs to install these variants (signature not included)."""
+        files = list(self.shared_files())
+        for name in variants:
+            files.extend(self.variant(name).files)
+        return tuple(dict.fromkeys(files))
+
+    def all_files(self) -> tuple[str, ...]:
+        return self.files_for([v.name for v in self.variants])
+
+    def allows_region(self, region: str) -> bool:
+        return ANY_REGION in self.allowed_regions or region in self.allowed_regions
+
+    def accepts_agent(self, agent_version: str) -> bool:
+        return version_tuple(agent_version) >= version_tuple(self.min_agent_version)
+
+
+@dataclass(frozen=True)
+class GoldenVectors:
+    """One golden set loaded: what a variant must compute, and how close it must come."""
+
+    inputs: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
+    atol: float
+    rtol: float
+    source: str
+
+
+@dataclass(frozen=True)
+class Package:
+    """A package directory whose manifest parsed and whose present files check out."""
+
+    root: Path
+    manifest: Manifest
+
+    @classmethod
+    def load(cls, root: Path, variants: list[str] | tuple[str, ...] | None = None) -> Package:
+        """Read `root`/edgefleet.toml and check the files of `variants` (default: all).
+
+        A node holds only the variants it downloaded, so it names them; a publisher's
+        directory must hold every file the manifest lists.
+        """
+        root = Path(root)
+        manifest = Manifest.load(root / MANIFEST_FILE)
+        names = [v.name for v in manifest.variants] if variants is None else list(variants)
+        package = cls(root, manifest)
+        for relative in manifest.files_for(names):
+            path = root / relative
+            if path.is_symlink() or not path.is_file():
+                raise ManifestError(
+                    f"{root}: {relative} is listed in {MANIFEST_FILE} but is not a regular file "
+                    "in the package"
+                )
+        for golden in manifest.golden:
+            package.golden_vectors(golden)
+        return package
+
+    def golden_vectors(self, golden: GoldenSet) -> GoldenVectors:
+        """Load one golden file and check its arrays against the declared inputs/outputs."""
+        path = self.root / golden.file
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                arrays = {key: archive[key] for key in archive.files}
+        except (OSError, ValueError) as exc:
+            raise ManifestError(f"{golden.file}: not a readable .npz file: {exc}") from None
+        inputs = _golden_group(arrays, "input/", self.manifest.inputs, golden.file)
+        outputs = _golden_group(arrays, "output/", self.manifest.outputs, golden.file)
+        unknown = sorted(k for k in arrays if not k.startswith(("input/", "output/")))
+        if unknown:
+            raise ManifestError(
+                f"{golden.file}: unexpected arrays {unknown}; name them input/<name> or "
+                "output/<name>"
+            )
+        return GoldenVectors(inputs, outputs, golden.atol, golden.rtol, golden.file)
+
+    def all_golden(self) -> list[GoldenVectors]:
+        return [self.golden_vectors(g) for g in self.manifest.golden]
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    if not AGENT_VERSION.match(text):
+        raise ManifestError(f"{text!r} is not a version like 1.2.3")
+    parts = tuple(int(p) for p in text.split("."))
+    return parts + (0,) * (4 - len(parts))
+
+
+def check_relative_path(text: str, where: str) -> str:
+    """A package-relative POSIX path that cannot leave the package or hide in it."""
+    if not isinstance(text, str) or not text:
+        raise ManifestError(f"{where}: expected a non-empty relative path")
+    path = PurePosixPath(text)
+    if path.is_absolute() or "\\" in text or any(p in ("..", ".", "") for p in text.split("/")):
+        raise ManifestError(
+            f"{where}: {text!r} must be a plain relative path inside the package "
+            "(no leading /, no '.', '..' or empty parts, '/' as separator)"
+        )
+    if any(ord(c) < 32 for c in text):
+        raise ManifestError(f"{where}: {text!r} contains control characters")
+    return text
+
+
+def _golden_group(
+    arrays: dict[str, np.ndarray], prefix: str, declared: tuple[TensorDecl, ...], source: str
+) -> dict[str, np.ndarray]:
+    group = {k.removeprefix(prefix): v for k, v in arrays.items() if k.startswith(prefix)}
+    wanted = {d.name: d for d in declared}
+    if set(group) != set(wanted):
+        raise ManifestError(
+            f"{source}: {prefix.rstrip('/')} arrays {sorted(group)} do not match the declared "
+            f"{prefix.rstrip('/')}s {sorted(wanted)}"
+        )
+    for name, array in group.items():
+        decl = wanted[name]
+        if array.dtype != _numpy_dtype(decl.datatype):
+            raise ManifestError(
+                f"{source}: {prefix}{name} is {array.dtype}, declared {decl.datatype}"
+            )
+        if not decl.accepts(array):
+            raise ManifestError(
+                f"{source}: {prefix}{name} has shape {list(array.shape)}, declared "
+                f"{list(decl.shape)}"
+            )
+    return group
+
+
+def _numpy_dtype(datatype: str) -> np.dtype:
+    return np.dtype(
+        {"BOOL": "bool", "FP16": "float16", "FP32": "float32", "FP64": "float64"}.get(
+            datatype, datatype.lower()
+        )
+    )
+
+
+class _Reader:
+    """Turns parsed TOML into a Manifest, or fails naming the key and the problem."""
+
+    TOP = {"name", "version", "description", "min_agent_version", "allowed_regions", "inputs",
+           "outputs", "variants", "golden"}  # fmt: skip
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, key: str, problem: str) -> ManifestError:
+        return ManifestError(f"{self.source}: {key}: {problem}")
+
+    def manifest(self, data: dict[str, Any]) -> Manifest:
+        self.known_keys(data, self.TOP, "")
+        name = self.string(data, "name", "", required=True)
+        if not MODEL_NAME.match(name):
+            raise self.fail("name", f"{name!r} must match {MODEL_NAME.pattern}")
+        version = self.version(data.get("version"))
+        min_agent = self.string(data, "min_agent_version", "", default="0")
+        if not AGENT_VERSION.match(min_agent):
+            raise self.fail("min_agent_version", f"{min_agent!r} is not a version like 0.1.0")
+        regions = self.regions(data.get("allowed_regions"))
+        inputs = self.tensors(data, "inputs")
+        outputs = self.tensors(data, "outputs")
+        variants = self.variants(data.get("variants"))
+        golden = self.golden(data.get("golden"))
+        owned: dict[str, str] = {}
+        for v in variants:
+            for f in v.files:
+                if f in owned and owned[f] != v.name:
+                    raise self.fail(
+                        f"variants.{v.name}.files", f"{f!r} also belongs to variant {owned[f]!r}"
+                    )
+                owned[f] = v.name
+        for g in golden:
+            if g.file in owned:
+                raise self.fail("golden.file", f"{g.file!r} is also a file of a variant")
+        return Manifest(
+            name=name,
+            version=version,
+            min_agent_version=min_agent,
+            allowed_regions=regions,
+            inputs=inputs,
+            outputs=outputs,
+            variants=variants,
+            golden=golden,
+            description=self.string(data, "description", "", default=""),
+        )
+
+    def known_keys(self, table: dict[str, Any], known: set[str], where: str) -> None:
+        unknown = sorted(set(table) - known)
+        if unknown:
+            raise self.fail(
+                where or "(top level)",
+                f"unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}",
+            )
+
+    def string(
+        self,
+        table: dict[str, Any],
+        key: str,
+        where: str,
+        *,
+        required: bool = False,
+        default: str | None = None,
+    ) -> str:
+        full = f"{where}{key}"
+        if key not in table:
+            if required:
+                raise self.fail(full, "is required")
+            return default or ""
+        value = table[key]
+        if not isinstance(value, str) or (required and not value):
+            raise self.fail(full, f"expected a non-empty string, got {value!r}")
+        return value
+
+    def number(self, table: dict[str, Any], key: str, where: str) -> float | None:
+        if key not in table:
+            return None
+        value = table[key]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+            raise self.fail(f"{where}{key}", f"expected a number >= 0, got {value!r}")
+        return float(value)
+
+    def version(self, value: Any) -> int:
+        if value is None:
+            raise self.fail("version", "is required (a positive integer)")
+        if isinstance(value, str) and value.isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**53:
+            raise self.fail(
+                "version",
+                f"{value!r} must be a positive integer: the serving repository orders versions "
+                "numerically",
+            )
+        return value
+
+    def regions(self, value: Any) -> tuple[str, ...]:
+        if value is None:
+            raise self.fail(
+                "allowed_regions", 'is required: a list of regions, or ["*"] for any region'
+            )
+        if not isinstance(value, list) or not value:
+            raise self.fail("allowed_regions", 'expected a non-empty list such as ["ae"] or ["*"]')
+        for region in value:
+            if region != ANY_REGION and not (isinstance(region, str) and REGION.match(region)):
+                raise self.fail("allowed_regions", f"{region!r} is not a region name")
+        return tuple(dict.fromkeys(value))
+
+    def tensors(self, data: dict[str, Any], key: str) -> tuple[TensorDecl, ...]:
+        items = data.get(key)
+        if not isinstance(items, list) or not items:
+            raise self.fail(key, f"expected one or more [[{key}]] tables")
+        decls: list[TensorDecl] = []
+        for index, item in enumerate(items):
+            where = f"{key}[{index}]."
+            if not isinstance(item, dict):
+                raise self.fail(f"{key}[{index}]", "expected a table")
+            self.known_keys(item, {"name", "datatype", "shape"}, f"{key}[{index}]")
+            name = self.string(item, "name", where, required=True)
+            datatype = self.string(item, "datatype", where, required=True)
+            if datatype not in _DATATYPES:
+                raise self.fail(
+                    f"{where}datatype", f"{datatype!r}; expected one of {', '.join(_DATATYPES)}"
+                )
+            shape = item.get("shape")
+            if (
+                not isinstance(shape, list)
+                or not 1 <= len(shape) <= _MAX_DIMS
+                or not all(
+                    isinstance(d, int) and not isinstance(d, bool) and (d == -1 or d > 0)
+                    for d in shape
+                )
+            ):
+                raise self.fail(
+                    f"{where}shape", f"expected 1..{_MAX_DIMS} dimensions, each > 0 or -1"
+                )
+            if name in {d.name for d in decls}:
+                raise self.fail(f"{where}name", f"{name!r} is declared twice")
+            decls.append(TensorDecl(name, datatype, tuple(shape)))
+        return tuple(decls)
+
+    def variants(self, items: Any) -> tuple[Variant, ...]:
+        if not isinstance(items, list) or not items:
+            raise self.fail("variants", "expected one or more [[variants]] tables")
+        variants: list[Variant] = []
+        for index, item in enumerate(items):
+            where = f"variants[{index}]."
+            if not isinstance(item, dict):
+                raise self.fail(f"variants[{index}]", "expected a table")
+            self.known_keys(
+                item, {"name", "runtime", "precision", "files", "atol", "rtol"}, where[:-1]
+            )
+            name = self.string(item, "name", where, required=True)
+            if not VARIANT_NAME.match(name):
+                raise self.fail(f"{where}name", f"{name!r} must match {VARIANT_NAME.pattern}")
+            if name in {v.name for v in variants}:
+                raise self.fail(f"{where}name", f"{name!r} is used by two variants")
+            runtime = self.string(item, "runtime", where, required=True)
+            if runtime not in RUNTIMES:
+                raise self.fail(f"{where}runtime", f"{runtime!r}; expected one of {RUNTIMES}")
+            precision = self.string(item, "precision", where, required=True)
+            if precision not in PRECISIONS:
+                raise self.fail(f"{where}precision", f"{precision!r}; expected one of {PRECISIONS}")
+            files = self.files(item.get("files"), f"{where}files", runtime)
+            variants.append(
+                Variant(
+                    name,
+                    runtime,
+                    precision,
+                    files,
+                    self.number(item, "atol", where),
+                    self.number(item, "rtol", where),
+                )
+            )
+        return tuple(variants)
+
+    def files(self, value: Any, where: str, runtime: str) -> tuple[str, ...]:
+        if not isinstance(value, list) or not 1 <= len(value) <= _MAX_FILES:
+            raise self.fail(where, f"expected a list of 1..{_MAX_FILES} file paths")
+        files = tuple(self.path(f, where) for f in value)
+        if len(set(files)) != len(files):
+            raise self.fail(where, "lists a file twice")
+        first = PurePosixPath(files[0])
+        if first.suffix.lower() not in _MODEL_SUFFIXES[runtime]:
+            raise self.fail(
+                where,
+                f"the first file {files[0]!r} is what {runtime} opens; it must end in "
+                f"{' or '.join(_MODEL_SUFFIXES[runtime])}",
+            )
+        if first.suffix.lower() == ".xml":
+            weights = str(first.with_suffix(".bin"))
+            if weights not in files:
+                raise self.fail(where, f"an OpenVINO IR needs its weights {weights!r} listed too")
+        return files
+
+    def path(self, value: Any, where: str) -> str:
+        path = check_relative_path(value, f"{self.source}: {where}")
+        if path in (SIGNATURE_FILE, MANIFEST_FILE):
+            raise self.fail(where, f"{path!r} is reserved for the package itself")
+        return path
+
+    def golden(self, items: Any) -> tuple[GoldenSet, ...]:
+        if not isinstance(items, list) or not items:
+            raise self.fail(
+                "golden",
+                "expected one or more [[golden]] tables: a node self-tests every package on "
+                "its golden vectors before serving it",
+            )
+        sets: list[GoldenSet] = []
+        for index, item in enumerate(items):
+            where = f"golden[{index}]."
+            if not isinstance(item, dict):
+                raise self.fail(f"golden[{index}]", "expected a table")
+            self.known_keys(item, {"file", "atol", "rtol"}, where[:-1])
+            file = self.path(item.get("file"), f"{where}file")
+            if not file.endswith(".npz"):
+                raise self.fail(f"{where}file", f"{file!r} must be a .npz file")
+            atol = self.number(item, "atol", where)
+            rtol = self.number(item, "rtol", where)
+            sets.append(
+                GoldenSet(file, 1e-4 if atol is None else atol, 1e-3 if rtol is None else rtol)
+            )
+        return tuple(sets)
