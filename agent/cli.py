@@ -13,6 +13,7 @@ import importlib
 import sys
 
 from agent import __version__
+from agent.commands import UserError
 
 COMMANDS = [
     "agent.commands.serve",
@@ -22,11 +23,9 @@ COMMANDS = [
     "agent.commands.install",
     "agent.commands.uninstall",
     "agent.commands.enroll",
+    "agent.commands.apply",
 ]
 
-
-class UserError(Exception):
-    """A problem the user can fix (bad flag, missing file); printed without a traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -77,7 +77,8 @@ class AllowedDevice:
 class SelectionSettings:
     objective: str = "latency"
     warmup_runs: int = 5
-    benchmark_seconds: float = 0.5  # per candidate
+    benchmark_seconds: float = 0.5  # per candidate, screening
+    runoff_seconds: float = 1.0  # the finalists together, interleaved
     min_runs: int = 10
     max_selection_seconds: float = 120.0
     batch_size: int = 8  # requests per run for the throughput objective, where the model batches
@@ -427,6 +428,7 @@ class _Validator:
                 "objective",
                 "warmup_runs",
                 "benchmark_seconds",
+                "runoff_seconds",
                 "min_runs",
                 "max_selection_seconds",
                 "batch_size",
@@ -448,6 +450,12 @@ class _Validator:
                 "benchmark_seconds",
                 f"{where}.benchmark_seconds",
                 default=defaults.benchmark_seconds,
+            ),
+            runoff_seconds=self.number(
+                data,
+                "runoff_seconds",
+                f"{where}.runoff_seconds",
+                default=defaults.runoff_seconds,
             ),
             min_runs=self.integer(
                 data, "min_runs", f"{where}.min_runs", default=defaults.min_runs, minimum=1

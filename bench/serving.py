@@ -709,6 +709,9 @@ class Goal:
         }
 
 
+Setup = tuple[str, str, str]  # server, protocol, model
+
+
 class Results:
     """All figures of a run, looked up by (server, protocol, model)."""
 
@@ -716,65 +719,67 @@ class Results:
         self.figures: list[Figures] = []
         self.rss_mb: dict[str, dict[str, float]] = {}
 
-    def get(self, server: str, protocol: str, model: str) -> Figures | None:
+    def get(self, setup: Setup) -> Figures | None:
         for f in self.figures:
-            if (f.server, f.protocol, f.model) == (server, protocol, model):
+            if (f.server, f.protocol, f.model) == setup:
                 return f
         return None
 
-    def ratio(self, a: tuple[str, str, str], b: tuple[str, str, str], what: str) -> float | None:
-        fa, fb = self.get(*a), self.get(*b)
+    def ratio(self, a: Setup, b: Setup, clients: int) -> float | None:
+        """Median over the rounds of a / b: p50 at 1 client, else throughput. In each round the
+        two were measured back to back, so each round's ratio saw about the same machine."""
+        fa, fb = self.get(a), self.get(b)
         if fa is None or fb is None or fa.errors or fb.errors:
             return None
-        va, vb = _figure(fa, what), _figure(fb, what)
-        return va / vb if va and vb else None
+        key = "p50_us" if clients == 1 else "throughput"
+        va = [run[key] for run in fa.runs if run["clients"] == clients]
+        vb = [run[key] for run in fb.runs if run["clients"] == clients]
+        if not va or len(va) != len(vb) or not all(vb):
+            return None
+        return statistics.median(x / y for x, y in zip(va, vb, strict=True))
 
     def goals(self) -> list[Goal]:
-        raw = ("onnxruntime", "session.run", "cnn")
+        raw_cnn = ("onnxruntime", "session.run", "cnn")
         goals = [
             Goal(
                 "REST JSON MLP throughput@8, agent / MLServer",
-                self.ratio(("agent", "rest-json", "mlp"), ("mlserver", "rest-json", "mlp"), "8"),
+                self.ratio(("agent", "rest-json", "mlp"), ("mlserver", "rest-json", "mlp"), 8),
                 3,
-                True,
+                at_least=True,
             ),
             Goal(
                 "gRPC MLP throughput@8, agent / MLServer",
-                self.ratio(("agent", "grpc", "mlp"), ("mlserver", "grpc", "mlp"), "8"),
+                self.ratio(("agent", "grpc", "mlp"), ("mlserver", "grpc", "mlp"), 8),
                 2,
-                True,
+                at_least=True,
             ),
             Goal(
                 "CNN p50, agent gRPC raw / session.run",
-                self.ratio(("agent", "grpc", "cnn"), raw, "p50"),
+                self.ratio(("agent", "grpc", "cnn"), raw_cnn, 1),
                 1.15,
-                False,
+                at_least=False,
             ),
             Goal(
                 "CNN p50, agent REST binary / session.run",
-                self.ratio(("agent", "rest-binary", "cnn"), raw, "p50"),
+                self.ratio(("agent", "rest-binary", "cnn"), raw_cnn, 1),
                 1.15,
-                False,
+                at_least=False,
             ),
         ]
         for protocol in AGENT_PROTOCOLS:
+            on, off = ("agent", protocol, "mlp"), ("agent-nobatch", protocol, "mlp")
             goals.append(
                 Goal(
                     f"MLP throughput@32 {PROTOCOL_LABELS[protocol]}, batching on / off",
-                    self.ratio(
-                        ("agent", protocol, "mlp"), ("agent-nobatch", protocol, "mlp"), "32"
-                    ),
+                    self.ratio(on, off, max(CLIENTS)),
                     2,
-                    True,
+                    at_least=True,
                 )
             )
-        agent_rss = self.rss_mb.get("agent", {}).get("after_load")
-        goals.append(Goal("agent RSS, MLP + CNN, after the load", agent_rss, 120, False, " MB"))
+        rss = self.rss_mb.get("agent", {})
+        for moment, label in (("ready", "once ready"), ("after_load", "after the load")):
+            goals.append(Goal(f"agent RSS, MLP + CNN, {label}", rss.get(moment), 120, False, " MB"))
         return goals
-
-
-def _figure(figures: Figures, what: str) -> float | None:
-    return figures.p50_us if what == "p50" else figures.throughput.get(what)
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -814,7 +819,7 @@ def format_memory(results: Results) -> str:
 
 
 def format_goals(goals: list[Goal]) -> str:
-    lines = ["Targets (issue 2), ratios from this run:"]
+    lines = ["Targets (issue 2); a ratio is the median of each round's ratio:"]
     for goal in goals:
         doc = goal.as_dict()
         value = "n/a" if goal.value is None else f"{goal.value:.2f}{goal.unit}"
@@ -981,9 +986,9 @@ def parse_args(argv: list[str] | None) -> Settings:
                         help="one round of 1 s measurements, no warm-up: a smoke run")  # fmt: skip
     parser.add_argument("--duration", type=int, default=2, metavar="S",
                         help="seconds per measurement and round (default 2)")  # fmt: skip
-    parser.add_argument("--rounds", type=int, default=3, metavar="N",
+    parser.add_argument("--rounds", type=int, default=5, metavar="N",
                         help="rounds over all measurements, figures are medians "
-                        "(default 3)")  # fmt: skip
+                        "(default 5)")  # fmt: skip
     parser.add_argument("--skip-mlserver", action="store_true",
                         help="leave MLServer out (e.g. when its venv cannot be built)")  # fmt: skip
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the JSON here")
@@ -1028,6 +1033,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"error: {exc}")
         return 1
     document = report_document(results, settings, started, load_at_start)
+    print(f"Medians over {settings.rounds} round(s) of {settings.duration_s} s per measurement")
     print(format_table(results))
     print()
     print(format_memory(results))

@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from controlplane import __version__
+from controlplane.commands import UserError
 
 COMMANDS: list[str] = [
     "controlplane.commands.ca",
@@ -18,11 +19,10 @@ COMMANDS: list[str] = [
     "controlplane.commands.token",
     "controlplane.commands.device",
     "controlplane.commands.broker_config",
+    "controlplane.commands.tuf",
+    "controlplane.commands.model",
 ]
 
-
-class UserError(Exception):
-    """A problem the user can fix; printed without a traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,19 +26,16 @@ and each setting can be overridden by the environment variable named after its f
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 from controlplane.errors import ConfigError
 from provisioning.ca import Lifetimes
 from provisioning.errors import ProvisioningError
 from provisioning.identity import check_name
-
-ENV_PREFIX = "EDGEFLEET_"
+from provisioning.settings import SettingsError, load_settings
 
 
 def _default_state_dir() -> Path:
@@ -113,68 +110,12 @@ def load_config(
     path: Path | str | None = None, env: Mapping[str, str] | None = None
 ) -> ControlPlaneConfig:
     """Defaults, then the TOML file (`path`, else `$EDGEFLEET_CONFIG`), then the environment."""
-    env = os.environ if env is None else env
-    path = path or env.get(ENV_PREFIX + "CONFIG")
-    values: dict[str, Any] = {}
-    if path:
-        values.update(_from_toml(Path(path)))
-    values.update(_from_env(env))
-    config = replace(ControlPlaneConfig(), **values)
+    try:
+        config = load_settings(ControlPlaneConfig, path, env)
+    except SettingsError as exc:
+        raise ConfigError(str(exc)) from exc
     _check(config)
     return config
-
-
-def _from_toml(path: Path) -> dict[str, Any]:
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ConfigError(f"config file {path} does not exist") from exc
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
-    by_key = {f.metadata["toml"]: f for f in fields(ControlPlaneConfig)}
-    flat = dict(_flatten(raw))
-    unknown = sorted(set(flat) - set(by_key))
-    if unknown:
-        raise ConfigError(
-            f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(by_key))}"
-        )
-    return {by_key[k].name: _convert(by_key[k].name, v, str(path)) for k, v in flat.items()}
-
-
-def _flatten(table: Mapping[str, Any], prefix: str = ""):
-    for key, value in table.items():
-        if isinstance(value, dict):
-            yield from _flatten(value, f"{prefix}{key}.")
-        else:
-            yield prefix + key, value
-
-
-def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
-    values = {}
-    for f in fields(ControlPlaneConfig):
-        raw = env.get(ENV_PREFIX + f.name.upper())
-        if raw is not None:
-            values[f.name] = _convert(f.name, raw, ENV_PREFIX + f.name.upper())
-    return values
-
-
-def _convert(name: str, value: Any, source: str) -> Any:
-    kind = {f.name: f.type for f in fields(ControlPlaneConfig)}[name]
-    try:
-        if kind in ("int", "float"):
-            if isinstance(value, bool):
-                raise ValueError
-            return int(value) if kind == "int" else float(value)
-        if kind == "tuple[str, ...]":
-            items = value.split(",") if isinstance(value, str) else list(value)
-            return tuple(str(i).strip() for i in items if str(i).strip())
-        if "Path" in kind:
-            return Path(value).expanduser() if str(value) else None
-        if not isinstance(value, str):
-            raise ValueError
-        return value
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{source}: {name} has a bad value {value!r}") from exc
 
 
 def _check(config: ControlPlaneConfig) -> None:

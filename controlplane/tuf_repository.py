@@ -49,6 +49,7 @@ from tuf.api.metadata import (
 )
 from tuf.api.serialization.json import JSONSerializer
 
+from provisioning.errors import ProvisioningError
 from provisioning.keys import PRIVATE_MODE, load_private_key, write_file_atomic
 
 ONLINE_ROLES = (Targets.type, Snapshot.type, Timestamp.type)
@@ -304,7 +305,10 @@ class TufRepository:
         role = root.roles[Root.type]
         signers = []
         for path in sorted(Path(offline_keys_dir).glob("*.pem")):
-            signer = _load_signer(path)
+            try:
+                signer = _load_signer(path)
+            except ProvisioningError as exc:
+                raise TufRepositoryError(str(exc)) from None
             if signer.public_key.keyid in role.keyids:
                 signers.append(signer)
         if len(signers) < role.threshold:

@@ -91,7 +91,7 @@ def safe_extract(
                 raise ArchiveError(f"{name!r} is a {_kind(member)}; packages hold plain files only")
             if member.size > limits.max_member_bytes:
                 raise ArchiveError(
-                    f"{name!r} is {member.size} bytes, over the {limits.max_member_bytes} cap"
+                    f"{name!r} is {member.size} bytes, over the cap of {limits.max_member_bytes} bytes"
                 )
             total += member.size
             if total > limits.max_total_bytes:

@@ -27,7 +27,9 @@ from runtimes.discovery import RuntimeDevice, discover
 
 PROFILES = Path(__file__).resolve().parent.parent / "firmware-profiles"
 # Small budgets: tests check behaviour, never speed.
-QUICK = SelectionSettings(warmup_runs=1, benchmark_seconds=0.02, min_runs=3, batch_size=4)
+QUICK = SelectionSettings(
+    warmup_runs=1, benchmark_seconds=0.02, runoff_seconds=0.03, min_runs=3, batch_size=4
+)
 
 
 def profile(name: str = "generic-cpu", *allow: AllowedDevice, **settings) -> Profile:
@@ -340,7 +342,8 @@ def test_selector_decides_from_worker_threads(tmp_path, sample_repo):
     """The data plane runs `decide` in a thread pool; the stored decision serves any thread."""
     quick = tmp_path / "quick.toml"
     text = (PROFILES / "generic-cpu.toml").read_text()
-    quick.write_text(text.replace("benchmark_seconds = 0.3", "benchmark_seconds = 0.02"))
+    text = text.replace("benchmark_seconds = 0.2", "benchmark_seconds = 0.02")
+    quick.write_text(text.replace("runoff_seconds = 0.6", "runoff_seconds = 0.03"))
     selector = Selector(tmp_path / "state", profile=str(quick))
     directory = model_dir(tmp_path, sample_repo, "mlp")
     with ThreadPoolExecutor(max_workers=1) as first, ThreadPoolExecutor(max_workers=1) as second:

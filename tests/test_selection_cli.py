@@ -19,6 +19,7 @@ description = "generic-cpu with a test-sized time budget"
 objective = "latency"
 warmup_runs = 1
 benchmark_seconds = 0.02
+runoff_seconds = 0.03
 min_runs = 3
 [[allow]]
 runtime = "onnxruntime"

@@ -245,3 +245,11 @@ def test_compile_cache_cap_removes_least_recently_used_even_in_use(tmp_path):
     report = cache.prune({str(old), str(new)})
     assert report.removed == [old]
     assert new.exists()
+
+
+def test_a_pinned_option_value_replaces_the_profiles_axis():
+    profile = load_profile(PROFILES / "generic-cpu.toml")  # onnxruntime threads = [0, 1]
+    devices = [RuntimeDevice("onnxruntime", "CPU")]
+    pinned = build([variant("model.onnx", "onnx")], devices, profile, Pin(options={"threads": 3}))
+    runnable = [c.candidate for c in pinned if c.reason is None]
+    assert [dict(c.options) for c in runnable] == [{"threads": 3}]

@@ -1,4 +1,9 @@
-"""`edgefleet-agent serve`: serve a model repository over KServe v2 REST and gRPC."""
+"""`edgefleet-agent serve`: serve a model repository over KServe v2 REST and gRPC.
+
+Settings come from the agent config (`--config`, else `$EDGEFLEET_CONFIG`), `EDGEFLEET_*`
+variables and these flags, the flags winning. On an enrolled node (an identity in the state dir)
+the device certificate is renewed in the background; local serving never depends on it.
+"""
 
 from __future__ import annotations
 
@@ -13,18 +18,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Serve every model in DIR (<model>/<version>/model.{onnx,xml,tflite}) "
         "over the KServe v2 Open Inference Protocol. Binds 127.0.0.1 unless told otherwise.",
     )
-    p.add_argument("--models", required=True, type=Path, metavar="DIR", help="model repository")
+    p.add_argument("--config", type=Path, metavar="FILE", help="agent config (TOML)")
     p.add_argument(
-        "--http",
-        default="127.0.0.1:8000",
-        metavar="HOST:PORT",
-        help="REST address (default %(default)s; 'off' to disable)",
+        "--models", type=Path, metavar="DIR", help="model repository (default <state_dir>/models)"
     )
     p.add_argument(
-        "--grpc",
-        default="127.0.0.1:8001",
-        metavar="HOST:PORT",
-        help="gRPC address (default %(default)s; 'off' to disable)",
+        "--http", metavar="HOST:PORT", help="REST address (default 127.0.0.1:8000; 'off')"
+    )
+    p.add_argument(
+        "--grpc", metavar="HOST:PORT", help="gRPC address (default 127.0.0.1:8001; 'off')"
     )
     p.add_argument("--socket", type=Path, metavar="PATH", help="also serve REST on a unix socket")
     p.add_argument("--max-body-mb", type=int, default=64, help="largest request (default 64)")
@@ -35,15 +37,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from agent import logs, memory
     from agent.cli import UserError
+    from agent.config import SettingsError, load_config
     from agent.serving.server import ServeOptions, split_address
 
-    if not args.models.is_dir():
+    try:
+        config = load_config(args.config)
+    except SettingsError as exc:
+        raise UserError(str(exc)) from None
+    models = args.models or config.models_dir
+    if not models.is_dir():
         raise UserError(
-            f"model repository {args.models} does not exist "
+            f"model repository {models} does not exist "
             "(create one with: edgefleet-agent sample-models DIR)"
         )
-    http = None if args.http == "off" else args.http
-    grpc = None if args.grpc == "off" else args.grpc
+    http = _address(args.http or config.http)
+    grpc = _address(args.grpc or config.grpc)
     for address in (http, grpc):
         if address:
             try:
@@ -54,12 +62,17 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--max-body-mb must be between 1 and 4096")
     logs.setup(args.log_level)
     memory.tune_allocator()
-    options = ServeOptions(args.models, http, grpc, args.socket, args.max_body_mb * 1024 * 1024)
+    socket = args.socket or config.socket
+    options = ServeOptions(models, http, grpc, socket, args.max_body_mb * 1024 * 1024)
     try:
-        _run_loop(_serve(options))
+        _run_loop(_serve(options, config.identity_dir))
     except OSError as exc:
         raise UserError(f"cannot listen: {exc}") from None
     return 0
+
+
+def _address(value: str) -> str | None:
+    return None if value == "off" else value
 
 
 def _run_loop(main) -> None:
@@ -74,15 +87,15 @@ def _run_loop(main) -> None:
         uvloop.run(main)
 
 
-async def _serve(options) -> None:
+async def _serve(options, identity_dir: Path) -> None:
     import asyncio
     import logging
     import signal
 
     from agent.serving.server import start
 
-    server = await start(options)
     log = logging.getLogger("edgefleet.serve")
+    server = await start(options)
     where = []
     if server.http_port:
         host = options.http.rpartition(":")[0]
@@ -91,14 +104,43 @@ async def _serve(options) -> None:
         where.append(f"gRPC {options.grpc.rpartition(':')[0]}:{server.grpc_port}")
     if server.socket:
         where.append(f"REST unix:{server.socket}")
-    models = ", ".join(
-        f"{e.name}/{e.version} {e.state}" for e in server.dataplane.repository_index()
-    )
-    log.info("serving %s; models: %s", ", ".join(where), models)
+    index = server.dataplane.repository_index()
+    models = ", ".join(f"{e.name}/{e.version} {e.state}" for e in index)
+    log.info("serving %s; models: %s", ", ".join(where), models or "none")
+    renewal = _start_renewal(identity_dir, log)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping: draining requests")
+    if renewal is not None:
+        renewal.cancel()
     await server.stop()
+
+
+def _start_renewal(identity_dir: Path, log):
+    """Renew the device certificate in the background when this node is enrolled."""
+    import asyncio
+
+    if not identity_dir.is_dir():
+        log.info("no device identity in %s: serving locally only", identity_dir)
+        return None
+    from agent.identity import CertificateRenewer, IdentityError, IdentityStore
+
+    store = IdentityStore(identity_dir)
+    try:
+        current = store.current()
+    except IdentityError as exc:
+        log.warning("device identity unreadable, not renewing: %s", exc)
+        return None
+    if current is None:
+        return None
+    renewer = CertificateRenewer(store)
+    renewer.add_listener(lambda creds: log.info("device certificate renewed: %s", creds.serial))
+    log.info(
+        "device %s: certificate renewal due %s",
+        current.identity.device_id,
+        renewer.due_at(current).isoformat(),
+    )
+    return asyncio.create_task(renewer.run())

@@ -2,9 +2,10 @@
 
 The grid is the profile's `[[allow]]` list, in preference order, crossed with the model's
 variants and each runtime's option axes (threads; OpenVINO hint and precision). A combination
-that cannot run here is not silently dropped: it becomes a `Rejection` with its reason (runtime
-not installed, device absent, format unreadable, precision unsupported), so the candidate table
-shows everything that was considered.
+that cannot run here is not silently dropped: it is `Considered` with its reason (runtime not
+installed, device absent, format unreadable, precision unsupported, pinned out), so the
+candidate table shows everything that was considered. A model's pin narrows the grid, and an
+option value it pins (threads = 2) replaces that axis even where the profile lists others.
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ def build(
     considered: list[Considered] = []
     for preference, allowed in enumerate(allow):
         for variant in variants:
-            for options in _option_grid(allowed):
+            for options in _option_grid(allowed, pin):
                 candidate = Candidate(
                     variant=variant.name,
                     runtime=allowed.runtime,
@@ -202,12 +203,18 @@ def device_grid(devices: list[RuntimeDevice], profile: Profile) -> list[Consider
     return considered
 
 
-def _option_grid(allowed: AllowedDevice) -> list[tuple[tuple[str, Any], ...]]:
+def _option_grid(
+    allowed: AllowedDevice, pin: Pin | None = None
+) -> list[tuple[tuple[str, Any], ...]]:
     axes: dict[str, tuple[Any, ...]] = {"threads": allowed.options.threads}
     if allowed.runtime == "openvino":
         if allowed.options.hints:
             axes["hint"] = allowed.options.hints
         axes["precision"] = allowed.options.precisions or ("f32",)
+    if pin is not None:
+        for name, value in pin.options.items():
+            if name in axes or (allowed.runtime == "openvino" and name == "hint"):
+                axes[name] = (value,)
     names = sorted(axes)
     return [
         tuple(zip(names, values, strict=True))

@@ -95,8 +95,9 @@ def choose(
             say("discovering runtimes and devices")
             devices = _discover(sandbox)
         trials = Trials(sandbox, variants, profile, tolerance, compile_cache, say)
-        results = _measure(trials, variants, devices, profile, golden, pin, started, say)
-    best = pick(results, profile)
+        results, finalists = _measure(trials, variants, devices, profile, golden, pin, started, say)
+    # After a run-off only its finalists compete: their numbers come from one fair measurement.
+    best = pick(finalists or results, profile)
     if best is None:
         raise SelectionError(f"{name}: no candidate passed; see the reasons per candidate", results)
     best.verdict = CHOSEN
@@ -139,8 +140,8 @@ def _measure(
     pin: Pin | None,
     started: float,
     say: Progress,
-) -> list[CandidateResult]:
-    """Every candidate's result, in preference order."""
+) -> tuple[list[CandidateResult], list[CandidateResult]]:
+    """Every candidate's result in preference order, and the run-off's finalists (maybe none)."""
     considered = build(variants, devices, profile, pin)
     results = [CandidateResult(c.candidate, SKIPPED, c.reason) for c in considered]
     runnable = [r for r in results if r.reason is None]
@@ -164,10 +165,10 @@ def _measure(
             results[results.index(result)] = measured
             say(f"    {_summary(measured)}")
             trials.keep_contenders(results)
-        trials.runoff(results)
+        finalists = trials.runoff(results)
     finally:
         trials.close_all()
-    return results
+    return results, finalists
 
 
 def pick(results: list[CandidateResult], profile: Profile) -> CandidateResult | None:

@@ -38,11 +38,14 @@ from agent.selection.tolerance import Tolerance, compare
 from agent.selection.variants import Variant
 from runtimes.base import LoadOptions
 
-# Candidates kept loaded for the run-off, and how close to the best they must be to stay.
-MAX_FINALISTS = 3
-FINALIST_MARGIN = 0.15
-# A benchmark stops early once its median is this many times the best score so far.
-EARLY_STOP_FACTOR = 1.5
+# Screening ranks candidates by their fast decile (p10): load from other processes only ever
+# adds time, so the fastest runs are the least disturbed estimate of what a candidate can do.
+FLOOR_PERCENTILE = 10
+# Candidates kept loaded for the run-off: the best few whose floor is within 2x of the best.
+MAX_FINALISTS = 4
+FINALIST_MARGIN = 1.0
+# A screening benchmark stops early once its floor is this many times the best floor so far.
+EARLY_STOP_FACTOR = 2.0
 # Reference runtime for each format: the plain CPU fp32 path.
 REFERENCE_RUNTIMES = {
     "onnx": ("onnxruntime", "openvino"),
@@ -92,7 +95,7 @@ class Trials:
         self.loaded: dict[str, _Loaded] = {}
         self.compile_dirs: dict[str, Path] = {}  # candidate ident -> its CACHE_DIR
         self._first_run: float | None = None  # the last verified candidate's first inference
-        self.best_score: float | None = None
+        self.floors: dict[str, float] = {}  # candidate ident -> screening floor, as a score
         # candidate ident -> (worker generation, load reply) of a session the reference loaded
         self.preloaded: dict[str, tuple[int, dict[str, Any]]] = {}
         # Candidates out of tolerance, by what decides their numerics (not hint or threads).
@@ -295,11 +298,12 @@ class Trials:
             "max_runs": 100_000,
             "stop_above": stop_above,
         }
-        reply = self.sandbox.call(request, timeout=self._bench_limit(first_run, 1))
+        limit = self._bench_limit(first_run, 1, settings.benchmark_seconds)
+        reply = self.sandbox.call(request, timeout=limit)
         if not reply["ok"]:
             return f"benchmark failed: {reply['error']}"
         if reply["stopped_early"]:
-            self.progress(f"    stopped early: over {EARLY_STOP_FACTOR:g} x the best so far")
+            self.progress(f"    stopped early: over {EARLY_STOP_FACTOR:g}x the best floor so far")
         return reply["latencies"]
 
     def _score_per_ms(self, candidate: Candidate, batch: int) -> float:
@@ -310,26 +314,29 @@ class Trials:
         return per_item
 
     def _stop_above(self, candidate: Candidate, batch: int) -> float | None:
-        """The p50 (seconds) past which this candidate cannot come near the best so far."""
-        if self.best_score is None:
+        """The floor (seconds) past which this candidate cannot come near the best so far."""
+        if not self.floors:
             return None
-        ms = self.best_score * EARLY_STOP_FACTOR / self._score_per_ms(candidate, batch)
-        return ms / 1e3
+        best = min(self.floors.values())
+        return best * EARLY_STOP_FACTOR / self._score_per_ms(candidate, batch) / 1e3
 
-    def _bench_limit(self, first_run: float | None, candidates: int) -> float:
+    def _bench_limit(self, first_run: float | None, candidates: int, seconds: float) -> float:
         """Time budget plus the minimum runs at a slow first-run pace, with room to spare."""
         settings = self.settings
         runs = (settings.warmup_runs + settings.min_runs) * candidates
-        return 10.0 + 2 * settings.benchmark_seconds + 3 * runs * (first_run or 1.0)
+        return 10.0 + 2 * seconds + 3 * runs * (first_run or 1.0)
 
     def _score(self, result: CandidateResult, latencies: list[float], batch: int) -> None:
         ms = np.asarray(latencies) * 1e3
+        per_ms = self._score_per_ms(result.candidate, batch)
         result.runs = len(latencies)
         result.p50_ms = float(np.percentile(ms, 50))
         result.p99_ms = float(np.percentile(ms, 99))
-        result.score = result.p50_ms * self._score_per_ms(result.candidate, batch)
-        if self.best_score is None or result.score < self.best_score:
-            self.best_score = result.score
+        result.score = result.p50_ms * per_ms
+        floor = float(np.percentile(ms, FLOOR_PERCENTILE)) * per_ms
+        self.floors[result.candidate.ident] = min(
+            floor, self.floors.get(result.candidate.ident, floor)
+        )
 
     # --- finalists ------------------------------------------------------------------------------
 
@@ -341,52 +348,55 @@ class Trials:
                 self._close(key)
 
     def finalists(self, results: list[CandidateResult]) -> list[CandidateResult]:
-        verified = [
+        """Verified candidates still loaded whose screening floor is near the best floor."""
+        loaded = [
             r
             for r in results
             if r.verdict == VERIFIED
-            and r.score is not None
+            and r.candidate.ident in self.floors
             and r.candidate.ident in self.loaded
             and self.loaded[r.candidate.ident].generation == self.sandbox.restarts
         ]
-        if not verified:
+        if not loaded:
             return []
-        best = min(r.score for r in verified if r.score is not None)
-        close = [
-            r for r in verified if r.score is not None and r.score <= best * (1 + FINALIST_MARGIN)
-        ]
-        return sorted(close, key=lambda r: r.score or 0.0)[:MAX_FINALISTS]
+        best = min(self.floors[r.candidate.ident] for r in loaded)
+        near = [r for r in loaded if self.floors[r.candidate.ident] <= best * (1 + FINALIST_MARGIN)]
+        return sorted(near, key=lambda r: self.floors[r.candidate.ident])[:MAX_FINALISTS]
 
     def runoff(self, results: list[CandidateResult]) -> list[CandidateResult]:
         """Measure the finalists again in turn, one run each per round, and rescore them.
 
         Sequential benchmarks on a busy machine favour whichever ran in a quiet moment;
-        interleaving spreads the machine's own noise evenly over the finalists.
+        interleaving spreads the machine's own noise evenly over the finalists, so their p50s
+        from the run-off are the ones compared. Returns the finalists (empty without a run-off).
         """
         finalists = self.finalists(results)
         if len(finalists) < 2:
-            return finalists
+            return []
         keys = [r.candidate.ident for r in finalists]
         self.progress(f"run-off between {len(keys)} finalists")
         first = max((r.p50_ms or 1.0) / 1e3 for r in finalists)
+        seconds = self.settings.runoff_seconds
         request = {
             "op": "runoff",
             "ids": keys,
             "inputs": {k: self.loaded[k].inputs for k in keys},
-            "seconds": self.settings.benchmark_seconds,
+            "seconds": seconds,
             "min_rounds": self.settings.min_runs,
             "max_rounds": 100_000,
         }
         try:
-            reply = self.sandbox.call(request, timeout=self._bench_limit(first, len(keys)))
+            reply = self.sandbox.call(request, timeout=self._bench_limit(first, len(keys), seconds))
         except (SandboxTimeout, SandboxCrashed) as exc:
-            self.progress(f"run-off abandoned: {exc}; keeping the first measurements")
+            self.progress(f"run-off abandoned: {exc}; keeping the screening measurements")
             self.loaded.clear()
-            return finalists
-        if reply["ok"]:
-            for result in finalists:
-                key = result.candidate.ident
-                self._score(result, reply["latencies"][key], self.loaded[key].batch)
+            return []
+        if not reply["ok"]:
+            self.progress(f"run-off failed: {reply['error']}; keeping the screening measurements")
+            return []
+        for result in finalists:
+            key = result.candidate.ident
+            self._score(result, reply["latencies"][key], self.loaded[key].batch)
         return finalists
 
     def close_all(self) -> None:

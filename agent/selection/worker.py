@@ -121,8 +121,8 @@ class Worker:
     def op_benchmark(self, request: dict[str, Any]) -> dict[str, Any]:
         """Warm-up runs, then timed runs until the time budget is spent and `min_runs` are done.
 
-        `stop_above` (seconds, optional) ends the runs early once `min_runs` are done and their
-        median is above it: a candidate that clearly cannot win need not use its whole budget.
+        `stop_above` (seconds, optional) ends the runs early once `min_runs` are done and even
+        their fast decile is above it: a candidate that cannot win need not use its budget.
         """
         infer = self.sessions[request["id"]].infer
         inputs = request["inputs"]
@@ -140,7 +140,7 @@ class Worker:
             infer(inputs)
             latencies.append(clock() - started)
             checkpoint = len(latencies) >= min_runs and len(latencies) % min_runs == 0
-            if stop_above and checkpoint and float(np.median(latencies)) > stop_above:
+            if stop_above and checkpoint and float(np.percentile(latencies, 10)) > stop_above:
                 stopped_early = True
                 break
         return {"ok": True, "latencies": latencies, "stopped_early": stopped_early}

@@ -176,6 +176,11 @@ class Journal:
     def fail(self, job: Job, reason: str) -> Job:
         return self.advance(job, FAILED, reason, reason=reason)
 
+    def note(self, job_id: int, label: str, detail: str) -> None:
+        """Add an event to a job's trail without changing its state (e.g. a health verdict)."""
+        with self.db.conn:
+            self._event(job_id, label, detail, time.time())
+
     def events(self, job_id: int) -> list[tuple[str, str, float]]:
         rows = self.db.execute(
             "SELECT state, detail, at FROM update_events WHERE job_id = ? ORDER BY id", [job_id]
@@ -197,6 +202,15 @@ class Journal:
             "SELECT model FROM update_installed UNION SELECT model FROM update_jobs"
         ).fetchall()
         return sorted(r[0] for r in rows)
+
+    def known_versions(self, model: str) -> set[int]:
+        """Every version of `model` the lifecycle ever worked on."""
+        rows = self.db.execute(
+            "SELECT version FROM update_jobs WHERE model = ? UNION "
+            "SELECT version FROM update_installed WHERE model = ?",
+            [model, model],
+        ).fetchall()
+        return {r[0] for r in rows}
 
     def role(self, model: str, role: str) -> Installed | None:
         return next((i for i in self.installed(model) if i.role == role), None)

@@ -95,6 +95,7 @@ def download_resumable(
         response = transport.get(url, headers)
     except urllib3.exceptions.HTTPError as exc:
         raise DownloadFailed(f"cannot reach {url}: {exc}", retryable=True) from exc
+    complete = False
     try:
         if response.status == 206 and offset:
             if not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
@@ -110,8 +111,12 @@ def download_resumable(
                 f"GET {url}: HTTP {response.status}", retryable=response.status >= 500
             )
         _receive(response, partial, mode, offset, length, limits, progress)
+        complete = True
     finally:
-        response.release_conn()
+        if complete:
+            response.release_conn()
+        else:  # never drain an unread body (it may not end): drop the connection
+            response.close()
 
 
 def _receive(

@@ -13,6 +13,8 @@ protection, key thresholds, root rotation); this module adds the node's own rule
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
@@ -93,12 +95,8 @@ class TrustedRepository:
 
     def refresh(self) -> None:
         """Fetch and verify fresh top-level metadata (once per run, as python-tuf requires)."""
-        try:
+        with _refusals():
             self._updater.refresh()
-        except tuf_exceptions.DownloadError as exc:
-            raise TrustFailed(f"cannot fetch TUF metadata: {exc}", retryable=True) from None
-        except tuf_exceptions.RepositoryError as exc:
-            raise TrustFailed(f"TUF metadata refused: {type(exc).__name__}: {exc}") from None
 
     def variants(self, model: str, version: int) -> dict[str, TargetFile]:
         """The targets of model@version by variant name, each confirmed through the Updater."""
@@ -139,12 +137,8 @@ class TrustedRepository:
         destination = self.tuf_dir / "trust" / "publishers.json"
         cached = self._updater.find_cached_target(target, str(destination))
         if cached is None:
-            try:
+            with _refusals():
                 self._updater.download_target(target, str(destination))
-            except tuf_exceptions.DownloadError as exc:
-                raise TrustFailed(f"cannot fetch the publisher list: {exc}", retryable=True) from None
-            except tuf_exceptions.RepositoryError as exc:
-                raise TrustFailed(f"publisher list refused by TUF: {exc}") from None
         root = Metadata[Root].from_file(str(self.tuf_dir / "metadata" / "root.json")).signed
         try:
             listing = PublisherList.verify(destination.read_bytes(), root)
@@ -160,12 +154,22 @@ class TrustedRepository:
         return listing
 
     def _targetinfo(self, path: str) -> TargetFile:
-        try:
+        with _refusals():
             info = self._updater.get_targetinfo(path)
-        except tuf_exceptions.DownloadError as exc:
-            raise TrustFailed(f"cannot fetch TUF metadata: {exc}", retryable=True) from None
-        except tuf_exceptions.RepositoryError as exc:
-            raise TrustFailed(f"TUF metadata refused: {type(exc).__name__}: {exc}") from None
         if info is None:
             raise TrustFailed(f"{path} is not a target of the control plane's TUF repository")
         return info
+
+
+@contextmanager
+def _refusals() -> Iterator[None]:
+    """python-tuf's errors as the journal's: refused for good, or worth another try."""
+    try:
+        yield
+    except tuf_exceptions.DownloadLengthMismatchError as exc:
+        # More bytes than the signed metadata allows: an attack, not a bad connection.
+        raise TrustFailed(f"TUF metadata refused: {exc}") from None
+    except tuf_exceptions.DownloadError as exc:
+        raise TrustFailed(f"cannot fetch TUF metadata: {exc}", retryable=True) from None
+    except tuf_exceptions.RepositoryError as exc:
+        raise TrustFailed(f"TUF metadata refused: {type(exc).__name__}: {exc}") from None

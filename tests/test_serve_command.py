@@ -1,0 +1,166 @@
+"""`edgefleet-agent serve` as a user runs it: a real process, its config, its signals."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import tritonclient.http as httpclient
+
+from agent.samples import sample_input
+
+pytest_plugins = ["tests.trust_fixtures"]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def start_agent(*argv: str, env: dict | None = None) -> tuple[subprocess.Popen, Path]:
+    log = Path(os.environ.get("PYTEST_TMP", "/tmp")) / f"agent-{time.monotonic_ns()}.log"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "serve",
+            "--grpc",
+            "off",
+            "--http",
+            "127.0.0.1:0",
+            *argv,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("wb"),
+        env={**os.environ, **(env or {})},
+    )
+    return proc, log
+
+
+def wait_for_log(proc: subprocess.Popen, log: Path, pattern: str, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace")
+        if re.search(pattern, text):
+            return text
+        if proc.poll() is not None:
+            raise AssertionError(f"agent exited with {proc.returncode}:\n{text}")
+        time.sleep(0.1)
+    raise AssertionError(f"{pattern!r} not logged within {timeout} s:\n{log.read_text()}")
+
+
+def rest_port(text: str) -> int:
+    return int(re.search(r"REST http://127\.0\.0\.1:(\d+)", text).group(1))
+
+
+def stop(proc: subprocess.Popen) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(30)
+
+
+def test_serves_locally_and_stops_cleanly_on_sigterm(sample_repo, tmp_path):
+    sock = tmp_path / "agent.sock"
+    proc, log = start_agent(
+        "--models",
+        str(sample_repo),
+        "--socket",
+        str(sock),
+        env={"EDGEFLEET_STATE_DIR": str(tmp_path / "state")},
+    )
+    try:
+        text = wait_for_log(proc, log, r"serving REST")
+        assert "serving locally only" in text
+        with httpclient.InferenceServerClient(f"127.0.0.1:{rest_port(text)}") as client:
+            inp = httpclient.InferInput("input", [1, 64], "FP32")
+            inp.set_data_from_numpy(sample_input("mlp")["input"])
+            assert client.infer("mlp", [inp]).as_numpy("output").shape == (1, 10)
+        assert sock.is_socket()
+    finally:
+        rc = stop(proc)
+    assert rc == 0
+    assert "stopping: draining requests" in log.read_text()
+    assert not sock.exists()
+    for line in log.read_text().splitlines():  # structured logs: one JSON object per line
+        if line.startswith("{"):
+            assert '"level"' in line and '"msg"' in line
+
+
+async def test_enrolled_node_schedules_certificate_renewal(control_plane, sample_repo, tmp_path):
+    root = tmp_path / "root"
+    token = control_plane.token(uses=1)
+    rc, _, err = await control_plane.agent(
+        "install",
+        "--server",
+        control_plane.endpoints.enroll_url,
+        "--token",
+        token,
+        "--root",
+        str(root),
+    )
+    assert rc == 0, err
+    config = tmp_path / "agent.toml"
+    config.write_text(f'state_dir = "{root}/var/lib/edgefleet"\n[serving]\nhttp = "127.0.0.1:0"\n')
+    proc, log = start_agent("--config", str(config), "--models", str(sample_repo))
+    try:
+        text = wait_for_log(proc, log, r"certificate renewal due")
+        assert re.search(r"device dev-[\w-]+: certificate renewal due \d{4}-", text)
+    finally:
+        assert stop(proc) == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "config", "message"),
+    [
+        (["--models", "/nonexistent/models"], None, "does not exist"),
+        (["--http", "localhost"], None, "must be HOST:PORT"),
+        (["--max-body-mb", "0"], None, "--max-body-mb"),
+        ([], "bogus = 1\n", "unknown setting(s) bogus"),
+        ([], "state_dir = [\n", "cannot read config file"),
+        ([], "[serving]\nhttp = 80\n", "http has a bad value"),
+    ],
+)
+def test_bad_flags_and_config_fail_clearly(sample_repo, tmp_path, argv, config, message):
+    args = [sys.executable, "-m", "agent.cli", "serve"]
+    if config is not None:
+        (tmp_path / "agent.toml").write_text(config)
+        args += ["--config", str(tmp_path / "agent.toml")]
+    if "--models" not in argv:
+        args += ["--models", str(sample_repo)]
+    result = subprocess.run([*args, *argv], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_address_in_use_is_a_clear_error(sample_repo):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "agent.cli",
+                "serve",
+                "--models",
+                str(sample_repo),
+                "--grpc",
+                "off",
+                "--http",
+                f"127.0.0.1:{port}",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert "cannot listen" in result.stderr and "Traceback" not in result.stderr

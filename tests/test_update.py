@@ -1,0 +1,500 @@
+"""The update lifecycle on a node, against a real control-plane endpoint (mutual TLS), a real
+TUF repository and a real serving agent: the tamper matrix, resumption, the lifecycle of
+versions (previous kept, older collected, downgrade) and the health watch's rollback.
+
+Every tampered update must be refused with its reason, leave no files behind, and leave the
+previous version serving: `assert_refused` checks all of that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import io
+import itertools
+import json
+import re
+import tarfile
+import threading
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from tuf.api.metadata import MetaFile, Snapshot, Timestamp
+
+from agent.serving.server import ServeOptions
+from agent.update import (
+    ACTIVE,
+    FAILED,
+    REFUSED,
+    ROLLED_BACK,
+    DesiredState,
+    DesiredStateError,
+    HealthPolicy,
+)
+from agent.update.health import HealthWatch, parse_sample
+from agent.update.journal import Journal
+from tests.conftest import ServerThread
+from tests.fleet import Fleet, new_publisher_key
+
+
+@dataclass
+class World:
+    fleet: Fleet
+    node: object
+    agent: ServerThread
+    versions: itertools.count = field(default_factory=lambda: itertools.count(2))
+
+    def next_version(self) -> int:
+        return next(self.versions)
+
+    def apply(self, model: str, version: int, health: HealthPolicy | None = None, **kw):
+        (outcome,) = self.fleet.apply(self.node, {model: version}, health, **kw)
+        return outcome
+
+
+@pytest.fixture(scope="module")
+def world(sample_repo, tmp_path_factory):
+    root = tmp_path_factory.mktemp("update")
+    with Fleet.create(root / "fleet", sample_repo) as fleet:
+        fleet.publish(1)
+        models = root / "node" / "models"
+        models.mkdir(parents=True)
+        with ServerThread(ServeOptions(models, "127.0.0.1:0", None, None)) as agent:
+            node = fleet.node(root / "node", agent_url=f"http://{agent.http_url}")
+            world = World(fleet, node, agent)
+            assert world.apply("mlp", 1).state == ACTIVE
+            yield world
+
+
+@pytest.fixture(autouse=True)
+def clean_server(world):
+    world.fleet.server.tamper = None
+    yield
+    world.fleet.server.tamper = None
+
+
+def infer(agent: ServerThread, model: str = "mlp") -> tuple[int, str]:
+    """(HTTP status, model_version) of one real inference request."""
+    body = json.dumps(
+        {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.5] * 64}]}
+    )
+    connection = http.client.HTTPConnection("127.0.0.1", agent.server.http_port, timeout=30)
+    try:
+        connection.request("POST", f"/v2/models/{model}/infer", body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        reply = json.loads(response.read() or b"{}")
+    finally:
+        connection.close()
+    return response.status, reply.get("model_version", "")
+
+
+def served_versions(world: World, model: str) -> list[int]:
+    directory = world.node.models_dir / model
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def assert_no_leftovers(world: World) -> None:
+    layout = world.node.layout
+    for scratch in (layout.downloads, layout.jobs, layout.staging, layout.trash):
+        assert not scratch.exists() or list(scratch.iterdir()) == [], scratch
+
+
+def assert_refused(world: World, outcome, step: str, reason: str) -> None:
+    assert outcome.state == FAILED, outcome
+    assert outcome.reason.startswith(f"{step}: "), outcome.reason
+    assert reason in outcome.reason, outcome.reason
+    assert infer(world.agent) == (200, "1")  # the previous version still serving
+    assert served_versions(world, "mlp") == [1]
+    assert_no_leftovers(world)
+    journal = Journal(world.node.settings.database)
+    assert journal.job(outcome.job_id).reason == outcome.reason
+    assert journal.role("mlp", "active").version == 1
+
+
+def flip_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+# --- the tamper matrix --------------------------------------------------------------------
+
+
+def test_bit_flip_in_a_model_file_published_by_the_control_plane(world):
+    """TUF signs the flipped file (compromised control plane): the publisher's key refuses."""
+    version = world.next_version()
+    package = world.fleet.package(version)
+    flip_bit(package / "model.onnx")
+    world.fleet.publish_unchecked(package)
+    assert_refused(world, world.apply("mlp", version), "signature", "Signature mismatch: model.onnx")
+
+
+def test_bit_flip_in_transit(world):
+    version = world.next_version()
+    world.fleet.publish(version)
+
+    async def flip(request: web.Request):
+        if "/targets/mlp/" not in request.path:
+            return None
+        blob = world.fleet.repository.target_file(request.path.split("/targets/", 1)[1])
+        data = bytearray(blob.read_bytes())
+        data[100] ^= 0x80
+        return web.Response(body=bytes(data))
+
+    world.fleet.server.tamper = flip
+    assert_refused(
+        world, world.apply("mlp", version), "verify", "does not match the signed TUF metadata"
+    )
+
+
+def test_package_re_signed_by_an_unknown_key(world, tmp_path):
+    version = world.next_version()
+    mallory = tmp_path / "mallory.key"
+    new_publisher_key(mallory)
+    world.fleet.publish_unchecked(world.fleet.package(version, key=mallory))
+    assert_refused(
+        world, world.apply("mlp", version), "signature", "belongs to no registered publisher"
+    )
+
+
+def test_valid_signature_by_a_publisher_not_allowed_for_the_model(world, tmp_path):
+    version = world.next_version()
+    audio = tmp_path / "audio.key"
+    world.fleet.register_publisher("audio", ["speech-*"], audio)
+    package = world.fleet.package(version, key=audio)
+    from provisioning.signing import key_id, load_public_key
+
+    world.fleet.publish_unchecked(package, claim=key_id(load_public_key(audio.with_suffix(".pub"))))
+    assert_refused(
+        world,
+        world.apply("mlp", version),
+        "signature",
+        "publisher 'audio' is registered for speech-*, not for model 'mlp'",
+    )
+
+
+def _forged_snapshot(world: World, targets_version: int) -> dict[str, bytes]:
+    """What holders of the online keys could serve: a new snapshot naming an old targets."""
+    repository = world.fleet.repository
+    snapshot = repository.snapshot()
+    snapshot.signed.version += 1
+    old = repository.metadata_dir / f"{targets_version}.targets.json"
+    snapshot.signed.meta["targets.json"] = MetaFile(
+        targets_version, len(old.read_bytes()), {"sha256": hashlib.sha256(old.read_bytes()).hexdigest()}
+    )
+    snapshot.signatures.clear()
+    snapshot.sign(repository._online_signer(Snapshot.type))
+    snapshot_bytes = snapshot.to_bytes()
+    timestamp = repository.timestamp()
+    timestamp.signed.version += 1
+    timestamp.signed.snapshot_meta = MetaFile(
+        snapshot.signed.version,
+        len(snapshot_bytes),
+        {"sha256": hashlib.sha256(snapshot_bytes).hexdigest()},
+    )
+    timestamp.signatures.clear()
+    timestamp.sign(repository._online_signer(Timestamp.type))
+    return {
+        "timestamp.json": timestamp.to_bytes(),
+        f"{snapshot.signed.version}.snapshot.json": snapshot_bytes,
+    }
+
+
+def _serve_metadata(world: World, files: dict[str, bytes]) -> None:
+    async def swap(request: web.Request):
+        name = request.path.rsplit("/", 1)[-1]
+        if "/metadata/" in request.path and name in files:
+            return web.Response(body=files[name], content_type="application/json")
+        return None
+
+    world.fleet.server.tamper = swap
+
+
+def test_tuf_targets_rolled_back_to_an_older_version(world):
+    version = world.next_version()
+    world.fleet.publish(version)
+    current = world.fleet.repository.snapshot().signed.meta["targets.json"].version
+    _serve_metadata(world, _forged_snapshot(world, targets_version=current - 2))
+    try:
+        assert_refused(
+            world, world.apply("mlp", version), "verify", "BadVersionNumberError"
+        )
+    finally:
+        world.fleet.server.tamper = None
+        # The node kept the forged (validly signed) timestamp: move past its version.
+        world.fleet.repository.refresh(force=True)
+        world.fleet.repository.refresh(force=True)
+
+
+def test_replayed_old_metadata_is_a_rollback(world):
+    repository = world.fleet.repository
+    old_timestamp = (repository.metadata_dir / "timestamp.json").read_bytes()
+    world.fleet.publish(1, name="demo-replay")
+    assert world.apply("demo-replay", 1).state == ACTIVE  # the node sees newer metadata
+    version = world.next_version()
+    world.fleet.publish(version)
+    _serve_metadata(world, {"timestamp.json": old_timestamp})
+    assert_refused(world, world.apply("mlp", version), "verify", "must be >= ")
+
+
+def test_expired_timestamp_freeze(world):
+    """A repository (or mirror) that stopped re-signing: its timestamp has expired."""
+    repository = world.fleet.repository
+    version = world.next_version()
+    real_clock = repository.clock
+    repository.clock = lambda: real_clock() - timedelta(hours=3)
+    try:
+        world.fleet.publish(version)  # signed as if three hours ago: expired an hour ago
+        assert_refused(
+            world, world.apply("mlp", version), "verify", "timestamp.json is expired"
+        )
+    finally:
+        repository.clock = real_clock
+        repository.refresh(force=True)
+
+
+@pytest.mark.parametrize("swapped", ["targets", "snapshot"])
+def test_snapshot_and_targets_mix_and_match(world, swapped):
+    repository = world.fleet.repository
+    version = world.next_version()
+    world.fleet.publish(version)
+    if swapped == "targets":
+        current = repository.snapshot().signed.meta["targets.json"].version
+    else:
+        current = repository.timestamp().signed.snapshot_meta.version
+    older = repository.metadata_dir / f"{current - 1}.{swapped}.json"
+    _serve_metadata(world, {f"{current}.{swapped}.json": older.read_bytes()})
+    assert_refused(world, world.apply("mlp", version), "verify", "TUF metadata refused")
+
+
+def test_target_longer_than_declared(world):
+    version = world.next_version()
+    world.fleet.publish(version)
+
+    async def endless(request: web.Request):
+        if "/targets/mlp/" not in request.path:
+            return None
+        response = web.StreamResponse()
+        await response.prepare(request)
+        # "Endless" for a 90 KB target: a thousand times too long, or until the node hangs up.
+        for _ in range(1500):
+            if request.transport is None or request.transport.is_closing():
+                break
+            await response.write(b"\0" * 65536)
+        return response
+
+    world.fleet.server.tamper = endless
+    assert_refused(
+        world, world.apply("mlp", version), "verify", "more than the"
+    )
+
+
+def _evil_tar(path: Path, member: tarfile.TarInfo) -> Path:
+    manifest = tarfile.TarInfo("edgefleet.toml")
+    manifest.size = 1
+    with tarfile.open(path, "w") as tar:
+        tar.addfile(manifest, io.BytesIO(b"#"))
+        tar.addfile(member, io.BytesIO(b"x" * member.size) if member.isreg() else None)
+    return path
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, link
+    info.size = 1 if kind == tarfile.REGTYPE else 0
+    return info
+
+
+@pytest.mark.parametrize(
+    ("member", "reason"),
+    [
+        (_member("../../../../etc/cron.d/evil"), "has an absolute path, '..'"),
+        (_member("/etc/cron.d/evil"), "has an absolute path, '..'"),
+        (_member("model.onnx", tarfile.SYMTYPE, "/etc/shadow"), "is a symbolic link"),
+        (_member("model.onnx", tarfile.CHRTYPE), "is a device node"),
+    ],
+    ids=["dot-dot", "absolute", "symlink", "device"],
+)
+def test_malicious_archive(world, tmp_path, member, reason):
+    version = world.next_version()
+    archive = _evil_tar(tmp_path / "evil.tar", member)
+    world.fleet.publish_archive("mlp", version, "onnx-fp32", archive)
+    assert_refused(world, world.apply("mlp", version), "unpack", reason)
+    assert not Path("/etc/cron.d/evil").exists()
+
+
+def test_failing_golden_vectors(world):
+    version = world.next_version()
+    world.fleet.publish(version, golden_offset=1.0)  # signed, published, but wrong outputs
+    assert_refused(world, world.apply("mlp", version), "select", "differs from the reference")
+
+
+def test_package_for_another_region(world):
+    version = world.next_version()
+    world.fleet.publish(version, regions=("eu",))
+    assert_refused(
+        world, world.apply("mlp", version), "signature", "not in this node's region 'ae'"
+    )
+
+
+def test_package_for_a_newer_agent(world):
+    version = world.next_version()
+    world.fleet.publish(version, min_agent_version="99.0")
+    assert_refused(world, world.apply("mlp", version), "signature", "needs agent 99.0 or newer")
+
+
+def test_target_swapped_for_another_version(world):
+    """TUF-valid target whose signed manifest is another version: a replay of old content."""
+    version = world.next_version()
+    old = world.fleet.repository.targets().signed.targets["mlp/1/onnx-fp32.tar"]
+    blob = world.fleet.repository.blobs_dir / old.hashes["sha256"]
+    world.fleet.publish_archive("mlp", version, "onnx-fp32", blob)
+    assert_refused(world, world.apply("mlp", version), "signature", "the signed manifest is mlp@1")
+
+
+# --- resumption and the lifecycle of versions -----------------------------------------------
+
+
+def test_truncated_download_resumes_with_range(world):
+    fleet = world.fleet
+    fleet.publish(1, name="demo-resume")
+    cut = {}
+
+    async def truncate_first(request: web.Request):
+        if "/targets/demo-resume/" not in request.path or cut:
+            return None
+        blob = fleet.repository.target_file(request.path.split("/targets/", 1)[1])
+        data = blob.read_bytes()
+        cut["at"] = len(data) // 3
+        response = web.StreamResponse(headers={"Content-Length": str(len(data))})
+        await response.prepare(request)
+        await response.write(data[: cut["at"]])
+        request.transport.close()  # the link drops mid-transfer
+        return response
+
+    fleet.server.tamper = truncate_first
+    fleet.server.requests.clear()
+    outcome = world.apply("demo-resume", 1)
+    assert outcome.state == ACTIVE, outcome
+    ranges = [r.range for r in fleet.server.requests if "/targets/demo-resume/" in r.path]
+    # The second request continues from what reached the disk (whole chunks before the cut).
+    assert len(ranges) == 2 and ranges[0] is None
+    resumed_at = int(ranges[1].removeprefix("bytes=").removesuffix("-"))
+    assert 0 < resumed_at <= cut["at"]
+    served = world.node.models_dir / "demo-resume" / "1" / "model.onnx"
+    original = fleet.packages[1] / "model.onnx"
+    assert hashlib.sha256(served.read_bytes()).digest() == hashlib.sha256(original.read_bytes()).digest()
+    assert infer(world.agent, "demo-resume") == (200, "1")
+    assert_no_leftovers(world)
+
+
+def test_previous_version_kept_older_collected_and_downgrade(world):
+    fleet, name = world.fleet, "demo-life"
+    for version in (1, 2, 3):
+        fleet.publish(version, name=name)
+    store = world.node.layout.store / name
+    assert world.apply(name, 1).state == ACTIVE
+    assert world.apply(name, 2).state == ACTIVE
+    assert served_versions(world, name) == [1, 2]  # previous still addressable
+    assert infer(world.agent, name) == (200, "2")
+    assert world.apply(name, 3).state == ACTIVE
+    assert served_versions(world, name) == [2, 3]  # 1 collected
+    assert sorted(p.name for p in store.iterdir() if p.name.isdigit()) == ["2", "3"]
+    assert world.apply(name, 3).state == "UP_TO_DATE"
+    assert world.apply(name, 2).state == ACTIVE  # downgrade: the higher version must go
+    assert served_versions(world, name) == [2]
+    assert infer(world.agent, name) == (200, "2")
+    journal = Journal(world.node.settings.database)
+    roles = {i.role: i.version for i in journal.installed(name)}
+    assert roles == {"active": 2, "previous": 3}
+    assert_no_leftovers(world)
+
+
+def test_health_watch_rolls_back_and_records_why(world):
+    fleet, name = world.fleet, "demo-health"
+    fleet.publish(1, name=name)
+    fleet.publish(2, name=name)
+    assert world.apply(name, 1).state == ACTIVE
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            infer(world.agent, name)
+
+    sender = threading.Thread(target=traffic, daemon=True)
+    sender.start()
+    # No real model answers in a nanosecond: the p95 limit is bound to be broken.
+    policy = HealthPolicy(window_s=20, poll_s=0.1, max_p95_ms=1e-6, min_requests=5)
+    try:
+        outcome = world.apply(name, 2, health=policy)
+    finally:
+        stop.set()
+        sender.join(10)
+    assert outcome.state == ROLLED_BACK, outcome
+    assert "health: p95 latency" in outcome.reason and "above the limit" in outcome.reason
+    assert served_versions(world, name) == [1]
+    assert infer(world.agent, name) == (200, "1")
+    journal = Journal(world.node.settings.database)
+    assert journal.job(outcome.job_id).state == ROLLED_BACK
+    assert journal.role(name, "active").version == 1
+    refused = world.apply(name, 2)
+    assert refused.state == REFUSED and "was rolled back" in refused.reason
+    assert world.apply(name, 2, retry_rolled_back=True).state == ACTIVE
+
+
+# --- the health watch's arithmetic and the desired-state file --------------------------------
+
+
+def _metrics(success: int, failures: dict[str, int], fast: int, slow: int) -> str:
+    labels = 'model="m",version="2"'
+    lines = [f"edgefleet_inference_request_success_total{{{labels}}} {success}"]
+    lines += [
+        f'edgefleet_inference_request_failure_total{{{labels},reason="{r}"}} {n}'
+        for r, n in failures.items()
+    ]
+    for le, count in (("0.001", fast), ("0.01", fast + slow), ("+Inf", fast + slow)):
+        lines.append(f'edgefleet_inference_request_latency_seconds_bucket{{{labels},le="{le}"}} {count}')
+    lines.append(f"edgefleet_inference_request_latency_seconds_count{{{labels}}} {fast + slow}")
+    return "# TYPE edgefleet_inference_request_success counter\n" + "\n".join(lines) + "\n"
+
+
+def test_health_watch_judges_error_rate_and_ignores_client_mistakes():
+    sample = parse_sample(_metrics(90, {"InferenceFailed": 10, "InvalidInput": 500}, 80, 20), "m", "2")
+    assert (sample.success, sample.failure) == (90, 10)
+    assert sample.quantile(0.5) == pytest.approx(0.001 * 50 / 80)
+    readings = iter([_metrics(0, {}, 0, 0), _metrics(90, {"InferenceFailed": 10}, 95, 5)])
+    clock = iter([0.0, 0.0, 1.0, 1.0, 1.0])
+    watch = HealthWatch(
+        HealthPolicy(window_s=5, poll_s=1, max_error_rate=0.05, min_requests=20),
+        lambda: next(readings),
+        clock=lambda: next(clock),
+        sleep=lambda s: None,
+    )
+    verdict = watch.watch("m", 2)
+    assert not verdict.healthy
+    assert verdict.reason.startswith("error rate 10.0% above the limit of 5.0% (100 requests")
+    quiet = HealthWatch(HealthPolicy(min_requests=20), lambda: "").judge(parse_sample("", "m", "2"), 1)
+    assert quiet.healthy and "not enough to judge" in quiet.reason
+
+
+def test_desired_state_file(tmp_path):
+    path = tmp_path / "desired.toml"
+    path.write_text(
+        'generation = 4\n[[models]]\nname = "cnn"\nversion = 2\n'
+        "[health]\nwindow_seconds = 30\nmax_p95_ms = 50\n"
+    )
+    desired = DesiredState.load(path)
+    assert desired.generation == 4 and desired.models[0].version == 2
+    assert desired.health.window_s == 30 and desired.health.max_p95_ms == 50
+    for bad, message in (
+        ('[[models]]\nname = "cnn"\nversion = "2"\n', "models[0].version"),
+        ('[[models]]\nname = "../x"\nversion = 2\n', "is not a model name"),
+        ("[health]\nwindow = 3\n", "[health] takes"),
+        ("color = 1\n", "unknown key(s) color"),
+    ):
+        path.write_text(bad)
+        with pytest.raises(DesiredStateError, match=re.escape(message)):
+            DesiredState.load(path)
