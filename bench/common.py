@@ -74,6 +74,54 @@ def children_cpu_seconds() -> float:
     return usage.children_user + usage.children_system
 
 
+def own_cpu_seconds() -> float:
+    usage = os.times()
+    return usage.user + usage.system
+
+
+def machine_busy_seconds() -> float:
+    """CPU time the whole machine spent running processes, summed over CPUs, plus time the
+    hypervisor stole. Interrupt time is left out: it is mostly the benchmark's own traffic."""
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + getattr(t, "steal", 0.0)
+
+
+@dataclass(frozen=True)
+class CpuUse:
+    """Cores used during a measurement, by whom."""
+
+    server: float
+    loadgen: float
+    this_process: float
+    foreign: float
+
+
+class CpuMeter:
+    """Splits the machine's CPU use during a measurement between the server measured, the load
+    generators this process ran (children, waited for), this process itself, and everything
+    else: other people's work on a shared machine, which makes a measurement noisy."""
+
+    def __init__(self, server_pid: int | None):
+        self._pid = server_pid
+        self._start = self._sample()
+
+    def _sample(self) -> tuple[float, float, float, float, float]:
+        server = tree_cpu_seconds(self._pid) if self._pid else 0.0
+        return (
+            time.monotonic(),
+            server,
+            children_cpu_seconds(),
+            own_cpu_seconds(),
+            machine_busy_seconds(),
+        )
+
+    def stop(self) -> CpuUse:
+        end = self._sample()
+        wall, server, loadgen, own, busy = (b - a for a, b in zip(self._start, end, strict=True))
+        foreign = max(0.0, busy - server - loadgen - own)
+        return CpuUse(server / wall, loadgen / wall, own / wall, foreign / wall)
+
+
 class ServerFailed(RuntimeError):
     """A server process exited or did not become ready in time."""
 

@@ -51,7 +51,9 @@ def add_artifact_routes(
         if path is None:
             raise web.HTTPNotFound(text=f"no metadata {name}\n")
         cache = "no-store" if name == "timestamp.json" else _IMMUTABLE
-        return web.FileResponse(path, headers={"Cache-Control": cache, "Content-Type": "application/json"})
+        return web.FileResponse(
+            path, headers={"Cache-Control": cache, "Content-Type": "application/json"}
+        )
 
     async def target(request: web.Request) -> web.StreamResponse:
         path = repository.target_file(request.match_info["path"])

@@ -76,9 +76,7 @@ class PublisherRegistry:
         current = self.current()
         if current.by_name(name) is None:
             raise TufRepositoryError(f"no publisher named {name!r}")
-        self._publish(
-            current, tuple(p for p in current.publishers if p.name != name), root_signers
-        )
+        self._publish(current, tuple(p for p in current.publishers if p.name != name), root_signers)
 
     def _publish(
         self, current: PublisherList, publishers: tuple[Publisher, ...], signers: list[Signer]

@@ -91,7 +91,8 @@ def safe_extract(
                 raise ArchiveError(f"{name!r} is a {_kind(member)}; packages hold plain files only")
             if member.size > limits.max_member_bytes:
                 raise ArchiveError(
-                    f"{name!r} is {member.size} bytes, over the cap of {limits.max_member_bytes} bytes"
+                    f"{name!r} is {member.size} bytes, over the cap of "
+                    f"{limits.max_member_bytes} bytes"
                 )
             total += member.size
             if total > limits.max_total_bytes:

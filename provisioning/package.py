@@ -52,6 +52,8 @@ from typing import Any
 
 import numpy as np
 
+from runtimes.datatypes import DATATYPES, to_numpy
+
 MANIFEST_FILE = "edgefleet.toml"
 SIGNATURE_FILE = "model.sig"
 
@@ -69,10 +71,8 @@ _MODEL_SUFFIXES = {
     "openvino": (".xml", ".onnx", ".tflite"),
     "litert": (".tflite",),
 }
-_DATATYPES = (
-    "BOOL", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64",
-    "FP16", "FP32", "FP64",
-)  # fmt: skip
+# Golden vectors live in .npz files, which cannot hold BYTES tensors.
+_DATATYPES = tuple(sorted(DATATYPES - {"BYTES"}))
 _MAX_FILES = 64
 _MAX_DIMS = 8
 
@@ -268,7 +268,7 @@ def _golden_group(
         )
     for name, array in group.items():
         decl = wanted[name]
-        if array.dtype != _numpy_dtype(decl.datatype):
+        if array.dtype != to_numpy(decl.datatype):
             raise ManifestError(
                 f"{source}: {prefix}{name} is {array.dtype}, declared {decl.datatype}"
             )
@@ -280,19 +280,22 @@ def _golden_group(
     return group
 
 
-def _numpy_dtype(datatype: str) -> np.dtype:
-    return np.dtype(
-        {"BOOL": "bool", "FP16": "float16", "FP32": "float32", "FP64": "float64"}.get(
-            datatype, datatype.lower()
-        )
-    )
-
-
 class _Reader:
     """Turns parsed TOML into a Manifest, or fails naming the key and the problem."""
 
-    TOP = {"name", "version", "description", "min_agent_version", "allowed_regions", "inputs",
-           "outputs", "variants", "golden"}  # fmt: skip
+    TOP = frozenset(
+        {
+            "name",
+            "version",
+            "description",
+            "min_agent_version",
+            "allowed_regions",
+            "inputs",
+            "outputs",
+            "variants",
+            "golden",
+        }
+    )
 
     def __init__(self, source: str):
         self.source = source
@@ -337,7 +340,9 @@ class _Reader:
             description=self.string(data, "description", "", default=""),
         )
 
-    def known_keys(self, table: dict[str, Any], known: set[str], where: str) -> None:
+    def known_keys(
+        self, table: dict[str, Any], known: set[str] | frozenset[str], where: str
+    ) -> None:
         unknown = sorted(set(table) - known)
         if unknown:
             raise self.fail(

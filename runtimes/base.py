@@ -50,6 +50,9 @@ class Session(Protocol):
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
 
+    # BYTES inputs the runtime accepts as UTF-8 text only (optional; empty if absent).
+    text_inputs: frozenset[str]
+
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
     def close(self) -> None: ...

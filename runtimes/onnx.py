@@ -80,13 +80,23 @@ class OnnxSession:
         self.inputs = [_spec(a) for a in self._session.get_inputs()]
         self.outputs = [_spec(a) for a in self._session.get_outputs()]
         self._output_names = [o.name for o in self.outputs]
+        # ONNX Runtime's string tensors take UTF-8 text only; the data plane checks these.
+        self.text_inputs = frozenset(i.name for i in self.inputs if i.datatype == "BYTES")
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.text_inputs:
+            inputs = {**inputs, **{n: _as_text(inputs[n]) for n in self.text_inputs}}
         results = self._session.run(self._output_names, inputs)
         return dict(zip(self._output_names, results, strict=True))
 
     def close(self) -> None:
         self._session = None
+
+
+def _as_text(array: np.ndarray) -> np.ndarray:
+    """ONNX Runtime takes string tensors as str; given bytes it would store their repr."""
+    flat = [v.decode() if isinstance(v, bytes) else v for v in array.flat]
+    return np.array(flat, dtype=object).reshape(array.shape)
 
 
 def open_session(path: Path, options: LoadOptions) -> OnnxSession:

@@ -177,13 +177,19 @@ class Fleet:
     def __exit__(self, *exc: object) -> None:
         self.server.__exit__(*exc)
 
-    def register_publisher(self, name: str, models: list[str], key_file: Path) -> ec.EllipticCurvePublicKey:
+    def register_publisher(
+        self, name: str, models: list[str], key_file: Path
+    ) -> ec.EllipticCurvePublicKey:
         key = new_publisher_key(key_file)
         registry = PublisherRegistry(self.repository)
-        registry.register(name, key.public_key(), models, self.repository.root_signers(self.offline_keys))
+        registry.register(
+            name, key.public_key(), models, self.repository.root_signers(self.offline_keys)
+        )
         return key.public_key()
 
-    def package(self, version: int, *, key: Path | None = None, name: str = "mlp", **options) -> Path:
+    def package(
+        self, version: int, *, key: Path | None = None, name: str = "mlp", **options
+    ) -> Path:
         """Write and sign (not push) a package of the sample MLP as name@version."""
         directory = self.root / "packages" / f"{name}-{version}-{len(self.packages)}"
         write_package(directory, self.samples, name=name, version=version, **options)

@@ -55,8 +55,9 @@ ONNX_TYPES = {
     "FP16": TensorProto.FLOAT16,
     "FP32": TensorProto.FLOAT,
     "FP64": TensorProto.DOUBLE,
+    "BYTES": TensorProto.STRING,
 }
-ALL_DATATYPES = [*ONNX_TYPES, "BYTES"]
+ALL_DATATYPES = list(ONNX_TYPES)
 
 
 def sample_array(datatype: str, shape=(2, 3)) -> np.ndarray:
@@ -360,14 +361,27 @@ def test_concurrent_clients_get_their_own_results(server, mlp_reference):
         list(pool.map(worker, range(8)))
 
 
+def utf8_sample(datatype: str) -> np.ndarray:
+    """sample_array, with BYTES as UTF-8 text: ONNX Runtime string tensors hold nothing else."""
+    if datatype == "BYTES":
+        return np.array([b"", "héllo".encode(), b"x" * 300] * 2, dtype=object).reshape(2, 3)
+    return sample_array(datatype)
+
+
 @pytest.mark.parametrize("datatype", list(ONNX_TYPES))
 def test_every_datatype_through_the_server(client, datatype):
-    array = sample_array(datatype)
+    array = utf8_sample(datatype)
     model = f"identity-{datatype.lower()}"
     assert client.get_model_metadata(model).inputs[0].datatype == datatype
     out = client.infer(model, [triton_input("x", array, datatype)]).as_numpy("y")
     assert out.dtype == array.dtype
     np.testing.assert_array_equal(out, array)
+
+
+def test_non_utf8_bytes_for_an_onnx_string_input_is_invalid(client):
+    array = np.array([b"ok", b"\xff\xfe", b"z"], dtype=object).reshape(1, 3)
+    with pytest.raises(InferenceServerException, match="element 1 is not UTF-8 text"):
+        client.infer("identity-bytes", [triton_input("x", array, "BYTES")])
 
 
 # --- server through a plain generated stub (typed contents) -----------------------------------
@@ -388,7 +402,7 @@ def test_typed_contents_infer(stub, mlp_reference):
 
 @pytest.mark.parametrize("datatype", [d for d in ONNX_TYPES if d != "FP16"])
 def test_every_typed_datatype_through_the_server(stub, datatype):
-    array = sample_array(datatype)
+    array = utf8_sample(datatype)
     msg = pb.ModelInferRequest(model_name=f"identity-{datatype.lower()}")
     msg.inputs.add(
         name="x",

@@ -44,7 +44,8 @@ def test_readiness_follows_unload_and_load(client):
 def test_a_model_that_fails_to_load_makes_the_server_unready(client, private_repo):
     (private_repo / "cnn" / "1" / "model.toml").write_text("threads = 0\n")
     client.unload_model("cnn")
-    client.load_model("cnn")
+    with pytest.raises(InferenceServerException, match="threads"):
+        client.load_model("cnn")
     assert not client.is_server_ready()
     (private_repo / "cnn" / "1" / "model.toml").unlink()
     client.load_model("cnn")
@@ -101,7 +102,8 @@ def test_bad_model_config_marks_version_unavailable_with_reason(
 ):
     (private_repo / "mlp" / "1" / "model.toml").write_text(content)
     client.unload_model("mlp")
-    client.load_model("mlp")  # the request succeeds; the version reports why it is not ready
+    with pytest.raises(InferenceServerException, match="failed to load"):
+        client.load_model("mlp")
     entry = next(e for e in private_agent.dataplane.repository_index() if e.name == "mlp")
     assert entry.state == "UNAVAILABLE"
     assert reason in entry.reason
@@ -111,7 +113,8 @@ def test_bad_model_config_marks_version_unavailable_with_reason(
 
 def test_failed_reload_keeps_the_working_copy_serving(client, private_repo, private_agent):
     (private_repo / "mlp" / "1" / "model.onnx").write_bytes(b"\x00garbage" * 100)
-    client.load_model("mlp")
+    with pytest.raises(InferenceServerException, match="could not load"):
+        client.load_model("mlp")
     entry = next(e for e in private_agent.dataplane.repository_index() if e.name == "mlp")
     assert entry.state == "READY" and "reload failed" in entry.reason
     assert _infer(client, "mlp").as_numpy("output").shape == (1, 10)
@@ -120,7 +123,8 @@ def test_failed_reload_keeps_the_working_copy_serving(client, private_repo, priv
 def test_broken_model_file_is_reported(client, private_repo, private_agent):
     (private_repo / "cnn" / "1" / "model.onnx").write_bytes(b"\x00garbage" * 100)
     client.unload_model("cnn")
-    client.load_model("cnn")
+    with pytest.raises(InferenceServerException, match="could not load"):
+        client.load_model("cnn")
     entry = next(e for e in private_agent.dataplane.repository_index() if e.name == "cnn")
     assert entry.state == "UNAVAILABLE" and "could not load" in entry.reason
 
@@ -129,12 +133,14 @@ def test_version_dir_layout_errors(client, private_repo, private_agent):
     two = private_repo / "mlp" / "1"
     shutil.copy(private_repo / "mlp-tflite" / "1" / "model.tflite", two / "model.tflite")
     client.unload_model("mlp")
-    client.load_model("mlp")
+    with pytest.raises(InferenceServerException, match="more than one model file"):
+        client.load_model("mlp")
     entry = next(e for e in private_agent.dataplane.repository_index() if e.name == "mlp")
     assert "more than one model file" in entry.reason
     (private_repo / "cnn-openvino" / "1" / "model.bin").unlink()
     client.unload_model("cnn-openvino")
-    client.load_model("cnn-openvino")
+    with pytest.raises(InferenceServerException, match=r"without its \.bin"):
+        client.load_model("cnn-openvino")
     entry = next(e for e in private_agent.dataplane.repository_index() if e.name == "cnn-openvino")
     assert "without its .bin" in entry.reason
 
@@ -142,7 +148,8 @@ def test_version_dir_layout_errors(client, private_repo, private_agent):
 def test_batching_needs_a_dynamic_batch_dimension(client, private_repo, private_agent):
     (private_repo / "cnn" / "1" / "model.toml").write_text("max_batch_size = 8\n")
     client.unload_model("cnn")
-    client.load_model("cnn")
+    with pytest.raises(InferenceServerException, match="dynamic first"):
+        client.load_model("cnn")
     entry = next(e for e in private_agent.dataplane.repository_index() if e.name == "cnn")
     assert "dynamic first (batch) dimension" in entry.reason
 

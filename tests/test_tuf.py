@@ -135,9 +135,10 @@ def test_push_checks_the_publisher(fleet, tmp_path):
         ModelStore(fleet.repository).push(fleet.package(7, key=audio))
     published = ModelStore(fleet.repository).push(fleet.package(7))
     assert [p.target for p in published] == ["mlp/7/onnx-fp32.tar", "mlp/7/openvino-fp32.tar"]
-    assert published[0].custom["publisher"] == fleet.repository.targets().signed.targets[
-        "mlp/7/onnx-fp32.tar"
-    ].custom["publisher"]
+    assert (
+        published[0].custom["publisher"]
+        == fleet.repository.targets().signed.targets["mlp/7/onnx-fp32.tar"].custom["publisher"]
+    )
 
 
 def _device_pool(fleet) -> urllib3.PoolManager:
@@ -183,9 +184,11 @@ def test_timestamp_is_re_signed_when_fetched_late(fleet):
     real_clock = repository.clock
     repository.clock = lambda: real_clock() + timedelta(hours=3)  # the refresher slept
     try:
-        data = _device_pool(fleet).request(
-            "GET", f"{fleet.server.url}/v1/tuf/metadata/timestamp.json"
-        ).data
+        data = (
+            _device_pool(fleet)
+            .request("GET", f"{fleet.server.url}/v1/tuf/metadata/timestamp.json")
+            .data
+        )
     finally:
         repository.clock = real_clock
     assert Metadata.from_bytes(data).signed.version == version + 1
@@ -195,10 +198,14 @@ def test_ngclient_over_mtls_finds_variants_and_publishers(fleet, tmp_path):
     tls = fleet.tls_dir
     pin_root(tmp_path / "tuf", fleet.repository.metadata_dir.joinpath("1.root.json").read_bytes())
     transport = Transport(
-        client_context(ca_file=tls / "ca.pem", cert_file=tls / "device.pem", key_file=tls / "device.key"),
+        client_context(
+            ca_file=tls / "ca.pem", cert_file=tls / "device.pem", key_file=tls / "device.key"
+        ),
         UpdateLimits(),
     )
-    trust = TrustedRepository(tmp_path / "tuf", fleet.server.url, transport, Journal(tmp_path / "a.db"))
+    trust = TrustedRepository(
+        tmp_path / "tuf", fleet.server.url, transport, Journal(tmp_path / "a.db")
+    )
     trust.refresh()
     variants = trust.variants("mlp", 1)
     assert sorted(variants) == ["onnx-fp32", "openvino-fp32"]

@@ -83,7 +83,9 @@ def infer(agent: ServerThread, model: str = "mlp") -> tuple[int, str]:
     )
     connection = http.client.HTTPConnection("127.0.0.1", agent.server.http_port, timeout=30)
     try:
-        connection.request("POST", f"/v2/models/{model}/infer", body, {"Content-Type": "application/json"})
+        connection.request(
+            "POST", f"/v2/models/{model}/infer", body, {"Content-Type": "application/json"}
+        )
         response = connection.getresponse()
         reply = json.loads(response.read() or b"{}")
     finally:
@@ -129,7 +131,9 @@ def test_bit_flip_in_a_model_file_published_by_the_control_plane(world):
     package = world.fleet.package(version)
     flip_bit(package / "model.onnx")
     world.fleet.publish_unchecked(package)
-    assert_refused(world, world.apply("mlp", version), "signature", "Signature mismatch: model.onnx")
+    assert_refused(
+        world, world.apply("mlp", version), "signature", "Signature mismatch: model.onnx"
+    )
 
 
 def test_bit_flip_in_transit(world):
@@ -183,7 +187,9 @@ def _forged_snapshot(world: World, targets_version: int) -> dict[str, bytes]:
     snapshot.signed.version += 1
     old = repository.metadata_dir / f"{targets_version}.targets.json"
     snapshot.signed.meta["targets.json"] = MetaFile(
-        targets_version, len(old.read_bytes()), {"sha256": hashlib.sha256(old.read_bytes()).hexdigest()}
+        targets_version,
+        len(old.read_bytes()),
+        {"sha256": hashlib.sha256(old.read_bytes()).hexdigest()},
     )
     snapshot.signatures.clear()
     snapshot.sign(repository._online_signer(Snapshot.type))
@@ -219,9 +225,7 @@ def test_tuf_targets_rolled_back_to_an_older_version(world):
     current = world.fleet.repository.snapshot().signed.meta["targets.json"].version
     _serve_metadata(world, _forged_snapshot(world, targets_version=current - 2))
     try:
-        assert_refused(
-            world, world.apply("mlp", version), "verify", "BadVersionNumberError"
-        )
+        assert_refused(world, world.apply("mlp", version), "verify", "BadVersionNumberError")
     finally:
         world.fleet.server.tamper = None
         # The node kept the forged (validly signed) timestamp: move past its version.
@@ -248,9 +252,7 @@ def test_expired_timestamp_freeze(world):
     repository.clock = lambda: real_clock() - timedelta(hours=3)
     try:
         world.fleet.publish(version)  # signed as if three hours ago: expired an hour ago
-        assert_refused(
-            world, world.apply("mlp", version), "verify", "timestamp.json is expired"
-        )
+        assert_refused(world, world.apply("mlp", version), "verify", "timestamp.json is expired")
     finally:
         repository.clock = real_clock
         repository.refresh(force=True)
@@ -287,9 +289,7 @@ def test_target_longer_than_declared(world):
         return response
 
     world.fleet.server.tamper = endless
-    assert_refused(
-        world, world.apply("mlp", version), "verify", "more than the"
-    )
+    assert_refused(world, world.apply("mlp", version), "verify", "more than the")
 
 
 def _evil_tar(path: Path, member: tarfile.TarInfo) -> Path:
@@ -386,7 +386,10 @@ def test_truncated_download_resumes_with_range(world):
     assert 0 < resumed_at <= cut["at"]
     served = world.node.models_dir / "demo-resume" / "1" / "model.onnx"
     original = fleet.packages[1] / "model.onnx"
-    assert hashlib.sha256(served.read_bytes()).digest() == hashlib.sha256(original.read_bytes()).digest()
+    assert (
+        hashlib.sha256(served.read_bytes()).digest()
+        == hashlib.sha256(original.read_bytes()).digest()
+    )
     assert infer(world.agent, "demo-resume") == (200, "1")
     assert_no_leftovers(world)
 
@@ -404,12 +407,17 @@ def test_previous_version_kept_older_collected_and_downgrade(world):
     assert served_versions(world, name) == [2, 3]  # 1 collected
     assert sorted(p.name for p in store.iterdir() if p.name.isdigit()) == ["2", "3"]
     assert world.apply(name, 3).state == "UP_TO_DATE"
-    assert world.apply(name, 2).state == ACTIVE  # downgrade: the higher version must go
-    assert served_versions(world, name) == [2]
+    reverted = world.apply(name, 2)  # the previous version: straight from the store
+    assert reverted.state == ACTIVE and reverted.reason == "reinstated from the store"
+    assert "download" not in reverted.timings and "select" not in reverted.timings
+    assert served_versions(world, name) == [2]  # a downgrade: the higher version must go
     assert infer(world.agent, name) == (200, "2")
     journal = Journal(world.node.settings.database)
     roles = {i.role: i.version for i in journal.installed(name)}
     assert roles == {"active": 2, "previous": 3}
+    assert world.apply(name, 1).state == ACTIVE  # no longer kept: downloaded and checked again
+    assert served_versions(world, name) == [1]
+    assert sorted(p.name for p in store.iterdir() if p.name.isdigit()) == ["1", "2"]
     assert_no_leftovers(world)
 
 
@@ -456,13 +464,17 @@ def _metrics(success: int, failures: dict[str, int], fast: int, slow: int) -> st
         for r, n in failures.items()
     ]
     for le, count in (("0.001", fast), ("0.01", fast + slow), ("+Inf", fast + slow)):
-        lines.append(f'edgefleet_inference_request_latency_seconds_bucket{{{labels},le="{le}"}} {count}')
+        lines.append(
+            f'edgefleet_inference_request_latency_seconds_bucket{{{labels},le="{le}"}} {count}'
+        )
     lines.append(f"edgefleet_inference_request_latency_seconds_count{{{labels}}} {fast + slow}")
     return "# TYPE edgefleet_inference_request_success counter\n" + "\n".join(lines) + "\n"
 
 
 def test_health_watch_judges_error_rate_and_ignores_client_mistakes():
-    sample = parse_sample(_metrics(90, {"InferenceFailed": 10, "InvalidInput": 500}, 80, 20), "m", "2")
+    sample = parse_sample(
+        _metrics(90, {"InferenceFailed": 10, "InvalidInput": 500}, 80, 20), "m", "2"
+    )
     assert (sample.success, sample.failure) == (90, 10)
     assert sample.quantile(0.5) == pytest.approx(0.001 * 50 / 80)
     readings = iter([_metrics(0, {}, 0, 0), _metrics(90, {"InferenceFailed": 10}, 95, 5)])
@@ -476,7 +488,9 @@ def test_health_watch_judges_error_rate_and_ignores_client_mistakes():
     verdict = watch.watch("m", 2)
     assert not verdict.healthy
     assert verdict.reason.startswith("error rate 10.0% above the limit of 5.0% (100 requests")
-    quiet = HealthWatch(HealthPolicy(min_requests=20), lambda: "").judge(parse_sample("", "m", "2"), 1)
+    quiet = HealthWatch(HealthPolicy(min_requests=20), lambda: "").judge(
+        parse_sample("", "m", "2"), 1
+    )
     assert quiet.healthy and "not enough to judge" in quiet.reason
 
 

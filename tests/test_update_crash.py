@@ -25,15 +25,15 @@ from pathlib import Path
 import pytest
 
 from agent.serving.server import ServeOptions
-from agent.update import ACTIVE
+from agent.update import ACTIVE, journal
 from agent.update.checkpoints import ANNOUNCE, PAUSE_ENV
 from agent.update.journal import Journal
 from tests.conftest import ServerThread
 from tests.fleet import Fleet
 
 AGENT_CLI = [sys.executable, "-c", "import sys; from agent.cli import main; sys.exit(main())"]
-STEPS = ["DOWNLOADING", "VERIFIED", "UNPACKED", "SIGNATURE_OK", "SELECTED", "SELF_TESTED",
-         "SWITCHING", "ACTIVE"]  # fmt: skip
+# Every journal state, plus the moment between renaming into serving and recording ACTIVE.
+STEPS = [*journal.STEPS[:-1], "SWITCHING", journal.ACTIVE]
 # Seeded, so a failure names a reproducible offset; three offsets into the ~6 MB archive.
 OFFSETS = sorted(random.Random(20261122).sample(range(1, 6_000_000), 3))
 PAUSE_LIMIT_S = 120  # a guard against a hang, not a timing assertion
@@ -75,12 +75,22 @@ def infer_cnn(agent: ServerThread) -> tuple[int, str]:
     import json
 
     body = json.dumps(
-        {"inputs": [{"name": "input", "shape": [1, 3, 224, 224], "datatype": "FP32",
-                     "data": [0.5] * (3 * 224 * 224)}]}
-    )  # fmt: skip
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [1, 3, 224, 224],
+                    "datatype": "FP32",
+                    "data": [0.5] * (3 * 224 * 224),
+                }
+            ]
+        }
+    )
     connection = http.client.HTTPConnection("127.0.0.1", agent.server.http_port, timeout=60)
     try:
-        connection.request("POST", "/v2/models/cnn/infer", body, {"Content-Type": "application/json"})
+        connection.request(
+            "POST", "/v2/models/cnn/infer", body, {"Content-Type": "application/json"}
+        )
         response = connection.getresponse()
         reply = json.loads(response.read() or b"{}")
     finally:
@@ -105,12 +115,28 @@ def run_apply(fleet: Fleet, node: Path, agent_url: str, pause_at: str | None):
     desired.write_text('generation = 2\n[[models]]\nname = "cnn"\nversion = 2\n')
     tls = fleet.tls_dir
     command = [
-        *AGENT_CLI, "apply", str(desired), "--state-dir", str(node / "state"),
-        "--models", str(node / "models"), "--server", fleet.server.url,
-        "--ca", str(tls / "ca.pem"), "--cert", str(tls / "device.pem"),
-        "--key", str(tls / "device.key"), "--region", "ae", "--profile", str(fleet.profile),
-        "--agent", agent_url,
-    ]  # fmt: skip
+        *AGENT_CLI,
+        "apply",
+        str(desired),
+        "--state-dir",
+        str(node / "state"),
+        "--models",
+        str(node / "models"),
+        "--server",
+        fleet.server.url,
+        "--ca",
+        str(tls / "ca.pem"),
+        "--cert",
+        str(tls / "device.pem"),
+        "--key",
+        str(tls / "device.key"),
+        "--region",
+        "ae",
+        "--profile",
+        str(fleet.profile),
+        "--agent",
+        agent_url,
+    ]
     env = {k: v for k, v in os.environ.items() if k != PAUSE_ENV}
     if pause_at:
         env[PAUSE_ENV] = pause_at
@@ -138,9 +164,7 @@ def wait_for_pause(process: subprocess.Popen) -> str:
     raise AssertionError(f"apply never paused: rc={process.poll()} {process.stderr.read()[-2000:]}")
 
 
-@pytest.mark.parametrize(
-    "pause_at", [*STEPS, *(f"DOWNLOADING:{offset}" for offset in OFFSETS)]
-)
+@pytest.mark.parametrize("pause_at", [*STEPS, *(f"DOWNLOADING:{offset}" for offset in OFFSETS)])
 def test_sigkill_at_any_point_then_restart(crash_world, tmp_path, pause_at):
     fleet, baseline = crash_world
     node = tmp_path / "node"

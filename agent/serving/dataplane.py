@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from agent import __version__, memory
 from agent.serving.errors import (
     InvalidInput,
+    ModelLoadFailed,
     ModelNotFound,
     ModelNotReady,
     RequestTimeout,
@@ -66,7 +67,7 @@ class DataPlane:
     async def start(self) -> None:
         """Load every model in the repository; a model that fails is reported, not fatal."""
         for name in self.repository.model_names():
-            await self.load_model(name, missing_ok=True)
+            await self.load_model(name, at_start=True)
         self._started = True
 
     async def stop(self) -> None:
@@ -187,13 +188,18 @@ class DataPlane:
             entries = [e for e in entries if e.state == READY]
         return entries
 
-    async def load_model(self, name: str, missing_ok: bool = False) -> None:
-        """(Re)load every version of `name` from the repository; a reload replaces in place."""
+    async def load_model(self, name: str, *, at_start: bool = False) -> None:
+        """(Re)load every version of `name` from the repository; a reload replaces in place.
+
+        A version that fails keeps its previous load serving, if it had one, and the call raises
+        ModelLoadFailed naming every failure (at start they are only logged and indexed).
+        """
+        failures: list[str] = []
         async with self._lock(name):
             try:
                 versions = self.repository.versions(name)
             except RepositoryError as exc:
-                if missing_ok:
+                if at_start:
                     log.warning("%s", exc)
                     return
                 raise ModelNotFound(str(exc)) from exc
@@ -213,6 +219,7 @@ class DataPlane:
                         )
                     else:
                         states[version] = VersionState(UNAVAILABLE, str(exc))
+                    failures.append(f"version {version}: {exc}")
                     continue
                 old = loaded.get(version)
                 loaded[version] = model
@@ -220,13 +227,16 @@ class DataPlane:
                 self._refresh_latest(name)
                 if old is not None:
                     await _retire(old)
-            for version in [v for v in loaded if v not in versions]:  # removed from disk
-                old = loaded.pop(version)
-                states.pop(version, None)
+            for version in [v for v in states if v not in versions]:  # removed from disk
+                states.pop(version)
+                old = loaded.pop(version, None)
                 self._refresh_latest(name)
-                await _retire(old)
+                if old is not None:
+                    await _retire(old)
             log.info("model %s: %s", name, {v: s.state for v, s in states.items()})
         memory.release_free_memory()
+        if failures and not at_start:
+            raise ModelLoadFailed(f"model {name} failed to load: " + "; ".join(failures))
 
     async def unload_model(self, name: str) -> None:
         async with self._lock(name):

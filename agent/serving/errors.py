@@ -29,6 +29,13 @@ class ModelNotReady(ServingError):
     grpc_code = "UNAVAILABLE"
 
 
+class ModelLoadFailed(ServingError):
+    """A load request found the model's files or config unusable (the reason says which)."""
+
+    http_status = 400
+    grpc_code = "INVALID_ARGUMENT"
+
+
 class QueueFull(ServingError):
     """Backpressure: the model's queue is at its bound. Clients should retry later."""
 

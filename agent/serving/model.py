@@ -51,6 +51,7 @@ class ServedModel:
         self.inputs = {s.name: s for s in session.inputs}
         self.outputs = {s.name: s for s in session.outputs}
         self.platform = f"{session.runtime}_{source.model_file.suffix.lstrip('.')}"
+        self._text_inputs = getattr(session, "text_inputs", frozenset())
 
     @staticmethod
     def check_compatible(session: Session, config: ModelConfig) -> None:
@@ -85,6 +86,8 @@ class ServedModel:
                     f"input {tensor.name!r} has shape {list(tensor.shape)}, "
                     f"model expects {list(spec.shape)} (-1: any size)"
                 )
+            if tensor.name in self._text_inputs:
+                _check_text(tensor.name, tensor.data, self.session.runtime)
             if self.config.max_batch_size:
                 n = tensor.shape[0]
                 if rows is not None and n != rows:
@@ -110,6 +113,17 @@ class ServedModel:
                         f"outputs are {', '.join(self.outputs)}"
                     )
         return inputs, rows
+
+
+def _check_text(name: str, data: np.ndarray, runtime: str) -> None:
+    for i, item in enumerate(data.flat):
+        try:
+            item.decode()
+        except UnicodeDecodeError:
+            raise InvalidInput(
+                f"input {name!r}: element {i} is not UTF-8 text, which {runtime} string "
+                "tensors require"
+            ) from None
 
 
 def _shape_matches(shape: tuple[int, ...], expected: tuple[int, ...]) -> bool:

@@ -272,7 +272,7 @@ def encode_raw(datatype: str, array: np.ndarray) -> bytes:
     if datatype == "BYTES":
         parts = []
         for item in array.ravel():
-            b = item if isinstance(item, bytes) else str(item).encode()
+            b = item if isinstance(item, bytes) else str(item).encode()  # str: runtime text
             parts.append(struct.pack("<I", len(b)))
             parts.append(b)
         return b"".join(parts)

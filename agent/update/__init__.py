@@ -20,16 +20,28 @@ choice (selection + self-test), health, desired, checkpoints (test hook), agent_
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from agent.update.checkpoints import Checkpoints
-from agent.update.config import HealthPolicy, UpdateLimits, UpdateSettings
+from agent.update.config import UPDATE_DIR, HealthPolicy, UpdateLimits, UpdateSettings
 from agent.update.desired import DesiredModel, DesiredState, DesiredStateError
 from agent.update.errors import UpdateError
-from agent.update.lifecycle import PENDING, REFUSED, UP_TO_DATE, Lifecycle, Outcome, UpdateBusy
 from agent.update.journal import ACTIVE, FAILED, ROLLED_BACK
+from agent.update.layout import Layout
+from agent.update.lifecycle import PENDING, REFUSED, UP_TO_DATE, Lifecycle, Outcome, UpdateBusy
 from agent.update.trust import pin_root
 
 # Outcomes that mean the desired version is not serving and will not be without a change.
 FAILED_STATES = (FAILED, ROLLED_BACK, REFUSED)
+
+
+def pin_enrollment_root(state_dir: Path, root_bytes: bytes) -> bool:
+    """Pin the control plane's TUF root for the node whose state is in `state_dir`.
+
+    Enrollment calls this with the root it received over the CA-pinned TLS channel; True if
+    pinned now, False if that root was already pinned; a different root raises UpdateError.
+    """
+    return pin_root(Layout(Path(state_dir) / UPDATE_DIR, Path(state_dir)).tuf, root_bytes)
 
 
 def apply(
@@ -68,5 +80,6 @@ __all__ = [
     "UpdateLimits",
     "UpdateSettings",
     "apply",
+    "pin_enrollment_root",
     "pin_root",
 ]

@@ -31,7 +31,8 @@ class AgentClient:
         status, body = self._request("POST", f"/v2/repository/models/{quote(model, safe='')}/load")
         if status != 200:
             raise ActivationFailed(
-                f"the agent did not reload {model} (HTTP {status}): {body[:300].decode(errors='replace')}"
+                f"the agent did not reload {model} (HTTP {status}): "
+                f"{body[:300].decode(errors='replace')}"
             )
 
     def metrics(self) -> str:
@@ -56,7 +57,9 @@ class AgentClient:
             return _UnixConnection(self.url.removeprefix("unix:"), self.timeout)
         parts = urlsplit(self.url)
         if parts.scheme != "http" or not parts.hostname:
-            raise AgentUnreachable(f"agent URL {self.url!r}: expected http://HOST:PORT or unix:PATH")
+            raise AgentUnreachable(
+                f"agent URL {self.url!r}: expected http://HOST:PORT or unix:PATH"
+            )
         return http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=self.timeout)
 
 

@@ -118,7 +118,9 @@ def prepare_serving(package: Package, choice: Choice, root: Path) -> Path:
         elif path.is_relative_to(primary.parent):
             name = str(path.relative_to(primary.parent))  # companions keep their place
         else:
-            raise SelfTestFailed(f"variant {variant.name}: {relative} is outside its model's directory")
+            raise SelfTestFailed(
+                f"variant {variant.name}: {relative} is outside its model's directory"
+            )
         target = directory / name
         target.parent.mkdir(parents=True, exist_ok=True)
         _link_or_copy(package.root / relative, target)
@@ -145,7 +147,9 @@ def self_test(package: Package, choice: Choice, serving_root: Path) -> str:
             options=LoadOptions(device=source.config.device, threads=source.config.threads),
         )
     except (RepositoryError, RuntimeAdapterError) as exc:
-        raise SelfTestFailed(f"the chosen variant does not load as serving loads it: {exc}") from None
+        raise SelfTestFailed(
+            f"the chosen variant does not load as serving loads it: {exc}"
+        ) from None
     try:
         _check_interface(package, session)
         variant = manifest.variant(choice.variant)
@@ -169,7 +173,8 @@ def self_test(package: Package, choice: Choice, serving_root: Path) -> str:
             worst = max(worst, result.max_error)
     finally:
         session.close()
-    return f"{len(manifest.golden)} golden set(s) pass on {choice.label or choice.runtime}, max error {worst:.2g}"
+    how = choice.label or choice.runtime
+    return f"{len(manifest.golden)} golden set(s) pass on {how}, max error {worst:.2g}"
 
 
 def _check_interface(package: Package, session: Any) -> None:
@@ -186,7 +191,8 @@ def _check_interface(package: Package, session: Any) -> None:
                 )
             if spec.datatype != decl.datatype:
                 raise SelfTestFailed(
-                    f"{kind} {decl.name!r} is {spec.datatype}, the manifest declares {decl.datatype}"
+                    f"{kind} {decl.name!r} is {spec.datatype}, the manifest declares "
+                    f"{decl.datatype}"
                 )
 
 
@@ -205,9 +211,13 @@ def _selection_view(package: Package, variants: list[str], directory: Path) -> P
     for name in variants:
         variant = package.manifest.variant(name)
         primary = PurePosixPath(variant.model_file)
-        _link_or_copy(package.root / variant.model_file, directory / f"{name}{primary.suffix.lower()}")
+        _link_or_copy(
+            package.root / variant.model_file, directory / f"{name}{primary.suffix.lower()}"
+        )
         if primary.suffix.lower() == ".xml":
-            _link_or_copy(package.root / str(primary.with_suffix(".bin")), directory / f"{name}.bin")
+            _link_or_copy(
+                package.root / str(primary.with_suffix(".bin")), directory / f"{name}.bin"
+            )
     return directory
 
 

@@ -13,6 +13,9 @@ from pathlib import Path
 
 from provisioning.archive import ArchiveLimits
 
+# Under the agent state directory: everything the update lifecycle keeps (see layout.py).
+UPDATE_DIR = "update"
+
 
 @dataclass(frozen=True, slots=True)
 class UpdateLimits:
@@ -61,7 +64,7 @@ class UpdateSettings:
 
     @property
     def update_dir(self) -> Path:
-        return self.state_dir / "update"
+        return self.state_dir / UPDATE_DIR
 
     @property
     def database(self) -> Path:

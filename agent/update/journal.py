@@ -74,6 +74,20 @@ CREATE TABLE IF NOT EXISTS update_trust (
 """
 
 
+_JOB_COLUMNS = (
+    "id",
+    "model",
+    "version",
+    "generation",
+    "state",
+    "reason",
+    "targets",
+    "decision",
+    "created_at",
+    "updated_at",
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Job:
     id: int
@@ -215,7 +229,7 @@ class Journal:
     def role(self, model: str, role: str) -> Installed | None:
         return next((i for i in self.installed(model) if i.role == role), None)
 
-    def activate(self, job: Job, variant: str) -> list[Installed]:
+    def activate(self, job: Job, variant: str, detail: str = "") -> list[Installed]:
         """Make job's version the active one: active -> previous, previous -> retired.
 
         Returns the retired versions, for garbage collection. One transaction.
@@ -223,9 +237,7 @@ class Journal:
         now = time.time()
         with self.db.conn:
             current = self.installed(job.model)
-            retired = [
-                i for i in current if i.role == ROLE_PREVIOUS and i.version != job.version
-            ]
+            retired = [i for i in current if i.role == ROLE_PREVIOUS and i.version != job.version]
             self.db.execute(
                 "DELETE FROM update_installed WHERE model = ? AND (role = ? OR version = ?)",
                 [job.model, ROLE_PREVIOUS, job.version],
@@ -243,7 +255,7 @@ class Journal:
                 "UPDATE update_jobs SET state = ?, updated_at = ? WHERE id = ?",
                 [ACTIVE, now, job.id],
             )
-            self._event(job.id, ACTIVE, f"variant {variant}", now)
+            self._event(job.id, ACTIVE, detail or f"variant {variant}", now)
         return retired
 
     def roll_back(self, model: str, reason: str) -> tuple[Installed, Installed] | None:
@@ -292,9 +304,7 @@ class Journal:
         )
 
     def _job(self, row: tuple) -> Job:
-        columns = ("id", "model", "version", "generation", "state", "reason", "targets",
-                   "decision", "created_at", "updated_at")  # fmt: skip
-        values = dict(zip(columns, row, strict=True))
+        values = dict(zip(_JOB_COLUMNS, row, strict=True))
         return Job(
             id=values["id"],
             model=values["model"],

@@ -57,6 +57,7 @@ from agent.update.journal import (
     SIGNATURE_OK,
     UNPACKED,
     VERIFIED,
+    Installed,
     Job,
     Journal,
 )
@@ -193,7 +194,9 @@ class Lifecycle:
         discard(self.layout.served(model, active.version), self.layout.trash)
         discard(self.layout.stored(model, active.version), self.layout.store / ".trash")
         self._reload(model)
-        log.warning("rolled %s back from %s to %s: %s", model, active.version, previous.version, reason)
+        log.warning(
+            "rolled %s back from %s to %s: %s", model, active.version, previous.version, reason
+        )
         return Outcome(model, active.version, ROLLED_BACK, reason, active.job_id)
 
     def recover(self) -> None:
@@ -237,6 +240,9 @@ class Lifecycle:
         active = self.journal.role(want.name, ROLE_ACTIVE)
         if active is not None and active.version == want.version:
             return Outcome(want.name, want.version, UP_TO_DATE, job_id=active.job_id)
+        previous = self.journal.role(want.name, ROLE_PREVIOUS)
+        if previous is not None and previous.version == want.version:
+            return self._reinstate(previous, generation)
         last = self.journal.last_job(want.name, want.version)
         if last is not None and last.state == ROLLED_BACK and not self.retry_rolled_back:
             return Outcome(
@@ -250,6 +256,24 @@ class Lifecycle:
         job = self.journal.start(want.name, want.version, generation, [])
         self.checkpoints.reached(DOWNLOADING)
         return job
+
+    def _reinstate(self, previous: Installed, generation: int) -> Outcome:
+        """Back to the previous version (a revert): it is in the store, verified when it was
+        installed, so nothing is downloaded, measured or tested again."""
+        model, version = previous.model, previous.version
+        job = self.journal.start(model, version, generation, [])
+        with self._timed("activate"):
+            self._serve(model, version)
+            for served in self._served_versions(model):
+                if served > version:
+                    discard(self.layout.served(model, served), self.layout.trash)
+            retired = self.journal.activate(job, previous.variant, "reinstated from the store")
+            for old in retired:
+                discard(self.layout.served(old.model, old.version), self.layout.trash)
+                discard(self.layout.stored(old.model, old.version), self.layout.store / ".trash")
+        with self._timed("reload"):
+            self._reload(model)
+        return self._outcome(self.journal.job(job.id), ACTIVE, "reinstated from the store")
 
     def _download(self, job: Job) -> Job:
         if not job.targets:
@@ -315,8 +339,9 @@ class Lifecycle:
                     )
             if not manifest.allows_region(self.settings.region):
                 raise SignatureRefused(
-                    f"{manifest.name}@{manifest.version} may run in {list(manifest.allowed_regions)}"
-                    f", not in this node's region {self.settings.region!r}"
+                    f"{manifest.name}@{manifest.version} may run in "
+                    f"{list(manifest.allowed_regions)}, not in this node's region "
+                    f"{self.settings.region!r}"
                 )
             if not manifest.accepts_agent(AGENT_VERSION):
                 raise SignatureRefused(
@@ -349,7 +374,9 @@ class Lifecycle:
         assert job.decision is not None
         with self._timed("self_test"):
             summary = self_test(
-                self._package(job), Choice.from_dict(job.decision), self.layout.job_dir(job.id) / "serving"
+                self._package(job),
+                Choice.from_dict(job.decision),
+                self.layout.job_dir(job.id) / "serving",
             )
         return self._advance(job, SELF_TESTED, summary)
 
@@ -369,10 +396,11 @@ class Lifecycle:
             for old in retired:
                 discard(layout.served(old.model, old.version), layout.trash)
                 discard(layout.stored(old.model, old.version), layout.store / ".trash")
+        with self._timed("reload"):
             self._reload(job.model)
-            shutil.rmtree(work, ignore_errors=True)
-            for target in job.targets:
-                layout.verified(_sha(target)).unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
+        for target in job.targets:
+            layout.verified(_sha(target)).unlink(missing_ok=True)
         self.checkpoints.reached(ACTIVE)
         return self.journal.job(job.id)
 
@@ -400,7 +428,9 @@ class Lifecycle:
                     f"{self.limits.max_target_bytes}"
                 )
             targets.append({"path": info.path, "variant": variant, "info": info.to_dict()})
-        return self.journal.advance(job, DOWNLOADING, "targets: " + ", ".join(chosen), targets=targets)
+        return self.journal.advance(
+            job, DOWNLOADING, "targets: " + ", ".join(chosen), targets=targets
+        )
 
     def _fetch(self, info: TargetFile, partial: Path) -> None:
         url = _target_url(self.settings.server_url, info)
@@ -467,7 +497,9 @@ class Lifecycle:
         """Serving holds the active version, and the previous one if lower; True if changed."""
         installed = {i.role: i.version for i in self.journal.installed(model)}
         active, previous = installed.get(ROLE_ACTIVE), installed.get(ROLE_PREVIOUS)
-        wanted = {v for v in (active, previous) if v is not None and (active is None or v <= active)}
+        wanted = {
+            v for v in (active, previous) if v is not None and (active is None or v <= active)
+        }
         # Versions the journal never heard of were put there by hand: not ours to remove.
         known = self.journal.known_versions(model)
         changed = False
@@ -564,7 +596,9 @@ def _merge(source: Path, files: list[str], package: Path, origin: str) -> None:
         target = package / relative
         if target.exists():
             if target.read_bytes() != (source / relative).read_bytes():
-                raise UnpackFailed(f"{origin}: {relative} differs from the same file of another variant")
+                raise UnpackFailed(
+                    f"{origin}: {relative} differs from the same file of another variant"
+                )
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         os.rename(source / relative, target)

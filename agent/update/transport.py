@@ -55,7 +55,9 @@ class MutualTlsFetcher(FetcherInterface):
             raise tuf_exceptions.DownloadError(f"cannot fetch {url}: {exc}") from exc
         if response.status != 200:
             response.release_conn()
-            raise tuf_exceptions.DownloadHTTPError(f"GET {url}: HTTP {response.status}", response.status)
+            raise tuf_exceptions.DownloadHTTPError(
+                f"GET {url}: HTTP {response.status}", response.status
+            )
         return self._chunks(response)
 
     def _chunks(self, response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
@@ -99,7 +101,9 @@ def download_resumable(
     try:
         if response.status == 206 and offset:
             if not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
-                raise DownloadFailed(f"{url}: the server resumed at the wrong offset", retryable=True)
+                raise DownloadFailed(
+                    f"{url}: the server resumed at the wrong offset", retryable=True
+                )
             mode = "ab"
         elif response.status == 200:
             offset, mode = 0, "wb"  # the server ignored the range: take the whole file again
@@ -149,12 +153,12 @@ def _receive(
                     progress(offset)
         except urllib3.exceptions.HTTPError as exc:
             _sync(out)
-            raise DownloadFailed(f"transfer broke off at byte {offset}: {exc}", retryable=True) from exc
+            raise DownloadFailed(
+                f"transfer broke off at byte {offset}: {exc}", retryable=True
+            ) from exc
         _sync(out)
     if offset < length:
-        raise DownloadFailed(
-            f"the connection closed at byte {offset} of {length}", retryable=True
-        )
+        raise DownloadFailed(f"the connection closed at byte {offset} of {length}", retryable=True)
 
 
 def _sync(handle) -> None:

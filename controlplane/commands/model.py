@@ -1,12 +1,12 @@
 """`edgefleet model ...`: sign, verify and publish model packages; manage publishers.
 
-    edgefleet model sign DIR --key publisher.key        writes DIR/model.sig
-    edgefleet model verify DIR --pubkey publisher.pub
-    edgefleet model push DIR                            checks the publisher, adds TUF targets
-    edgefleet model list
-    edgefleet model publisher add NAME --pubkey P --models cnn,detector-* --root-keys OFFLINE
-    edgefleet model publisher remove NAME --root-keys OFFLINE
-    edgefleet model publisher list
+edgefleet model sign DIR --key publisher.key        writes DIR/model.sig
+edgefleet model verify DIR --pubkey publisher.pub
+edgefleet model push DIR                            checks the publisher, adds TUF targets
+edgefleet model list
+edgefleet model publisher add NAME --pubkey P --models cnn,detector-* --root-keys OFFLINE
+edgefleet model publisher remove NAME --root-keys OFFLINE
+edgefleet model publisher list
 """
 
 from __future__ import annotations
@@ -106,14 +106,12 @@ def run_sign(args: argparse.Namespace) -> int:
 
 def run_verify(args: argparse.Namespace) -> int:
     from provisioning.package import Package
-    from provisioning.signing import SignatureError, key_id, load_public_key, verify_package
+    from provisioning.signing import key_id, load_public_key, verify_package
 
     try:
         key = load_public_key(args.pubkey)
         package = Package.load(args.dir)
-        signed = verify_package(
-            args.dir, key, required=package.manifest.all_files(), strict=False
-        )
+        signed = verify_package(args.dir, key, required=package.manifest.all_files(), strict=False)
     except ValueError as exc:
         raise UserError(f"verification failed: {exc}") from None
     manifest = package.manifest

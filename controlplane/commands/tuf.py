@@ -1,9 +1,9 @@
 """`edgefleet tuf init|status|refresh|root`: the TUF repository that keeps model updates fresh.
 
-    edgefleet tuf init --root-keys /media/offline/edgefleet-root [--keys 3 --threshold 2]
-    edgefleet tuf status
-    edgefleet tuf refresh        re-sign metadata that is due (the server does this by itself)
-    edgefleet tuf root > root.json     what nodes pin when they enroll
+edgefleet tuf init --root-keys /media/offline/edgefleet-root [--keys 3 --threshold 2]
+edgefleet tuf status
+edgefleet tuf refresh        re-sign metadata that is due (the server does this by itself)
+edgefleet tuf root > root.json     what nodes pin when they enroll
 """
 
 from __future__ import annotations
