@@ -22,14 +22,15 @@ from pathlib import Path
 from provisioning.settings import SettingsError, load_settings
 
 
-def _default_state_dir() -> Path:
+def default_state_dir() -> Path:
+    """$XDG_STATE_HOME/edgefleet, else ~/.local/state/edgefleet (EDGEFLEET_STATE_DIR overrides)."""
     base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
-    return Path(base) / "edgefleet-agent"
+    return Path(base) / "edgefleet"
 
 
 @dataclass(frozen=True)
 class AgentConfig:
-    state_dir: Path = field(default_factory=_default_state_dir, metadata={"toml": "state_dir"})
+    state_dir: Path = field(default_factory=default_state_dir, metadata={"toml": "state_dir"})
     # Enrollment endpoint of the control plane; the device endpoints come with the certificate.
     control_plane_url: str = field(default="", metadata={"toml": "control_plane.url"})
     # Model repository served locally; default: <state_dir>/models.
@@ -37,6 +38,11 @@ class AgentConfig:
     http: str = field(default="127.0.0.1:8000", metadata={"toml": "serving.http"})
     grpc: str = field(default="127.0.0.1:8001", metadata={"toml": "serving.grpc"})
     socket: Path | None = field(default=None, metadata={"toml": "serving.socket"})
+    # Measure which runtime/device/options serve each model best (agent/selection); off: load
+    # each model file as model.toml says, on the CPU by default.
+    select: bool = field(default=True, metadata={"toml": "serving.select"})
+    # Force a firmware profile by name or path instead of detecting it.
+    profile: str = field(default="", metadata={"toml": "profile"})
 
     @property
     def identity_dir(self) -> Path:

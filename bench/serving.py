@@ -267,6 +267,7 @@ class ServerSpec:
     levels: tuple[int, ...]  # client counts measured: 1 for p50/p99, more for throughput
     launch: Callable[[Ports, Path], ServerProcess]
     ready_timeout_s: float
+    agent_metrics: bool = False  # the agent's /metrics explains where its time goes
 
 
 def agent_launcher(repository: Path) -> Callable[[Ports, Path], ServerProcess]:
@@ -350,6 +351,7 @@ class Target:
     workload: Workload
     ports: Ports
     pid: int
+    agent_metrics: bool = False
     grpc_frame_bytes: int = 0  # size of a successful gRPC response frame, learnt by check()
 
     @property
@@ -435,6 +437,7 @@ class LoadResult:
     server_cores: float  # CPU the server used, in cores
     loadgen_cores: float  # CPU the load generator used
     foreign_cores: float  # CPU everything else on the machine used: noise
+    agent: dict[str, float] | None = None  # the agent's own account, see agent_breakdown()
 
     @property
     def throughput(self) -> float:
@@ -453,9 +456,11 @@ class _Counts:
 def run_load(target: Target, clients: int, duration_s: int, workdir: Path) -> LoadResult:
     """Closed-loop load: `clients` connections, each one request at a time."""
     generator = run_h2load if target.protocol == "grpc" else run_wrk
+    before = scrape_agent(target) if target.agent_metrics else None
     meter = CpuMeter(target.pid)
     counts = generator(target, clients, duration_s, workdir)
     cpu = meter.stop()
+    breakdown = agent_breakdown(before, scrape_agent(target)) if before is not None else None
     return LoadResult(
         clients,
         counts.requests,
@@ -466,7 +471,50 @@ def run_load(target: Target, clients: int, duration_s: int, workdir: Path) -> Lo
         cpu.server,
         cpu.loadgen,
         cpu.foreign,
+        breakdown,
     )
+
+
+# The agent's per-model counters (Prometheus text, `_total` suffix) used to split its time.
+_AGENT_COUNTERS = {
+    "requests": "edgefleet_inference_request_success_total",
+    "rows": "edgefleet_inference_count_total",
+    "executions": "edgefleet_inference_exec_count_total",
+    "request_us": "edgefleet_inference_request_duration_us_total",
+    "queue_us": "edgefleet_inference_queue_duration_us_total",
+    "compute_us": "edgefleet_inference_compute_infer_duration_us_total",
+}
+_SAMPLE = re.compile(r'^(\w+)\{[^}]*model="([^"]+)"[^}]*\} (\S+)$', re.MULTILINE)
+
+
+def scrape_agent(target: Target) -> dict[str, float]:
+    """The agent's counters for the target's model."""
+    connection = http.client.HTTPConnection("127.0.0.1", target.ports.http, REQUEST_TIMEOUT_S)
+    try:
+        connection.request("GET", "/metrics")
+        text = connection.getresponse().read().decode()
+    finally:
+        connection.close()
+    values = {name: 0.0 for name in _AGENT_COUNTERS}
+    metric_keys = {metric: key for key, metric in _AGENT_COUNTERS.items()}
+    for metric, model, value in _SAMPLE.findall(text):
+        if model == target.workload.model and metric in metric_keys:
+            values[metric_keys[metric]] += float(value)
+    return values
+
+
+def agent_breakdown(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Per request, as the agent saw it: time in the data plane (validation to result), of it
+    waiting in the queue and running the model; and rows per model execution. What the client
+    saw beyond the data plane time went to the front end, the network and the client."""
+    delta = {key: after[key] - before[key] for key in after}
+    requests, executions = delta["requests"] or 1.0, delta["executions"] or 1.0
+    return {
+        "dataplane_us": delta["request_us"] / requests,
+        "queue_us": delta["queue_us"] / requests,
+        "compute_us_per_execution": delta["compute_us"] / executions,
+        "mean_batch_rows": delta["rows"] / executions,
+    }
 
 
 def run_wrk(target: Target, clients: int, duration_s: int, workdir: Path) -> _Counts:
@@ -614,6 +662,11 @@ class Measurement:
             text += f", p50 {run.p50_us:,.0f} µs p99 {run.p99_us:,.0f} µs"
         text += f" (cores: server {run.server_cores:.2f}, load generator"
         text += f" {run.loadgen_cores:.2f}, other processes {run.foreign_cores:.2f})"
+        if run.agent:
+            a = run.agent
+            text += f" [data plane {a['dataplane_us']:,.0f} µs, queue {a['queue_us']:,.0f} µs,"
+            text += f" run {a['compute_us_per_execution']:,.0f} µs"
+            text += f" x {a['mean_batch_rows']:.1f} rows]"
         return text + (f", {run.errors} ERRORS" if run.errors else "")
 
 
@@ -683,7 +736,7 @@ def targets_of(
 ) -> dict[tuple[str, str, str], Target]:
     return {
         (spec.name, protocol, model): Target(
-            spec.name, protocol, workloads[model], ports, server.pid
+            spec.name, protocol, workloads[model], ports, server.pid, spec.agent_metrics
         )
         for model in spec.models
         for protocol in spec.protocols
@@ -946,9 +999,10 @@ def server_specs(repos: Repositories, settings: Settings, workdir: Path) -> list
     levels = (1, *CLIENTS)
     specs = [
         ServerSpec("agent", "agent", AGENT_PROTOCOLS, MODELS, levels,
-                   agent_launcher(repos.agent), AGENT_READY_TIMEOUT_S),
+                   agent_launcher(repos.agent), AGENT_READY_TIMEOUT_S, agent_metrics=True),
         ServerSpec("agent-nobatch", "agent, batching off", AGENT_PROTOCOLS, ("mlp",),
-                   (max(CLIENTS),), agent_launcher(repos.agent_nobatch), AGENT_READY_TIMEOUT_S),
+                   (max(CLIENTS),), agent_launcher(repos.agent_nobatch), AGENT_READY_TIMEOUT_S,
+                   agent_metrics=True),
     ]  # fmt: skip
     if not settings.skip_mlserver:
         mlserver = ensure_mlserver()

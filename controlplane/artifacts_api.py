@@ -4,9 +4,9 @@
     GET /v1/tuf/metadata/{N}.{root|targets|snapshot}.json
     GET /v1/tuf/targets/{dir}/{sha256}.{name}     content-addressed blob; HTTP Range supported
 
-Mount it on the aiohttp application that already requires device certificates:
+Mount it on the application that already requires device certificates, the device port:
 
-    add_artifact_routes(app, TufRepository(config.state_dir / "tuf"))
+    ControlPlaneServer(plane, device_routes=artifact_routes(config.state_dir / "tuf"))
 
 Everything served here is verified by the node (TUF signatures, lengths and hashes, then the
 publisher's signature), so a cache or CDN may sit in front. Versioned metadata and blobs never
@@ -20,17 +20,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 from aiohttp import web
 
-from controlplane.tuf_repository import TufRepository
+from controlplane.tuf_repository import TufRepository, TufRepositoryError
 
 log = logging.getLogger(__name__)
 
 PREFIX = "/v1/tuf"
 REPOSITORY = web.AppKey("edgefleet_tuf_repository", TufRepository)
 _IMMUTABLE = "public, max-age=31536000, immutable"
+
+
+def artifact_routes(tuf_dir: Path) -> list[Callable[[web.Application], None]]:
+    """What `ControlPlaneServer(device_routes=...)` mounts: nothing until `edgefleet tuf init`
+    has created the repository (the server then needs a restart to serve it)."""
+    try:
+        repository = TufRepository(tuf_dir)
+    except TufRepositoryError:
+        log.info("no TUF repository in %s: model artifacts are not served", tuf_dir)
+        return []
+    return [lambda app: add_artifact_routes(app, repository)]
 
 
 def add_artifact_routes(
@@ -45,7 +57,7 @@ def add_artifact_routes(
 
     async def metadata(request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
-        if name == "timestamp.json" and repository.refresh_due():
+        if name == "timestamp.json" and repository.timestamp_due():
             await asyncio.to_thread(repository.refresh)
         path = repository.metadata_file(name)
         if path is None:

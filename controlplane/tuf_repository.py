@@ -264,15 +264,6 @@ class TufRepository:
                 )
             return self._publish_targets(targets)
 
-    def remove_targets(self, paths: list[str]) -> int:
-        with self.locked():
-            targets = self.targets()
-            for path in paths:
-                targets.signed.targets.pop(path, None)
-            version = self._publish_targets(targets)
-            self._prune_blobs(targets.signed)
-            return version
-
     def refresh(self, *, force: bool = False) -> list[str]:
         """Re-sign the online roles that used up `refresh_at_fraction` of their lifetime.
 
@@ -292,12 +283,16 @@ class TufRepository:
             return []
 
     def refresh_due(self) -> bool:
-        """Whether `refresh()` has anything to do (cheap: reads three small files)."""
+        """Whether `refresh()` has anything to do."""
         return (
-            self._due(self.timestamp().signed, Timestamp.type)
+            self.timestamp_due()
             or self._due(self.snapshot().signed, Snapshot.type)
             or self._due(self.targets().signed, Targets.type)
         )
+
+    def timestamp_due(self) -> bool:
+        """Whether the timestamp needs re-signing: one small file read, fit for every request."""
+        return self._due(self.timestamp().signed, Timestamp.type)
 
     def root_signers(self, offline_keys_dir: Path) -> list[Signer]:
         """The root keys found in `offline_keys_dir`, checked to be keys of the current root."""
@@ -381,12 +376,6 @@ class TufRepository:
         for path, role, version in files:
             if version <= newest[role] - keep:
                 path.unlink(missing_ok=True)
-
-    def _prune_blobs(self, targets: Targets) -> None:
-        referenced = {t.hashes.get("sha256") for t in targets.targets.values()}
-        for blob in self.blobs_dir.iterdir():
-            if blob.name not in referenced and not blob.name.startswith("."):
-                blob.unlink(missing_ok=True)
 
 
 def _meta_file(path: Path, version: int) -> MetaFile:

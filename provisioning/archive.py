@@ -170,3 +170,5 @@ def _write_member(
                 raise ArchiveError(f"{name!r} is truncated")
             out.write(chunk)
             left -= len(chunk)
+        out.flush()
+        os.fsync(out.fileno())  # the caller records the extraction as done: make it so

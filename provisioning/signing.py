@@ -79,6 +79,7 @@ def key_id(key: ec.EllipticCurvePublicKey) -> str:
 
 def sign_package(package_dir: Path, private_key: Path, password: str | None = None) -> Path:
     """Sign every file of `package_dir` into `package_dir`/model.sig and return its path."""
+    # model_signing takes a second to import (sigstore); only signing and verifying need it.
     from model_signing import hashing, signing
 
     package_dir = Path(package_dir)
@@ -127,7 +128,8 @@ def verify_package(
     """
     package_dir = Path(package_dir)
     signed = _signed_files(package_dir / SIGNATURE_FILE, public_key)
-    present = _files_in(package_dir)
+    # Strict: only the signature itself may be unsigned, git metadata included.
+    present = _files_in(package_dir, (SIGNATURE_FILE,) if strict else UNSIGNED)
     needed = set(signed) if required is None else set(required)
     unsigned = sorted((present if strict else needed) - set(signed))
     if unsigned:
@@ -175,21 +177,22 @@ def _signed_files(signature: Path, public_key: ec.EllipticCurvePublicKey) -> dic
     return files
 
 
-def _files_in(package_dir: Path) -> set[str]:
-    """Package-relative paths of the regular files under `package_dir`, signature excluded."""
+def _files_in(package_dir: Path, skip: tuple[str, ...]) -> set[str]:
+    """Package-relative paths of the regular files under `package_dir`, but for the top-level
+    names in `skip`."""
     found: set[str] = set()
     for directory, dirs, files in os.walk(package_dir):
         relative_dir = Path(directory).relative_to(package_dir)
         for name in dirs + files:
             path = Path(directory) / name
             relative = (relative_dir / name).as_posix()
-            if relative.split("/")[0] in UNSIGNED:
+            if relative.split("/")[0] in skip:
                 continue
             if path.is_symlink():
                 raise SignatureError(f"{relative} is a symbolic link; packages hold plain files")
             if name in files:
                 found.add(relative)
-        dirs[:] = [d for d in dirs if (relative_dir / d).as_posix().split("/")[0] not in UNSIGNED]
+        dirs[:] = [d for d in dirs if (relative_dir / d).as_posix().split("/")[0] not in skip]
     return found
 
 

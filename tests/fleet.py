@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.update import DesiredModel, DesiredState, HealthPolicy, UpdateSettings, apply, pin_root
@@ -269,8 +270,6 @@ def new_publisher_key(path: Path) -> ec.EllipticCurvePrivateKey:
 def _make_tls(directory: Path) -> None:
     ca = CertificateAuthority.create(directory / "ca")
     write_file_atomic(directory / "ca.pem", ca.certificate_pem)
-    from cryptography.hazmat.primitives import serialization
-
     server_key, device_key = new_private_key(), new_private_key()
     server = ca.issue_server(server_key.public_key(), "ae", ["127.0.0.1", "localhost"])
     device = ca.issue_device(device_key.public_key(), DeviceIdentity("node-1", "ae"))

@@ -197,6 +197,12 @@ def test_verify_accepts_a_subset_of_variants_but_nothing_unsigned(package, publi
     assert "model.onnx" in verify_package(package, key, required=needed).files
     with pytest.raises(SignatureError, match="signed files missing"):
         verify_package(package, key)  # complete package demanded
+    (package / ".git").mkdir()
+    (package / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    assert verify_package(package, key, required=needed, strict=False)  # a working directory
+    with pytest.raises(SignatureError, match=re.escape("not covered by the signature: .git/HEAD")):
+        verify_package(package, key, required=needed)  # what a node unpacked: nothing unsigned
+    shutil.rmtree(package / ".git")
     (package / "extra.onnx").write_bytes(b"not signed")
     with pytest.raises(SignatureError, match=re.escape("not covered by the signature: extra.onnx")):
         verify_package(package, key, required=needed)

@@ -74,7 +74,7 @@ def test_the_serving_repository_finds_every_sample(repo):
     repository = ModelRepository(repo)
     assert repository.model_names() == sorted(samples.SAMPLE_MODELS)
     model_files = {
-        name: repository.source(name, "1").model_file.name for name in repository.model_names()
+        name: repository.source(name, "1").model_file().name for name in repository.model_names()
     }
     assert model_files == {
         "cnn": "model.onnx",

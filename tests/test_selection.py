@@ -342,8 +342,8 @@ def test_selector_decides_from_worker_threads(tmp_path, sample_repo):
     """The data plane runs `decide` in a thread pool; the stored decision serves any thread."""
     quick = tmp_path / "quick.toml"
     text = (PROFILES / "generic-cpu.toml").read_text()
-    text = text.replace("benchmark_seconds = 0.2", "benchmark_seconds = 0.02")
-    quick.write_text(text.replace("runoff_seconds = 0.6", "runoff_seconds = 0.03"))
+    text = text.replace("benchmark_seconds = 0.15", "benchmark_seconds = 0.02")
+    quick.write_text(text.replace("runoff_seconds = 0.8", "runoff_seconds = 0.03"))
     selector = Selector(tmp_path / "state", profile=str(quick))
     directory = model_dir(tmp_path, sample_repo, "mlp")
     with ThreadPoolExecutor(max_workers=1) as first, ThreadPoolExecutor(max_workers=1) as second:

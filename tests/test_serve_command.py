@@ -32,6 +32,7 @@ def start_agent(*argv: str, env: dict | None = None) -> tuple[subprocess.Popen, 
             "off",
             "--http",
             "127.0.0.1:0",
+            "--no-select",
             *argv,
         ],
         cwd=ROOT,
@@ -125,7 +126,7 @@ async def test_enrolled_node_schedules_certificate_renewal(control_plane, sample
     ],
 )
 def test_bad_flags_and_config_fail_clearly(sample_repo, tmp_path, argv, config, message):
-    args = [sys.executable, "-m", "agent.cli", "serve"]
+    args = [sys.executable, "-m", "agent.cli", "serve", "--no-select"]
     if config is not None:
         (tmp_path / "agent.toml").write_text(config)
         args += ["--config", str(tmp_path / "agent.toml")]
@@ -156,6 +157,7 @@ def test_address_in_use_is_a_clear_error(sample_repo):
                 "off",
                 "--http",
                 f"127.0.0.1:{port}",
+                "--no-select",
             ],
             cwd=ROOT,
             capture_output=True,

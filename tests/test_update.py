@@ -36,6 +36,7 @@ from agent.update import (
 )
 from agent.update.health import HealthWatch, parse_sample
 from agent.update.journal import Journal
+from provisioning.signing import key_id, load_public_key
 from tests.conftest import ServerThread
 from tests.fleet import Fleet, new_publisher_key
 
@@ -169,8 +170,6 @@ def test_valid_signature_by_a_publisher_not_allowed_for_the_model(world, tmp_pat
     audio = tmp_path / "audio.key"
     world.fleet.register_publisher("audio", ["speech-*"], audio)
     package = world.fleet.package(version, key=audio)
-    from provisioning.signing import key_id, load_public_key
-
     world.fleet.publish_unchecked(package, claim=key_id(load_public_key(audio.with_suffix(".pub"))))
     assert_refused(
         world,

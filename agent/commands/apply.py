@@ -13,13 +13,12 @@ Exit status: 0 every model is at its version, 1 a model failed or was rolled bac
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from agent.commands.accelerators import add_profile_arguments
 
-AGENT_URL_ENV = "EDGEFLEET_AGENT_URL"
 EX_TEMPFAIL = 75
 
 
@@ -34,10 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "journaled: after a crash, running apply again resumes where it stopped.",
     )
     p.add_argument("desired", type=Path, metavar="DESIRED.toml", help="desired-state file")
-    p.add_argument("--state-dir", type=Path, help="agent state directory")
-    p.add_argument(
-        "--models", type=Path, help="serving model repository (default: STATE_DIR/models)"
-    )
+    p.add_argument("--config", type=Path, metavar="FILE", help="agent config (TOML)")
+    p.add_argument("--state-dir", type=Path, help="agent state directory (default: the config's)")
+    p.add_argument("--models", type=Path, help="serving model repository (default: the config's)")
     p.add_argument("--server", help="control-plane device URL (default: from the enrollment)")
     p.add_argument("--ca", type=Path, help="device CA certificate (default: from the enrollment)")
     p.add_argument("--cert", type=Path, help="device certificate (default: the enrolled one)")
@@ -51,10 +49,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--agent",
-        default=os.environ.get(AGENT_URL_ENV, "http://127.0.0.1:8000"),
         metavar="URL",
-        help=f"running agent to reload: http://HOST:PORT or unix:PATH, 'off' for none "
-        f"(default: ${AGENT_URL_ENV} or %(default)s)",
+        help="running agent to reload: http://HOST:PORT or unix:PATH, 'off' for none "
+        "(default: the config's serving socket, else its REST address)",
     )
     p.add_argument(
         "--retry-rolled-back",
@@ -69,7 +66,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from agent import logs
     from agent.cli import UserError
-    from agent.selection.selector import default_state_dir
+    from agent.config import SettingsError, load_config
     from agent.update import (
         FAILED_STATES,
         Checkpoints,
@@ -88,8 +85,14 @@ def run(args: argparse.Namespace) -> int:
         desired = DesiredState.load(args.desired)
     except DesiredStateError as exc:
         raise UserError(str(exc)) from None
-    state_dir = args.state_dir or default_state_dir()
-    models_dir = args.models or state_dir / "models"
+    try:
+        config = load_config(args.config)
+    except SettingsError as exc:
+        raise UserError(str(exc)) from None
+    if args.state_dir is not None:
+        config = replace(config, state_dir=args.state_dir)
+    state_dir = config.state_dir
+    models_dir = args.models or config.models_dir
     connection = _connection(args, state_dir)
     settings = UpdateSettings(
         state_dir=state_dir,
@@ -98,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         ssl_context=connection["ssl_context"],
         region=connection["region"],
         profile=args.profile,
-        agent_url=None if args.agent == "off" else args.agent,
+        agent_url=_agent_url(args.agent, config),
     )
     if args.root is not None:
         try:
@@ -132,42 +135,57 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _agent_url(flag: str | None, config) -> str | None:
+    """The running agent: the flag, else where the config says `serve` listens."""
+    if flag is not None:
+        return None if flag == "off" else flag
+    if config.socket is not None:
+        return f"unix:{config.socket}"
+    if config.http and config.http != "off":
+        return f"http://{config.http}"
+    return None
+
+
 def _connection(args: argparse.Namespace, state_dir: Path) -> dict:
-    """Server URL, TLS and region: flags first, else the node's enrollment."""
+    """Server URL, TLS files and region: flags first, else the node's enrollment."""
     from agent.cli import UserError
     from agent.identity import IdentityStore
     from provisioning.tls import client_context
 
     store = IdentityStore(state_dir / "identity")
-    credentials = store.current() if not (args.cert and args.key and args.ca) else None
     enrollment = store.enrollment() if store.enrollment_file.exists() else {}
     server = args.server or (enrollment.get("endpoints") or {}).get("device_url")
     if not server:
         raise UserError("no --server given and this node is not enrolled (edgefleet-agent install)")
     if args.cert and args.key and args.ca:
         ca, cert, key = args.ca, args.cert, args.key
-        region = args.region
-        if region is None:
-            from cryptography import x509
-
-            from provisioning.identity import region_of
-
-            region = region_of(x509.load_pem_x509_certificate(cert.read_bytes()))
-    elif credentials is not None:
+    elif (credentials := store.current()) is not None:
         ca, cert, key = credentials.ca_file, credentials.cert_file, credentials.key_file
-        region = args.region or credentials.identity.region
     else:
         raise UserError(
             "no device certificate: enroll the node (edgefleet-agent install) or pass "
             "--ca, --cert and --key"
         )
-    if not region:
-        raise UserError("cannot tell this node's region; pass --region")
     for path in (ca, cert, key):
         if not Path(path).is_file():
             raise UserError(f"{path}: no such file")
+    region = args.region or _region_of(cert)
+    if not region:
+        raise UserError(f"{cert} names no region; pass --region")
     return {
         "server": server,
         "region": region,
         "ssl_context": lambda: client_context(ca_file=ca, cert_file=cert, key_file=key),
     }
+
+
+def _region_of(cert_file: Path) -> str | None:
+    """The region the device CA wrote into the certificate (packages may be region-bound)."""
+    from cryptography import x509
+
+    from provisioning.identity import region_of
+
+    try:
+        return region_of(x509.load_pem_x509_certificate(Path(cert_file).read_bytes()))
+    except ValueError:
+        return None

@@ -29,6 +29,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--grpc", metavar="HOST:PORT", help="gRPC address (default 127.0.0.1:8001; 'off')"
     )
     p.add_argument("--socket", type=Path, metavar="PATH", help="also serve REST on a unix socket")
+    p.add_argument(
+        "--select",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="measure which runtime/device serves each model best (default: on; decisions are "
+        "stored in the state dir and reused)",
+    )
+    p.add_argument("--profile", metavar="NAME|FILE", help="force a firmware profile")
     p.add_argument("--max-body-mb", type=int, default=64, help="largest request (default 64)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
@@ -63,11 +71,24 @@ def run(args: argparse.Namespace) -> int:
     logs.setup(args.log_level)
     memory.tune_allocator()
     socket = args.socket or config.socket
-    options = ServeOptions(models, http, grpc, socket, args.max_body_mb * 1024 * 1024)
+    options = ServeOptions(
+        models,
+        http,
+        grpc,
+        socket,
+        args.max_body_mb * 1024 * 1024,
+        select=config.select if args.select is None else args.select,
+        state_dir=config.state_dir,
+        profile=args.profile or config.profile or None,
+    )
+    from agent.profiles import ProfileError
+
     try:
         _run_loop(_serve(options, config.identity_dir))
     except OSError as exc:
         raise UserError(f"cannot listen: {exc}") from None
+    except ProfileError as exc:
+        raise UserError(str(exc)) from None
     return 0
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from agent import config as agent_config
 from agent.profiles import PROFILE_ENV, Profile, resolve
 from agent.selection.cache import DecisionCache
 from agent.selection.decide import choose
@@ -28,11 +29,10 @@ DATABASE = "agent.db"
 
 
 def default_state_dir() -> Path:
-    """$EDGEFLEET_STATE_DIR, else $XDG_STATE_HOME/edgefleet, else ~/.local/state/edgefleet."""
+    """$EDGEFLEET_STATE_DIR, else the agent config's default (~/.local/state/edgefleet)."""
     if os.environ.get(STATE_DIR_ENV):
         return Path(os.environ[STATE_DIR_ENV])
-    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
-    return Path(base) / "edgefleet"
+    return agent_config.default_state_dir()
 
 
 class Selector:

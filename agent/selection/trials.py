@@ -42,8 +42,11 @@ from runtimes.base import LoadOptions
 # adds time, so the fastest runs are the least disturbed estimate of what a candidate can do.
 FLOOR_PERCENTILE = 10
 # Candidates kept loaded for the run-off: the best few whose floor is within 2x of the best.
-MAX_FINALISTS = 4
+MAX_FINALISTS = 6
 FINALIST_MARGIN = 1.0
+# The run-off's rounds, and the timed runs each finalist gets at least per round.
+RUNOFF_ROUNDS = 4
+RUNOFF_MIN_RUNS = 3
 # A screening benchmark stops early once its floor is this many times the best floor so far.
 EARLY_STOP_FACTOR = 2.0
 # Reference runtime for each format: the plain CPU fp32 path.
@@ -323,8 +326,8 @@ class Trials:
     def _bench_limit(self, first_run: float | None, candidates: int, seconds: float) -> float:
         """Time budget plus the minimum runs at a slow first-run pace, with room to spare."""
         settings = self.settings
-        runs = (settings.warmup_runs + settings.min_runs) * candidates
-        return 10.0 + 2 * seconds + 3 * runs * (first_run or 1.0)
+        runs = max(settings.warmup_runs + settings.min_runs, RUNOFF_ROUNDS * (RUNOFF_MIN_RUNS + 1))
+        return 10.0 + 2 * seconds + 3 * runs * candidates * (first_run or 1.0)
 
     def _score(self, result: CandidateResult, latencies: list[float], batch: int) -> None:
         ms = np.asarray(latencies) * 1e3
@@ -382,8 +385,8 @@ class Trials:
             "ids": keys,
             "inputs": {k: self.loaded[k].inputs for k in keys},
             "seconds": seconds,
-            "min_rounds": self.settings.min_runs,
-            "max_rounds": 100_000,
+            "rounds": RUNOFF_ROUNDS,
+            "min_runs_per_slice": RUNOFF_MIN_RUNS,
         }
         try:
             reply = self.sandbox.call(request, timeout=self._bench_limit(first, len(keys), seconds))

@@ -146,24 +146,29 @@ class Worker:
         return {"ok": True, "latencies": latencies, "stopped_early": stopped_early}
 
     def op_runoff(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Finalists in turn, one run each per round, so load on the machine hits them alike."""
-        entries = [
-            (key, self.sessions[key].infer, request["inputs"][key]) for key in request["ids"]
-        ]
-        latencies: dict[str, list[float]] = {key: [] for key in request["ids"]}
-        for _, infer, inputs in entries:
-            infer(inputs)
+        """Finalists in turn, a short slice each per round, in a rotating order.
+
+        Load from elsewhere on the machine then hits every finalist alike. Slices rather than
+        single runs: a runtime's thread pool keeps spinning for a moment after a run, which
+        would slow whichever candidate runs next; the first run of each slice is not timed.
+        """
+        keys = request["ids"]
+        rounds, min_runs = request["rounds"], request["min_runs_per_slice"]
+        slice_seconds = request["seconds"] / (rounds * len(keys))
+        latencies: dict[str, list[float]] = {key: [] for key in keys}
         clock = time.perf_counter
-        deadline = clock() + request["seconds"]
-        rounds = 0
-        while rounds < request["max_rounds"] and (
-            rounds < request["min_rounds"] or clock() < deadline
-        ):
-            for key, infer, inputs in entries:
-                started = clock()
-                infer(inputs)
-                latencies[key].append(clock() - started)
-            rounds += 1
+        for round_index in range(rounds):
+            shift = round_index % len(keys)
+            for key in keys[shift:] + keys[:shift]:
+                infer, inputs = self.sessions[key].infer, request["inputs"][key]
+                infer(inputs)  # settles the runtime's threads after the previous finalist
+                timed = latencies[key]
+                done, deadline = 0, clock() + slice_seconds
+                while done < min_runs or clock() < deadline:
+                    started = clock()
+                    infer(inputs)
+                    timed.append(clock() - started)
+                    done += 1
         return {"ok": True, "latencies": latencies}
 
     def op_close(self, request: dict[str, Any]) -> dict[str, Any]:

@@ -25,9 +25,22 @@ class ModelConfig:
     timeout_ms: int = 30_000
     # Concurrent executions of this model (worker threads sharing one session).
     instances: int = 1
+    # How to run the model. With accelerator selection on, each set key pins that part of the
+    # choice and selection measures the rest; with it off, the model file named by `variant`
+    # (or the only one) runs on `runtime` (default: by file type) and `device`.
     threads: int | None = None
     runtime: str | None = None
-    device: str = "CPU"
+    device: str | None = None
+    variant: str | None = None  # file name of one model file in the version directory
+    hint: str | None = None  # OpenVINO performance hint: LATENCY | THROUGHPUT
+    precision: str | None = None  # OpenVINO inference precision: f32 | bf16 | f16
+    # Accepted output error per datatype, e.g. { FP32 = { atol = 1e-2, rtol = 1e-2 } }.
+    tolerance: dict | None = None
+
+    def selection_settings(self) -> dict:
+        """The keys accelerator selection reads (agent.selection.model_settings)."""
+        keys = ("runtime", "device", "variant", "threads", "hint", "precision", "tolerance")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
     @classmethod
     def from_file(cls, path: Path) -> ModelConfig:
@@ -81,6 +94,10 @@ def _check(source: str, key: str, value):
         ):
             raise ModelConfigError(f"{source}: {key} must be a list of positive integers")
         return tuple(sorted(set(value)))
+    if key == "tolerance":
+        if not isinstance(value, dict):
+            raise ModelConfigError(f"{source}: tolerance must be a table, e.g. [tolerance]")
+        return value
     if not isinstance(value, str) or not value:
         raise ModelConfigError(f"{source}: {key} must be a non-empty string")
     return value

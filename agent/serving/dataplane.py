@@ -11,6 +11,8 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent import __version__, memory
 from agent.serving.errors import (
@@ -23,12 +25,15 @@ from agent.serving.errors import (
 )
 from agent.serving.metrics import Metrics
 from agent.serving.model import ModelIncompatible, ModelMetadata, ServedModel
-from agent.serving.repository import ModelRepository, RepositoryError
+from agent.serving.repository import ModelRepository, ModelVersionSource, RepositoryError
 from agent.serving.scheduler import Outcome, Scheduler
 from agent.serving.tensors import InferenceRequest, InferenceResponse, Tensor
 from runtimes import load as load_session
-from runtimes.base import LoadOptions, RuntimeAdapterError
+from runtimes.base import LoadOptions, RuntimeAdapterError, Session
 from runtimes.datatypes import from_numpy
+
+if TYPE_CHECKING:
+    from agent.selection import Selector
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +58,17 @@ class IndexEntry:
 
 
 class DataPlane:
-    def __init__(self, repository: ModelRepository, metrics: Metrics | None = None):
+    def __init__(
+        self,
+        repository: ModelRepository,
+        metrics: Metrics | None = None,
+        selector: Selector | None = None,
+    ):
+        """`selector` (agent.selection.Selector) measures where each model runs best; without
+        one, each version loads as its model.toml says (CPU by default)."""
         self.repository = repository
         self.metrics = metrics or Metrics()
+        self.selector = selector
         self._models: dict[str, dict[str, ServedModel]] = {}
         self._latest: dict[str, ServedModel] = {}
         self._states: dict[str, dict[str, VersionState]] = {}
@@ -267,10 +280,14 @@ class DataPlane:
 
     async def _load_version(self, name: str, version: str) -> ServedModel:
         source = self.repository.source(name, version)
-        options = LoadOptions(device=source.config.device, threads=source.config.threads)
-        session = await asyncio.to_thread(
-            load_session, source.model_file, runtime=source.config.runtime, options=options
-        )
+        if self.selector is not None:
+            session, model_file = await self._open_selected(source)
+        else:
+            config, model_file = source.config, source.model_file()
+            options = LoadOptions(device=config.device or "CPU", threads=config.threads)
+            session = await asyncio.to_thread(
+                load_session, model_file, runtime=config.runtime, options=options
+            )
         try:
             ServedModel.check_compatible(session, source.config)
         except ModelIncompatible:
@@ -280,7 +297,34 @@ class DataPlane:
         scheduler = Scheduler(
             f"{name}:{version}", session.infer, source.config, metrics, asyncio.get_running_loop()
         )
-        return ServedModel(source, session, scheduler, metrics)
+        return ServedModel(source, session, scheduler, metrics, model_file)
+
+    async def _open_selected(self, source: ModelVersionSource) -> tuple[Session, Path]:
+        """Load on the measured choice (a stored decision returns in milliseconds)."""
+        from agent.selection import SelectionError
+
+        try:
+            decision = await asyncio.to_thread(
+                self.selector.decide,
+                source.directory,
+                model=source.name,
+                config=source.config.selection_settings(),
+            )
+        except SelectionError as exc:
+            rows = "; ".join(f"{r.candidate.label()}: {r.reason}" for r in exc.results if r.reason)
+            raise ModelIncompatible(f"{exc}" + (f" ({rows})" if rows else "")) from None
+        except ValueError as exc:  # tolerance table, variant files, golden vectors
+            raise ModelIncompatible(f"accelerator selection: {exc}") from None
+        log.info(
+            "model %s version %s runs on %s %s (%s, %s)",
+            source.name,
+            source.version,
+            decision.runtime,
+            decision.device,
+            decision.variant,
+            "stored decision" if decision.from_cache else "measured now",
+        )
+        return await asyncio.to_thread(decision.load), decision.variant_path
 
 
 async def _retire(model: ServedModel) -> None:

@@ -108,8 +108,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     @_reports_errors
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
-        response = await self.dataplane.infer(grpc_codec.decode_request(request))
-        return grpc_codec.encode_response(response)
+        try:
+            decoded = grpc_codec.decode_request(request)
+        except InvalidInput as exc:
+            self.dataplane.count_rejected(request.model_name, request.model_version, exc)
+            raise
+        return grpc_codec.encode_response(await self.dataplane.infer(decoded))
 
     @_reports_errors
     async def RepositoryIndex(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -40,6 +41,7 @@ class ServedModel:
         session: Session,
         scheduler: Scheduler,
         metrics: ModelMetrics,
+        model_file: Path,
     ):
         self.name = source.name
         self.version = source.version
@@ -50,7 +52,8 @@ class ServedModel:
         self.metrics = metrics
         self.inputs = {s.name: s for s in session.inputs}
         self.outputs = {s.name: s for s in session.outputs}
-        self.platform = f"{session.runtime}_{source.model_file.suffix.lstrip('.')}"
+        self.model_file = model_file  # the variant actually loaded
+        self.platform = f"{session.runtime}_{model_file.suffix.lstrip('.')}"
         self._text_inputs = getattr(session, "text_inputs", frozenset())
 
     @staticmethod

@@ -1,8 +1,9 @@
 """The model repository on disk: `<root>/<model>/<version>/model.{onnx,xml,tflite}`.
 
 Like Triton and OpenVINO Model Server, versions are numeric directory names; the highest loaded
-version answers requests that name none. A version directory holds exactly one model file
-(an OpenVINO IR's `.bin` sits beside its `.xml`) and optionally `model.toml`.
+version answers requests that name none. A version directory holds one or more model files,
+the model's variants (an OpenVINO IR's `.bin` sits beside its `.xml`), and optionally
+`model.toml`. Accelerator selection picks among the variants; without it one must be named.
 """
 
 from __future__ import annotations
@@ -28,8 +29,27 @@ class ModelVersionSource:
 
     name: str
     version: str
-    model_file: Path
+    directory: Path
+    model_files: tuple[Path, ...]  # the variants: one file per format / precision
     config: ModelConfig
+
+    def model_file(self) -> Path:
+        """The file to load when no selection runs: the pinned variant, or the only one."""
+        if self.config.variant:
+            for path in self.model_files:
+                if path.name == self.config.variant:
+                    return path
+            raise RepositoryError(
+                f"{self.directory}: variant {self.config.variant!r} from model.toml is not "
+                f"there; files: {', '.join(p.name for p in self.model_files)}"
+            )
+        if len(self.model_files) > 1:
+            names = ", ".join(p.name for p in self.model_files)
+            raise RepositoryError(
+                f"{self.directory}: more than one model file ({names}); turn accelerator "
+                "selection on, or name one with `variant` in model.toml"
+            )
+        return self.model_files[0]
 
 
 class ModelRepository:
@@ -56,23 +76,24 @@ class ModelRepository:
     def source(self, name: str, version: str) -> ModelVersionSource:
         """Find the model file and read model.toml; RepositoryError says what is wrong."""
         version_dir = self.root / name / version
-        candidates = sorted(
-            p for p in version_dir.iterdir() if p.is_file() and p.suffix.lower() in MODEL_SUFFIXES
+        model_files = tuple(
+            sorted(
+                p
+                for p in version_dir.iterdir()
+                if p.is_file() and p.suffix.lower() in MODEL_SUFFIXES
+            )
         )
-        if not candidates:
+        if not model_files:
             raise RepositoryError(
                 f"{version_dir}: no model file (expected model.onnx, model.xml+model.bin "
                 "or model.tflite)"
             )
-        if len(candidates) > 1:
-            names = ", ".join(p.name for p in candidates)
-            raise RepositoryError(f"{version_dir}: more than one model file ({names})")
-        model_file = candidates[0]
-        if model_file.suffix.lower() == ".xml" and not model_file.with_suffix(".bin").is_file():
-            raise RepositoryError(f"{model_file}: OpenVINO IR without its .bin weights file")
+        for path in model_files:
+            if path.suffix.lower() == ".xml" and not path.with_suffix(".bin").is_file():
+                raise RepositoryError(f"{path}: OpenVINO IR without its .bin weights file")
         config_file = version_dir / "model.toml"
         try:
             config = ModelConfig.from_file(config_file) if config_file.exists() else ModelConfig()
         except ModelConfigError as exc:
             raise RepositoryError(str(exc)) from exc
-        return ModelVersionSource(name, version, model_file, config)
+        return ModelVersionSource(name, version, version_dir, model_files, config)

@@ -6,6 +6,7 @@ ends come up first (live, not ready), then the models load and the server turns 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -29,6 +30,10 @@ class ServeOptions:
     grpc: str | None = "127.0.0.1:8001"
     socket: Path | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY
+    # Accelerator selection: measure where each model runs best, decisions kept in state_dir.
+    select: bool = False
+    state_dir: Path | None = None
+    profile: str | None = None  # force a firmware profile (name or path)
 
 
 @dataclass(slots=True)
@@ -58,7 +63,8 @@ def split_address(address: str, default_host: str = "127.0.0.1") -> tuple[str, i
 
 
 async def start(options: ServeOptions) -> RunningServer:
-    dataplane = DataPlane(ModelRepository(options.models))
+    selector = await asyncio.to_thread(_selector, options) if options.select else None
+    dataplane = DataPlane(ModelRepository(options.models), selector=selector)
     rest = RestFrontEnd(dataplane, max_body=options.max_body_bytes)
     runner = web.AppRunner(rest.app(), access_log=None, handle_signals=False)
     await runner.setup()
@@ -81,6 +87,22 @@ async def start(options: ServeOptions) -> RunningServer:
         grpc_server, grpc_port = await start_grpc_server(dataplane, options.grpc)
     await dataplane.start()
     return RunningServer(dataplane, http_port, grpc_port, options.socket, runner, grpc_server)
+
+
+def _selector(options: ServeOptions):
+    from agent.selection import Selector
+
+    selector = Selector(options.state_dir, profile=options.profile or None, progress=_log_progress)
+    log.info(
+        "accelerator selection on: profile %s, decisions in %s",
+        selector.profile.name,
+        selector.state_dir,
+    )
+    return selector
+
+
+def _log_progress(message: str) -> None:
+    log.info("selection: %s", message)
 
 
 def _family(host: str) -> socket.AddressFamily:

@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import sqlite_utils
 
 from agent.update.errors import SelectionFailed, SelfTestFailed
+from agent.update.layout import fsync_dir
 from provisioning.package import GoldenVectors, Package, Variant
 
 SERVING_CONFIG = "model.toml"
@@ -54,6 +55,7 @@ def choose_variant(
     state_dir: Path,
 ) -> Choice:
     """Measure the downloaded `variants` of `package` on this node and return the winner."""
+    # Selection and the runtimes are heavy imports that the other steps never need.
     from agent.selection import DecisionCache, Reference, SelectionError, Tolerance, choose
 
     view = _selection_view(package, variants, work_dir / "select")
@@ -124,29 +126,54 @@ def prepare_serving(package: Package, choice: Choice, root: Path) -> Path:
         target = directory / name
         target.parent.mkdir(parents=True, exist_ok=True)
         _link_or_copy(package.root / relative, target)
-    lines = [f"runtime = {json.dumps(choice.runtime)}", f"device = {json.dumps(choice.device)}"]
-    if choice.threads:
-        lines.append(f"threads = {int(choice.threads)}")
-    (directory / SERVING_CONFIG).write_text("\n".join(lines) + "\n")
+    settings = serving_settings(choice)
+    with open(directory / SERVING_CONFIG, "w", encoding="utf-8") as config:
+        # JSON strings and numbers are valid TOML values.
+        config.write("".join(f"{key} = {json.dumps(value)}\n" for key, value in settings.items()))
+        config.flush()
+        os.fsync(config.fileno())
+    for written in (directory, directory.parent, root):
+        fsync_dir(written)
     return directory
+
+
+def serving_settings(choice: Choice) -> dict[str, Any]:
+    """The model.toml keys that make serving load the chosen candidate.
+
+    OpenVINO's hint and precision are written only where the serving configuration knows them
+    (they pin accelerator selection when serving runs it).
+    """
+    from agent.serving.config import ModelConfig
+
+    known = {f.name for f in fields(ModelConfig)}
+    settings: dict[str, Any] = {"runtime": choice.runtime, "device": choice.device}
+    if choice.threads:
+        settings["threads"] = int(choice.threads)
+    for key, option in (("hint", "PERFORMANCE_HINT"), ("precision", "INFERENCE_PRECISION_HINT")):
+        if key in known and option in choice.extra:
+            settings[key] = choice.extra[option]
+    return settings
 
 
 def self_test(package: Package, choice: Choice, serving_root: Path) -> str:
     """Load the prepared version directory as serving does; run every golden set. A summary."""
     from agent.selection.tolerance import Tolerance, compare
-    from agent.serving.repository import ModelRepository, RepositoryError
+    from agent.serving.config import ModelConfig, ModelConfigError
     from runtimes import load
     from runtimes.base import LoadOptions, RuntimeAdapterError
+    from runtimes.loader import MODEL_SUFFIXES
 
     manifest = package.manifest
+    directory = serving_root / manifest.name / str(manifest.version)
     try:
-        source = ModelRepository(serving_root).source(manifest.name, str(manifest.version))
+        config = ModelConfig.from_file(directory / SERVING_CONFIG)
+        (model_file,) = [p for p in directory.iterdir() if p.suffix.lower() in MODEL_SUFFIXES]
         session = load(
-            source.model_file,
-            runtime=source.config.runtime,
-            options=LoadOptions(device=source.config.device, threads=source.config.threads),
+            model_file,
+            runtime=config.runtime,
+            options=LoadOptions(device=config.device or "CPU", threads=config.threads),
         )
-    except (RepositoryError, RuntimeAdapterError) as exc:
+    except (ModelConfigError, RuntimeAdapterError, ValueError) as exc:
         raise SelfTestFailed(
             f"the chosen variant does not load as serving loads it: {exc}"
         ) from None

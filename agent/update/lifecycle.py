@@ -63,7 +63,7 @@ from agent.update.journal import (
 )
 from agent.update.layout import Layout, discard, empty, fsync_dir, place
 from agent.update.transport import TargetTooLong, Transport, download_resumable
-from agent.update.trust import TARGETS_PATH, TrustedRepository
+from agent.update.trust import TrustedRepository, target_url
 from provisioning.archive import ArchiveError, safe_extract
 from provisioning.package import ManifestError, Package
 from provisioning.publishers import authenticate_package
@@ -205,8 +205,6 @@ class Lifecycle:
         empty(layout.staging)
         empty(layout.trash)
         empty(layout.store / ".trash")
-        for stale in layout.store.glob("*/.*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
         open_jobs = {job.id: job for job in self.journal.open_jobs()}
         for job_dir in layout.jobs.iterdir():
             job = open_jobs.get(int(job_dir.name)) if job_dir.name.isdigit() else None
@@ -241,7 +239,11 @@ class Lifecycle:
         if active is not None and active.version == want.version:
             return Outcome(want.name, want.version, UP_TO_DATE, job_id=active.job_id)
         previous = self.journal.role(want.name, ROLE_PREVIOUS)
-        if previous is not None and previous.version == want.version:
+        if (
+            previous is not None
+            and previous.version == want.version
+            and self.layout.stored(want.name, previous.version).is_dir()
+        ):
             return self._reinstate(previous, generation)
         last = self.journal.last_job(want.name, want.version)
         if last is not None and last.state == ROLLED_BACK and not self.retry_rolled_back:
@@ -433,7 +435,7 @@ class Lifecycle:
         )
 
     def _fetch(self, info: TargetFile, partial: Path) -> None:
-        url = _target_url(self.settings.server_url, info)
+        url = target_url(self.settings.server_url, info)
         attempts = self.limits.download_attempts
         for attempt in range(1, attempts + 1):
             try:
@@ -581,13 +583,6 @@ def _sha(target: dict) -> str:
 
 def _target_file(target: dict) -> TargetFile:
     return TargetFile.from_dict(copy.deepcopy(target["info"]), target["path"])
-
-
-def _target_url(server_url: str, info: TargetFile) -> str:
-    """Consistent snapshots: a target is fetched by its hash (`<dir>/<sha256>.<name>`)."""
-    directory, _, name = info.path.rpartition("/")
-    prefix = f"{directory}/" if directory else ""
-    return f"{server_url.rstrip('/')}{TARGETS_PATH}{prefix}{info.hashes['sha256']}.{name}"
 
 
 def _merge(source: Path, files: list[str], package: Path, origin: str) -> None:

@@ -47,7 +47,7 @@ def pin_root(tuf_dir: Path, root_bytes: bytes) -> bool:
             return False
         raise TrustFailed(
             f"a different TUF root is pinned in {pinned}; the repository rotates its root "
-            "itself. Re-pin only by re-enrolling the node."
+            "itself. To trust another repository, remove that file deliberately first."
         )
     temporary = pinned.with_suffix(".tmp")
     temporary.write_bytes(root_bytes)
@@ -116,21 +116,6 @@ class TrustedRepository:
                 found[variant] = info
         return found
 
-    def target_url(self, target: TargetFile) -> str:
-        """Consistent snapshots: targets are fetched by hash (`<dir>/<sha256>.<name>`)."""
-        directory, _, name = target.path.rpartition("/")
-        digest = target.hashes["sha256"]
-        prefix = f"{directory}/" if directory else ""
-        return f"{self.server_url}{TARGETS_PATH}{quote(prefix)}{digest}.{quote(name)}"
-
-    def verify_download(self, target: TargetFile, path: Path) -> None:
-        """TUF's own length and hash check of a downloaded file."""
-        if self._updater.find_cached_target(target, str(path)) is None:
-            raise TrustFailed(
-                f"{target.path}: the download does not match the length and hashes in the "
-                "signed TUF metadata"
-            )
-
     def publishers(self) -> PublisherList:
         """The root-signed publisher list, fresh from TUF; never older than one seen before."""
         target = self._targetinfo(TARGET_PATH)
@@ -159,6 +144,14 @@ class TrustedRepository:
         if info is None:
             raise TrustFailed(f"{path} is not a target of the control plane's TUF repository")
         return info
+
+
+def target_url(server_url: str, target: TargetFile) -> str:
+    """Where a target is fetched: by its hash, `<dir>/<sha256>.<name>` (consistent snapshots)."""
+    directory, _, name = target.path.rpartition("/")
+    prefix = f"{quote(directory)}/" if directory else ""
+    digest = target.hashes["sha256"]
+    return f"{server_url.rstrip('/')}{TARGETS_PATH}{prefix}{digest}.{quote(name)}"
 
 
 @contextmanager

@@ -1,0 +1,92 @@
+"""An update end to end through the real control plane and both command lines.
+
+The operator runs `edgefleet tuf init`, `model publisher add`, `model sign` and `model push`; the
+control plane serves the artifact routes on its device port (behind the device checks); an
+enrolled node runs `edgefleet-agent apply` with nothing but its enrollment for connection
+settings. A revoked node can no longer fetch anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+from agent.serving.server import ServeOptions
+from agent.update import pin_enrollment_root
+from controlplane import cli as controlplane_cli
+from controlplane.artifacts_api import artifact_routes
+from controlplane.config import load_config
+from controlplane.server import ControlPlaneServer
+from controlplane.service import ControlPlane
+from controlplane.tuf_repository import TufRepository
+from provisioning.ca import CertificateAuthority
+from tests.conftest import ServerThread
+from tests.fleet import TEST_PROFILE, new_publisher_key
+from tests.packages import write_package
+from tests.trust_fixtures import Clock, TrustEnv, write_config
+
+
+def edgefleet(*argv: str) -> str:
+    """Run `edgefleet ARGV` in-process; its output (it must succeed)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = controlplane_cli.main(list(argv))
+    assert rc == 0, err.getvalue()
+    return out.getvalue()
+
+
+async def test_enrolled_node_updates_through_the_control_plane(tmp_path, sample_repo):
+    config_path = write_config(tmp_path)
+    config = load_config(config_path, env={})
+    CertificateAuthority.create(config.ca_dir, lifetimes=config.lifetimes)
+    offline, cfg = tmp_path / "offline-root-keys", ("--config", str(config_path))
+    edgefleet("tuf", "init", "--root-keys", str(offline), *cfg)
+    key = tmp_path / "vision.key"
+    new_publisher_key(key)
+    edgefleet(
+        "model", "publisher", "add", "vision", "--pubkey", str(key.with_suffix(".pub")),
+        "--models", "mlp", "--root-keys", str(offline), *cfg,
+    )  # fmt: skip
+    for version in (1, 2):
+        package = write_package(tmp_path / f"mlp-{version}", sample_repo, version=version)
+        edgefleet("model", "sign", str(package), "--key", str(key))
+        pushed = edgefleet("model", "push", str(package), *cfg)
+        assert f"published mlp/{version}/onnx-fp32.tar" in pushed
+
+    clock = Clock()
+    plane = ControlPlane.open(config, clock=clock)
+    server = ControlPlaneServer(plane, device_routes=artifact_routes(config.state_dir / "tuf"))
+    endpoints = await server.start()
+    env = TrustEnv(tmp_path, config_path, config, plane, server, endpoints, clock)
+    try:
+        credentials = await env.enroll()
+        node = tmp_path / "devices" / "1"  # the identity directory is node/identity
+        root = TufRepository(config.state_dir / "tuf").root_bytes()
+        assert pin_enrollment_root(node, root)  # what enrollment does with the root it got
+        profile = tmp_path / "profile.toml"
+        profile.write_text(TEST_PROFILE)
+        (node / "models").mkdir()
+        with ServerThread(ServeOptions(node / "models", "127.0.0.1:0", None, None)) as agent:
+
+            async def apply(version: int) -> tuple[int, str, str]:
+                desired = node / "desired.toml"
+                desired.write_text(f'[[models]]\nname = "mlp"\nversion = {version}\n')
+                return await env.agent(
+                    "apply", str(desired), "--state-dir", str(node), "--profile", str(profile),
+                    "--agent", f"http://{agent.http_url}",
+                )  # fmt: skip
+
+            rc, out, err = await apply(1)
+            assert rc == 0, err
+            assert out.startswith("mlp@1: ACTIVE")
+            assert agent.dataplane.model("mlp").version == "1"
+
+            rc, out, _ = env.cli("device", "revoke", credentials.identity.device_id)
+            assert rc == 0
+            rc, out, err = await apply(2)
+            assert rc == 75  # EX_TEMPFAIL: paused, will retry (after re-enrollment)
+            assert "HTTP 403" in out
+            assert agent.dataplane.model("mlp").version == "1"
+    finally:
+        await server.stop()
+        plane.close()
