@@ -30,12 +30,14 @@ _ORT_TYPES = {
     "tensor(string)": "BYTES",
 }
 
-# device name -> execution provider list; CPU stays last so an EP covers only what it can.
+# device name -> execution providers. No CPU EP behind an accelerator: the session is created
+# with CPU fallback disabled, so a model the accelerator cannot run whole fails to load (and
+# selection records why) instead of quietly running part of the graph on the CPU.
 _PROVIDERS = {
     "CPU": ["CPUExecutionProvider"],
-    "CUDA": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-    "TENSORRT": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
-    "OPENVINO": ["OpenVINOExecutionProvider", "CPUExecutionProvider"],
+    "CUDA": ["CUDAExecutionProvider"],
+    "TENSORRT": ["TensorrtExecutionProvider", "CUDAExecutionProvider"],
+    "OPENVINO": ["OpenVINOExecutionProvider"],
 }
 
 
@@ -72,7 +74,9 @@ class OnnxSession:
         for key, value in options.extra.get("session_config", {}).items():
             so.add_session_config_entry(str(key), str(value))
         try:
-            self._session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+            self._session = ort.InferenceSession(
+                str(path), sess_options=so, providers=_with_options(providers, options)
+            )
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise ModelLoadError(f"onnxruntime could not load {path.name}: {exc}") from exc
         self.device = device
@@ -91,6 +95,19 @@ class OnnxSession:
 
     def close(self) -> None:
         self._session = None
+
+
+def _with_options(providers: list[str], options: LoadOptions) -> list:
+    """CUDA computes FP32 convolutions and matmuls in TF32 unless told not to: results then
+    differ from the CPU by ~1e-3. Strict FP32 by default; `extra={"tf32": True}` opts in, as
+    a precision choice that selection's tolerance check decides on (like OpenVINO's bf16)."""
+    tf32 = "1" if options.extra.get("tf32") else "0"
+    return [
+        (p, {"use_tf32": tf32})
+        if p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+        else p
+        for p in providers
+    ]
 
 
 def _as_text(array: np.ndarray) -> np.ndarray:
