@@ -11,6 +11,7 @@ device certificate.
 
 from __future__ import annotations
 
+import base64
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -55,7 +56,7 @@ def enrollment_app(plane: ControlPlane, endpoints: Endpoints) -> web.Application
 def certificate_reply(plane: ControlPlane, issued: Issued, endpoints: Endpoints) -> dict:
     """The JSON a device gets with a new certificate, on enrollment and on renewal alike."""
     cert = issued.certificate
-    return {
+    reply = {
         "device_id": issued.device.device_id,
         "region": issued.device.region,
         "tags": issued.device.tags,
@@ -65,3 +66,16 @@ def certificate_reply(plane: ControlPlane, issued: Issued, endpoints: Endpoints)
         "not_after": cert.not_valid_after_utc.isoformat(),
         "endpoints": endpoints.to_json(),
     }
+    root = _tuf_root(plane)
+    if root is not None:  # pinned by the device: the trust anchor of every model update
+        reply["tuf_root"] = base64.b64encode(root).decode()
+    return reply
+
+
+def _tuf_root(plane: ControlPlane) -> bytes | None:
+    from controlplane.tuf_repository import TufRepository, TufRepositoryError
+
+    try:
+        return TufRepository(plane.config.state_dir / "tuf").root_bytes()
+    except TufRepositoryError:
+        return None  # no model repository yet (`edgefleet tuf init`)

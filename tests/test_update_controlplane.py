@@ -62,7 +62,8 @@ async def test_enrolled_node_updates_through_the_control_plane(tmp_path, sample_
         credentials = await env.enroll()
         node = tmp_path / "devices" / "1"  # the identity directory is node/identity
         root = TufRepository(config.state_dir / "tuf").root_bytes()
-        assert pin_enrollment_root(node, root)  # what enrollment does with the root it got
+        # enrollment pinned the control plane's root already: pinning it again changes nothing
+        assert not pin_enrollment_root(node, root)
         profile = tmp_path / "profile.toml"
         profile.write_text(TEST_PROFILE)
         (node / "models").mkdir()

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +59,17 @@ async def enroll(
         ssl_context=client_context(ca_pem),
     )
     certificate = check_issued(reply, ca_cert)
-    return store.save(key, certificate, ca_pem, enrollment_record(reply, server_url))
+    credentials = store.save(key, certificate, ca_pem, enrollment_record(reply, server_url))
+    if reply.get("tuf_root"):
+        # The model-update trust anchor arrives over the same CA-pinned channel as the cert.
+        from agent.update import pin_enrollment_root
+
+        try:
+            root = base64.b64decode(str(reply["tuf_root"]), validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise IdentityError(f"the control plane sent an unreadable TUF root: {exc}") from exc
+        pin_enrollment_root(store.directory.parent, root)
+    return credentials
 
 
 def check_issued(reply: dict[str, Any], ca_cert: x509.Certificate) -> x509.Certificate:

@@ -22,6 +22,7 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
+    from controlplane.artifacts_api import artifact_routes
     from controlplane.logs import configure_logging
     from controlplane.server import ControlPlaneServer
 
@@ -29,7 +30,10 @@ def run(args: argparse.Namespace) -> int:
     plane = open_plane(args)
 
     async def serve() -> None:
-        server = ControlPlaneServer(plane)
+        # model artifacts and TUF metadata, behind the same device-certificate checks
+        server = ControlPlaneServer(
+            plane, device_routes=artifact_routes(plane.config.state_dir / "tuf")
+        )
         endpoints = await server.start()
         print(
             f"enrollment {endpoints.enroll_url}  devices {endpoints.device_url}  "
