@@ -14,6 +14,8 @@ import pytest
 from agent.samples import write_sample_repository
 from agent.serving.server import RunningServer, ServeOptions, start
 
+pytest_plugins = ["tests.trust_fixtures"]
+
 
 class ServerThread:
     """Runs an agent server on its own event loop in a background thread, as a test peer."""

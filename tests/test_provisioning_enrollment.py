@@ -18,7 +18,6 @@ from provisioning.errors import TokenFormatError
 from provisioning.identity import DEVICE_URN, REGION_URN, device_identity_of
 from provisioning.keys import new_private_key
 
-pytest_plugins = ["tests.trust_fixtures"]
 
 
 def csr_for(key, name: str = "edgefleet-device", uris: tuple[str, ...] = ()) -> str:

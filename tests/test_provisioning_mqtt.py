@@ -9,7 +9,6 @@ from controlplane.broker import device_topic_root
 from provisioning.ca import CertificateAuthority, utc_now
 from provisioning.identity import DeviceIdentity
 
-pytest_plugins = ["tests.trust_fixtures"]
 
 
 def test_broker_config_is_mutual_tls_with_crl_and_per_device_acl(mqtt_fleet):

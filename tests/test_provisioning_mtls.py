@@ -15,7 +15,6 @@ from protocol import fleet_pb2, fleet_pb2_grpc
 from provisioning.ca import CertificateAuthority, utc_now
 from provisioning.identity import DeviceIdentity
 
-pytest_plugins = ["tests.trust_fixtures"]
 
 
 async def test_enrolled_device_is_known_by_its_certificate_over_https_and_grpc(control_plane):

@@ -18,7 +18,6 @@ from agent.serving.server import ServeOptions, start
 from provisioning.ca import utc_now
 from provisioning.keys import new_private_key
 
-pytest_plugins = ["tests.trust_fixtures"]
 
 
 class DeviceTime:

@@ -15,7 +15,6 @@ import tritonclient.http as httpclient
 
 from agent.samples import sample_input
 
-pytest_plugins = ["tests.trust_fixtures"]
 
 ROOT = Path(__file__).resolve().parent.parent
 

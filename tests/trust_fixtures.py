@@ -5,7 +5,7 @@ Everything runs on free loopback ports with its own temporary directory: the con
 subprocess configured by `edgefleet broker-config`. The control plane's clock is a `Clock` the
 test can move forward (token expiry), never a sleep.
 
-Test modules load them with `pytest_plugins = ["tests.trust_fixtures"]`; helpers are methods
+tests/conftest.py loads them for every test module (pytest_plugins); helpers are methods
 of what the fixtures return (`env.whoami(credentials)`, `broker.client(credentials)`).
 """
 
