@@ -19,7 +19,6 @@ from provisioning.identity import DEVICE_URN, REGION_URN, device_identity_of
 from provisioning.keys import new_private_key
 
 
-
 def csr_for(key, name: str = "edgefleet-device", uris: tuple[str, ...] = ()) -> str:
     builder = x509.CertificateSigningRequestBuilder().subject_name(
         x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])

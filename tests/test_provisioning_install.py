@@ -11,7 +11,6 @@ import pytest
 from agent.identity import IdentityStore
 from provisioning.tokens import new_token
 
-
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze") or "/usr/bin/systemd-analyze"
 UNIT = "etc/systemd/system/edgefleet-agent.service"
 CONFIG = "etc/edgefleet/agent.toml"

@@ -10,7 +10,6 @@ from provisioning.ca import CertificateAuthority, utc_now
 from provisioning.identity import DeviceIdentity
 
 
-
 def test_broker_config_is_mutual_tls_with_crl_and_per_device_acl(mqtt_fleet):
     env, _ = mqtt_fleet
     conf = (env.config.broker_dir / "mosquitto.conf").read_text()

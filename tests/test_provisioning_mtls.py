@@ -16,7 +16,6 @@ from provisioning.ca import CertificateAuthority, utc_now
 from provisioning.identity import DeviceIdentity
 
 
-
 async def test_enrolled_device_is_known_by_its_certificate_over_https_and_grpc(control_plane):
     env = control_plane
     device = await env.enroll()

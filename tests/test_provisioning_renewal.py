@@ -19,7 +19,6 @@ from provisioning.ca import utc_now
 from provisioning.keys import new_private_key
 
 
-
 class DeviceTime:
     """The device's clock and sleep: sleeping moves the clock instead of waiting."""
 

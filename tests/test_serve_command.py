@@ -15,7 +15,6 @@ import tritonclient.http as httpclient
 
 from agent.samples import sample_input
 
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
