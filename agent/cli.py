@@ -27,7 +27,6 @@ COMMANDS = [
 ]
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgefleet-agent",

@@ -24,7 +24,6 @@ COMMANDS: list[str] = [
 ]
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgefleet",
