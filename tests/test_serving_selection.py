@@ -112,3 +112,19 @@ def test_without_selection_several_variants_need_a_pin(variants_repo, tmp_path):
     with serve(repo, None, select=False) as agent:
         _, md = infer(agent.http_url)
     assert md["platform"] == "openvino_xml"
+
+
+def test_a_full_pin_loads_directly_without_measuring(sample_repo, tmp_path, caplog):
+    """What an update writes after its own selection and self-test: nothing left to choose."""
+    caplog.set_level(logging.INFO)
+    repo = tmp_path / "repo"
+    shutil.copytree(sample_repo / "cnn", repo / "cnn")
+    (repo / "cnn" / "1" / "model.toml").write_text(
+        'runtime = "openvino"\ndevice = "CPU"\nhint = "THROUGHPUT"\nprecision = "f32"\n'
+    )
+    with serve(repo, tmp_path / "state") as agent:
+        session = agent.dataplane.model("cnn").session
+        assert session.runtime == "openvino"
+        assert session.properties["PERFORMANCE_HINT"] == "THROUGHPUT"
+        assert session.properties["INFERENCE_PRECISION_HINT"] == "f32"
+    assert "measured now" not in caplog.text and "stored decision" not in caplog.text

@@ -6,6 +6,8 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from runtimes.base import LoadOptions
+
 
 class ModelConfigError(ValueError):
     """model.toml is unreadable or holds an unknown key or a bad value."""
@@ -36,6 +38,19 @@ class ModelConfig:
     precision: str | None = None  # OpenVINO inference precision: f32 | bf16 | f16
     # Accepted output error per datatype, e.g. { FP32 = { atol = 1e-2, rtol = 1e-2 } }.
     tolerance: dict | None = None
+
+    def pins_everything(self, variants: int) -> bool:
+        """True when model.toml leaves selection nothing to choose (runtime, device, variant)."""
+        return bool(self.runtime and self.device and (self.variant or variants == 1))
+
+    def load_options(self) -> LoadOptions:
+        """How to open the model when no selection runs (OpenVINO hint/precision included)."""
+        extra = {}
+        if self.hint:
+            extra["PERFORMANCE_HINT"] = self.hint
+        if self.precision:
+            extra["INFERENCE_PRECISION_HINT"] = self.precision
+        return LoadOptions(device=self.device or "CPU", threads=self.threads, extra=extra)
 
     def selection_settings(self) -> dict:
         """The keys accelerator selection reads (agent.selection.model_settings)."""

@@ -29,7 +29,7 @@ from agent.serving.repository import ModelRepository, ModelVersionSource, Reposi
 from agent.serving.scheduler import Outcome, Scheduler
 from agent.serving.tensors import InferenceRequest, InferenceResponse, Tensor
 from runtimes import load as load_session
-from runtimes.base import LoadOptions, RuntimeAdapterError, Session
+from runtimes.base import RuntimeAdapterError, Session
 from runtimes.datatypes import from_numpy
 
 if TYPE_CHECKING:
@@ -280,13 +280,13 @@ class DataPlane:
 
     async def _load_version(self, name: str, version: str) -> ServedModel:
         source = self.repository.source(name, version)
-        if self.selector is not None:
+        config = source.config
+        if self.selector is not None and not config.pins_everything(len(source.model_files)):
             session, model_file = await self._open_selected(source)
         else:
-            config, model_file = source.config, source.model_file()
-            options = LoadOptions(device=config.device or "CPU", threads=config.threads)
+            model_file = source.model_file()
             session = await asyncio.to_thread(
-                load_session, model_file, runtime=config.runtime, options=options
+                load_session, model_file, runtime=config.runtime, options=config.load_options()
             )
         try:
             ServedModel.check_compatible(session, source.config)

@@ -160,7 +160,7 @@ def self_test(package: Package, choice: Choice, serving_root: Path) -> str:
     from agent.selection.tolerance import Tolerance, compare
     from agent.serving.config import ModelConfig, ModelConfigError
     from runtimes import load
-    from runtimes.base import LoadOptions, RuntimeAdapterError
+    from runtimes.base import RuntimeAdapterError
     from runtimes.loader import MODEL_SUFFIXES
 
     manifest = package.manifest
@@ -168,11 +168,7 @@ def self_test(package: Package, choice: Choice, serving_root: Path) -> str:
     try:
         config = ModelConfig.from_file(directory / SERVING_CONFIG)
         (model_file,) = [p for p in directory.iterdir() if p.suffix.lower() in MODEL_SUFFIXES]
-        session = load(
-            model_file,
-            runtime=config.runtime,
-            options=LoadOptions(device=config.device or "CPU", threads=config.threads),
-        )
+        session = load(model_file, runtime=config.runtime, options=config.load_options())
     except (ModelConfigError, RuntimeAdapterError, ValueError) as exc:
         raise SelfTestFailed(
             f"the chosen variant does not load as serving loads it: {exc}"
