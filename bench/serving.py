@@ -61,7 +61,8 @@ from tritonclient.grpc import service_pb2
 from tritonclient.utils import np_to_triton_dtype
 
 from agent import __version__ as agent_version
-from agent.samples import sample_input, write_sample_repository
+from agent.samples import MODEL_VERSION, sample_input, write_sample_repository
+from agent.serving.repository import ModelRepository
 from runtimes import load as load_session
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -200,14 +201,14 @@ def write_repositories(workdir: Path, mlp_overrides: dict) -> Repositories:
     agent = workdir / "agent-models"
     for model in MODELS:
         shutil.copytree(samples / model, agent / model)
-    mlp_toml = agent / "mlp" / "1" / "model.toml"
+    mlp_toml = agent / "mlp" / MODEL_VERSION / "model.toml"
     write_toml(mlp_toml, {**read_toml(mlp_toml), **mlp_overrides})
     nobatch = workdir / "agent-models-nobatch"
     shutil.copytree(agent, nobatch)
-    nobatch_toml = nobatch / "mlp" / "1" / "model.toml"
+    nobatch_toml = nobatch / "mlp" / MODEL_VERSION / "model.toml"
     unbatched = {k: v for k, v in read_toml(nobatch_toml).items() if k not in BATCHING_KEYS}
     write_toml(nobatch_toml, {**unbatched, "max_batch_size": 0})
-    files = {model: agent / model / "1" / "model.onnx" for model in MODELS}
+    files = {model: agent / model / MODEL_VERSION / "model.onnx" for model in MODELS}
     return Repositories(agent, nobatch, files)
 
 
@@ -316,7 +317,7 @@ def write_mlserver_repository(root: Path, ports: Ports, model_files: dict[str, P
         model_settings = {
             "name": model,
             "implementation": "mlserver_runtime.OnnxRuntimeModel",
-            "parameters": {"uri": str(path), "version": "1"},
+            "parameters": {"uri": str(path), "version": MODEL_VERSION},
         }
         (model_dir / "model-settings.json").write_text(json.dumps(model_settings, indent=2))
     return root
@@ -621,11 +622,15 @@ class Figures:
 
 
 class RawSession:
-    """onnxruntime in this process, loaded the way the agent loads it (runtimes.load)."""
+    """onnxruntime in this process, loaded as the agent loads the model: runtimes.load with
+    the options of the model's model.toml (e.g. the MLP's `threads`)."""
 
-    def __init__(self, workload: Workload):
+    def __init__(self, workload: Workload, repository: Path):
         self.workload = workload
-        self.session = load_session(workload.model_file)
+        config = ModelRepository(repository).source(workload.model, MODEL_VERSION).config
+        self.session = load_session(
+            workload.model_file, runtime=config.runtime, options=config.load_options()
+        )
         for _ in range(RAW_WARMUP_CALLS):
             self.session.infer(workload.inputs)
 
@@ -865,15 +870,18 @@ def setup_label(server: str, protocol: str) -> str:
 
 
 def format_table(results: Results) -> str:
-    header = f"{'setup':<36} {'model':<5} {'p50 µs':>9} {'p99 µs':>9}"
-    header += "".join(f" {f'req/s@{c}':>10}" for c in CLIENTS) + "  errors"
+    """One row per setup; `other` is the median CPU (cores) other processes used meanwhile."""
+    header = f"{'setup':<32} {'model':<5} {'p50 µs':>8} {'p99 µs':>8}"
+    header += "".join(f" {f'req/s@{c}':>9}" for c in CLIENTS) + "  errors  other"
     lines = [header, "-" * len(header)]
     for f in results.figures:
         cells = [_cell(f.p50_us), _cell(f.p99_us)]
         cells += [_cell(f.throughput.get(str(c))) for c in CLIENTS]
-        row = f"{setup_label(f.server, f.protocol):<36} {f.model:<5} {cells[0]:>9} {cells[1]:>9}"
-        row += "".join(f" {c:>10}" for c in cells[2:])
-        lines.append(row + f"  {f.errors if f.server != 'onnxruntime' else '':>6}")
+        row = f"{setup_label(f.server, f.protocol):<32} {f.model:<5} {cells[0]:>8} {cells[1]:>8}"
+        row += "".join(f" {c:>9}" for c in cells[2:])
+        errors = "" if f.server == "onnxruntime" else f.errors
+        other = statistics.median(run["foreign_cores"] for run in f.runs)
+        lines.append(row + f"  {errors:>6}  {other:5.2f}")
     return "\n".join(lines)
 
 
@@ -1024,7 +1032,7 @@ def run_benchmark(settings: Settings, workdir: Path) -> Results:
     workloads = {m: make_workload(m, repos.model_files[m], bodies) for m in MODELS}
     results = Results()
     with contextlib.ExitStack() as stack:
-        raw = {m: RawSession(workloads[m]) for m in MODELS}
+        raw = {m: RawSession(workloads[m], repos.agent) for m in MODELS}
         for session in raw.values():
             stack.callback(session.close)
         servers: dict[str, ServerProcess] = {}

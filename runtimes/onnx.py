@@ -64,9 +64,9 @@ class OnnxSession:
         if options.threads:
             so.intra_op_num_threads = options.threads
         so.inter_op_num_threads = 1
-        # The arena keeps activation buffers for the session's life. Without it every run maps
-        # and faults them in afresh (589 page faults per run of the sample CNN once the agent
-        # pins glibc's mmap threshold): worth its few MiB. extra={"memory_arena": False} opts out.
+        # The arena keeps activation buffers for the session's life; without it, runs can map
+        # and fault them in afresh (589 page faults per run of the sample CNN when glibc's mmap
+        # threshold is low): worth its few MiB. extra={"memory_arena": False} opts out.
         so.enable_cpu_mem_arena = bool(options.extra.get("memory_arena", True))
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if device != "CPU":
