@@ -7,15 +7,17 @@
 2. Models: the agent's sample MLP and CNN, and for each one request encoded three ways: KServe
    v2 REST JSON, REST with the binary tensor extension (as tritonclient builds it), and a gRPC
    frame (5-byte prefix + serialized ModelInferRequest with raw_input_contents).
-3. onnxruntime session.run timed in this process, with the agent's session options.
-4. Each server in turn, on free loopback ports: the agent (MLP with the sample's batching, CNN),
-   the agent again with batching off, MLServer with bench/mlserver_runtime.py. For every
-   (protocol, model): check the answer, p50/p99 with 1 client, throughput with 8 and 32 clients
-   (wrk with bench/wrk/infer.lua for REST, h2load for gRPC), check again; RSS of the process
-   tree once every model has answered and again after the load.
-5. A table, the targets of issue 2 as ratios from this run, and the JSON (--json PATH too).
+3. Servers, all at once on free loopback ports: the agent (MLP with the sample's batching, CNN),
+   the agent again with batching off, MLServer with bench/mlserver_runtime.py. Every
+   (server, protocol, model) must answer the encoded request as onnxruntime does.
+4. Rounds over all measurements, compared setups back to back: onnxruntime session.run in this
+   process; p50/p99 with 1 client and throughput with 8 and 32 (wrk with bench/wrk/infer.lua
+   for REST, h2load for gRPC). A measurement taken while other processes kept the machine busy
+   is taken again. Then the answers are checked again, and RSS of each process tree read.
+5. A table of medians, the targets of issue 2 as ratios, and the JSON (--json PATH too).
 
-    .venv/bin/python bench/serving.py [--quick] [--duration S] [--skip-mlserver] [--json PATH]
+    .venv/bin/python bench/serving.py [--quick] [--duration S] [--rounds N] [--skip-mlserver]
+                                      [--json PATH] [--mlp-setting KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -276,6 +278,9 @@ def agent_launcher(repository: Path) -> Callable[[Ports, Path], ServerProcess]:
         command = [
             sys.executable, "-m", "agent.cli", "serve", "--models", str(repository),
             "--http", f"127.0.0.1:{ports.http}", "--grpc", f"127.0.0.1:{ports.grpc}",
+            # ONNX Runtime on the CPU, as MLServer's runtime and the raw session.run here: the
+            # comparison is of serving, not of accelerator selection (bench/selection.py)
+            "--no-select",
         ]  # fmt: skip
         return start_server("agent", command, logs / f"{repository.name}.log", cwd=ROOT)
 
@@ -899,7 +904,8 @@ def format_goals(goals: list[Goal]) -> str:
     lines = ["Targets (issue 2); a ratio is the median of each round's ratio:"]
     for goal in goals:
         doc = goal.as_dict()
-        value = "n/a" if goal.value is None else f"{goal.value:.2f}{goal.unit}"
+        precision = 3 if goal.unit == "x" else 1
+        value = "n/a" if goal.value is None else f"{goal.value:.{precision}f}{goal.unit}"
         verdict = {True: "met", False: "MISSED", None: "not measured"}[goal.met]
         lines.append(f"  {goal.name:<52} {value:>10}  target {doc['target']:<9} {verdict}")
     return "\n".join(lines)
@@ -909,6 +915,17 @@ def _cell(value: float | None) -> str:
     if value is None:
         return "-"
     return f"{value:,.1f}" if value < 100 else f"{value:,.0f}"
+
+
+def source_state() -> dict:
+    """Which code was measured: the commit and the files changed since (read-only git)."""
+
+    def git(*args: str) -> str:
+        result = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return result.stdout.rstrip() if result.returncode == 0 else ""
+
+    changed = [line[3:] for line in git("status", "--porcelain").splitlines()]
+    return {"commit": git("rev-parse", "--short", "HEAD") or None, "changed_files": changed}
 
 
 def machine_info() -> dict:
@@ -937,6 +954,7 @@ def report_document(
             "mlp_overrides": settings.mlp_overrides,
             "mlserver": None if settings.skip_mlserver else MLSERVER_VERSION,
         },
+        "source": source_state(),
         "machine": {
             **machine_info(),
             "load_average_at_start": load_at_start,
@@ -1098,20 +1116,25 @@ def parse_args(argv: list[str] | None) -> Settings:
 
 
 @contextlib.contextmanager
-def sigterm_as_exit() -> Iterator[None]:
-    """Turn SIGTERM into SystemExit so that every server still gets stopped."""
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+def stoppable() -> Iterator[None]:
+    """Ctrl-C (even where the shell started us with SIGINT ignored) and SIGTERM end the run
+    through the normal exception path, so every server still gets stopped."""
+    previous = {
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum)),
+    }
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv)
     started, load_at_start = time.monotonic(), list(os.getloadavg())
     try:
-        with sigterm_as_exit(), tempfile.TemporaryDirectory(prefix="edgefleet-bench-") as tmp:
+        with stoppable(), tempfile.TemporaryDirectory(prefix="edgefleet-bench-") as tmp:
             results = run_benchmark(settings, Path(tmp))
     except KeyboardInterrupt:
         say("interrupted; servers stopped")

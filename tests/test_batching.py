@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 
 import aiohttp
 import numpy as np
@@ -212,3 +213,25 @@ async def test_runtime_error_is_reported_not_crashing():
     with pytest.raises(InferenceFailed, match="kernel exploded"):
         await scheduler.submit({"input": np.ones((1, 2))}, 1)
     await scheduler.close()
+
+
+def test_freed_heap_goes_back_once_the_queues_drain(private_repo, monkeypatch):
+    from agent.serving import server as server_module
+    from agent.serving.server import ServeOptions
+    from tests.conftest import ServerThread
+
+    calls = []
+    with ServerThread(ServeOptions(private_repo, "127.0.0.1:0", None, None)) as agent:
+        # loading trims too; count from here on
+        monkeypatch.setattr(server_module.memory, "release_free_memory", lambda: calls.append(1))
+        time.sleep(1.5)
+        assert not calls  # nothing served yet: nothing to return
+        url = f"http://{agent.http_url}/v2/models/mlp/infer"
+        body = _body(np.zeros((1, 64), np.float32))
+        asyncio.run(_fire(url, [body] * 20, concurrency=4))
+        deadline = time.monotonic() + 30
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert calls, "no memory returned after the burst"
+        time.sleep(2.5)  # idle, nothing new served: no further trimming
+        assert len(calls) == 1

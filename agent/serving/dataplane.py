@@ -74,6 +74,7 @@ class DataPlane:
         self._states: dict[str, dict[str, VersionState]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._started = False
+        self.requests_seen = 0  # inference requests received, for idle-time housekeeping
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -145,7 +146,15 @@ class DataPlane:
 
     # --- inference ------------------------------------------------------------------------
 
+    def idle(self) -> bool:
+        """No request queued or running on any model."""
+        return all(m.scheduler.pending == 0 for m in self._all_loaded())
+
+    def _all_loaded(self):
+        return (m for versions in self._models.values() for m in versions.values())
+
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
+        self.requests_seen += 1
         start = time.perf_counter_ns()
         model = self.model(request.model_name, request.model_version)
         m = model.metrics

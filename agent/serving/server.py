@@ -16,6 +16,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from agent import memory
 from agent.serving.dataplane import DataPlane
 from agent.serving.repository import ModelRepository
 from agent.serving.rest import DEFAULT_MAX_BODY, RestFrontEnd
@@ -44,8 +45,11 @@ class RunningServer:
     socket: Path | None
     _runner: web.AppRunner
     _grpc: object | None
+    _housekeeping: asyncio.Task | None = None
 
     async def stop(self, grace: float = 5.0) -> None:
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
         if self._grpc is not None:
             await self._grpc.stop(grace)
         await self._runner.cleanup()
@@ -86,7 +90,20 @@ async def start(options: ServeOptions) -> RunningServer:
 
         grpc_server, grpc_port = await start_grpc_server(dataplane, options.grpc)
     await dataplane.start()
-    return RunningServer(dataplane, http_port, grpc_port, options.socket, runner, grpc_server)
+    running = RunningServer(dataplane, http_port, grpc_port, options.socket, runner, grpc_server)
+    running._housekeeping = asyncio.create_task(_return_memory_when_idle(dataplane))
+    return running
+
+
+async def _return_memory_when_idle(dataplane: DataPlane, every: float = 1.0) -> None:
+    """After a burst, hand the heap the burst freed back to the system once the queues drain
+    (32 concurrent image requests leave ~60 MB of freed heap resident otherwise)."""
+    seen = dataplane.requests_seen
+    while True:
+        await asyncio.sleep(every)
+        if dataplane.requests_seen != seen and dataplane.idle():
+            seen = dataplane.requests_seen
+            await asyncio.to_thread(memory.release_free_memory)
 
 
 def _selector(options: ServeOptions):
