@@ -86,7 +86,7 @@ def test_serves_locally_and_stops_cleanly_on_sigterm(sample_repo, tmp_path):
     assert not sock.exists()
     for line in log.read_text().splitlines():  # structured logs: one JSON object per line
         if line.startswith("{"):
-            assert '"level"' in line and '"msg"' in line
+            assert '"level"' in line and '"message"' in line
 
 
 async def test_enrolled_node_schedules_certificate_renewal(control_plane, sample_repo, tmp_path):

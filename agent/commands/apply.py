@@ -64,7 +64,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from agent import logs
     from agent.cli import UserError
     from agent.config import SettingsError, load_config
     from agent.update import (
@@ -79,8 +78,9 @@ def run(args: argparse.Namespace) -> int:
         pin_root,
     )
     from agent.update.layout import Layout
+    from provisioning.logs import configure_logging
 
-    logs.setup(args.log_level)
+    configure_logging(args.log_level)
     try:
         desired = DesiredState.load(args.desired)
     except DesiredStateError as exc:

@@ -43,10 +43,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from agent import logs, memory
+    from agent import memory
     from agent.cli import UserError
     from agent.config import SettingsError, load_config
     from agent.serving.server import ServeOptions, split_address
+    from provisioning.logs import configure_logging
 
     try:
         config = load_config(args.config)
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
                 raise UserError(str(exc)) from None
     if not 1 <= args.max_body_mb <= 4096:
         raise UserError("--max-body-mb must be between 1 and 4096")
-    logs.setup(args.log_level)
+    configure_logging(args.log_level)
     memory.tune_allocator()
     socket = args.socket or config.socket
     options = ServeOptions(

@@ -23,8 +23,8 @@ def run(args: argparse.Namespace) -> int:
     import signal
 
     from controlplane.artifacts_api import artifact_routes
-    from controlplane.logs import configure_logging
     from controlplane.server import ControlPlaneServer
+    from provisioning.logs import configure_logging
 
     configure_logging()
     plane = open_plane(args)

@@ -1,4 +1,5 @@
-"""Structured logs: one JSON object per line on stderr, which journald and log shippers take as is.
+"""Structured logs for every EdgeFleet process (agent and control plane alike): one JSON object
+per line on stderr, which journald and log shippers take as is.
 
 Fields passed with `extra=` appear as keys next to time, level, logger and message.
 """
@@ -27,9 +28,10 @@ class JsonLines(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def configure_logging(level: int = logging.INFO) -> None:
+def configure_logging(level: int | str = logging.INFO) -> None:
+    """JSON lines on stderr for the whole process; `level` as a number or a name ("info")."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLines())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(level.upper() if isinstance(level, str) else level)
