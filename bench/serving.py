@@ -857,7 +857,7 @@ class Results:
             )
         rss = self.rss_mb.get("agent", {})
         for moment, label in (("ready", "once ready"), ("after_load", "after the load")):
-            goals.append(Goal(f"agent RSS, MLP + CNN, {label}", rss.get(moment), 120, False, " MB"))
+            goals.append(Goal(f"agent RSS, MLP + CNN, {label}", rss.get(moment), 120, False, " MiB"))
         return goals
 
 
@@ -894,8 +894,8 @@ def format_memory(results: Results) -> str:
     lines = ["RSS of the server process tree, MLP + CNN loaded:"]
     for server, rss in results.rss_mb.items():
         lines.append(
-            f"  {setup_label(server, '').strip():<22} {rss['ready']:6.0f} MB when ready, "
-            f"{rss['after_load']:6.0f} MB after the load"
+            f"  {setup_label(server, '').strip():<22} {rss['ready']:6.0f} MiB when ready, "
+            f"{rss['after_load']:6.0f} MiB after the load"
         )
     return "\n".join(lines)
 

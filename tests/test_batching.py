@@ -235,3 +235,56 @@ def test_freed_heap_goes_back_once_the_queues_drain(private_repo, monkeypatch):
         assert calls, "no memory returned after the burst"
         time.sleep(2.5)  # idle, nothing new served: no further trimming
         assert len(calls) == 1
+
+
+def test_grpc_reports_full_queue_and_deadline(private_repo):
+    """The same backpressure and deadline over gRPC: RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    from agent.serving.server import ServeOptions
+    from protocol import inference_pb2 as pb
+    from protocol import inference_pb2_grpc as pb_grpc
+    from tests.conftest import ServerThread
+
+    (private_repo / "mlp" / "1" / "model.toml").write_text(
+        "max_batch_size = 4\nmax_queue_size = 2\n"
+    )
+    row = np.zeros((1, 64), np.float32).tobytes()
+
+    def request(timeout_us: int | None = None) -> pb.ModelInferRequest:
+        msg = pb.ModelInferRequest(model_name="mlp")
+        msg.inputs.add(name="input", datatype="FP32", shape=[1, 64])
+        msg.raw_input_contents.append(row)
+        if timeout_us:
+            msg.parameters["timeout"].int64_param = timeout_us
+        return msg
+
+    options = ServeOptions(private_repo, "127.0.0.1:0", "127.0.0.1:0", None)
+    with ServerThread(options) as agent, grpc.insecure_channel(agent.grpc_url) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        gate = _Gate()
+        scheduler = agent.dataplane.model("mlp").scheduler
+        scheduler._infer = gate.infer
+
+        def call(_):
+            try:
+                stub.ModelInfer(request(), timeout=30)
+                return "OK"
+            except grpc.RpcError as exc:
+                return exc.code().name
+
+        with ThreadPoolExecutor(6) as pool:
+            results = pool.map(call, range(6))
+            time.sleep(0.5)
+            gate.open.set()
+            codes = sorted(results)
+        assert codes.count("OK") == 2 and codes.count("RESOURCE_EXHAUSTED") == 4
+
+        gate.open.clear()
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(request(timeout_us=50_000), timeout=30)
+        gate.open.set()
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "within 0.05 s" in err.value.details()
