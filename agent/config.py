@@ -14,18 +14,16 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from provisioning.settings import SettingsError, load_settings
+from provisioning.settings import SettingsError, load_settings, state_home
 
 
 def default_state_dir() -> Path:
     """$XDG_STATE_HOME/edgefleet, else ~/.local/state/edgefleet (EDGEFLEET_STATE_DIR overrides)."""
-    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
-    return Path(base) / "edgefleet"
+    return state_home() / "edgefleet"
 
 
 @dataclass(frozen=True)

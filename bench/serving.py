@@ -857,7 +857,8 @@ class Results:
             )
         rss = self.rss_mb.get("agent", {})
         for moment, label in (("ready", "once ready"), ("after_load", "after the load")):
-            goals.append(Goal(f"agent RSS, MLP + CNN, {label}", rss.get(moment), 120, False, " MiB"))
+            name = f"agent RSS, MLP + CNN, {label}"
+            goals.append(Goal(name, rss.get(moment), 120, False, " MiB"))
         return goals
 
 

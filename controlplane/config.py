@@ -1,6 +1,6 @@
 """Control-plane settings: a TOML file, overridden by `EDGEFLEET_*` environment variables.
 
-Every default works on a laptop: state under `~/.local/state/edgefleet`, endpoints on
+Every default works on a laptop: state under `~/.local/state/edgefleet-controlplane`, endpoints on
 127.0.0.1, region `local`. A file looks like
 
     state_dir = "/var/lib/edgefleet-controlplane"
@@ -25,7 +25,6 @@ and each setting can be overridden by the environment variable named after its f
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -35,12 +34,12 @@ from controlplane.errors import ConfigError
 from provisioning.ca import Lifetimes
 from provisioning.errors import ProvisioningError
 from provisioning.identity import check_name
-from provisioning.settings import SettingsError, load_settings
+from provisioning.settings import SettingsError, load_settings, state_home
 
 
 def _default_state_dir() -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
-    return Path(base) / "edgefleet"
+    # apart from the agent's (~/.local/state/edgefleet): one laptop may run both
+    return state_home() / "edgefleet-controlplane"
 
 
 @dataclass(frozen=True)

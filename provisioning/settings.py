@@ -20,6 +20,11 @@ ENV_PREFIX = "EDGEFLEET_"
 T = TypeVar("T")
 
 
+def state_home() -> Path:
+    """Where per-user state goes by default: $XDG_STATE_HOME, else ~/.local/state."""
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+
+
 class SettingsError(ValueError):
     """A config file or variable is missing, unreadable, unknown or holds a bad value."""
 

@@ -39,3 +39,14 @@ def open_plane(args: argparse.Namespace):
         return ControlPlane.open(config)
     except (ControlPlaneError, ProvisioningError) as exc:
         raise UserError(str(exc)) from exc
+
+
+def open_tuf_repository(args: argparse.Namespace):
+    """The model repository (TUF) of the control plane named by --config."""
+    from controlplane.tuf_repository import TufRepository, TufRepositoryError
+
+    config = load(args)
+    try:
+        return TufRepository(config.state_dir / "tuf")
+    except TufRepositoryError as exc:
+        raise UserError(str(exc)) from None

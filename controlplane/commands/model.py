@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from controlplane.cli import UserError
-from controlplane.commands._common import add_config_argument, load
+from controlplane.commands._common import add_config_argument, open_tuf_repository
 
 PASSWORD_ENV = "EDGEFLEET_KEY_PASSWORD"
 
@@ -125,7 +125,7 @@ def run_verify(args: argparse.Namespace) -> int:
 def run_push(args: argparse.Namespace) -> int:
     from controlplane.model_store import ModelStore, PushRefused
 
-    store = ModelStore(_repository(args))
+    store = ModelStore(open_tuf_repository(args))
     try:
         published = store.push(args.dir)
     except PushRefused as exc:
@@ -136,7 +136,7 @@ def run_push(args: argparse.Namespace) -> int:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    targets = _repository(args).targets().signed.targets
+    targets = open_tuf_repository(args).targets().signed.targets
     print(f"{'TARGET':<40} {'RUNTIME':<12} {'PRECISION':<9} {'BYTES':>12}  PUBLISHER")
     for path, info in sorted(targets.items()):
         custom = info.custom if isinstance(info.custom, dict) else {}
@@ -154,7 +154,7 @@ def run_publisher_add(args: argparse.Namespace) -> int:
     from controlplane.tuf_repository import TufRepositoryError
     from provisioning.signing import SignatureError, load_public_key
 
-    repository = _repository(args)
+    repository = open_tuf_repository(args)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     try:
         key = load_public_key(args.pubkey)
@@ -174,7 +174,7 @@ def run_publisher_remove(args: argparse.Namespace) -> int:
     from controlplane.publishers import PublisherRegistry
     from controlplane.tuf_repository import TufRepositoryError
 
-    repository = _repository(args)
+    repository = open_tuf_repository(args)
     try:
         PublisherRegistry(repository).remove(args.name, repository.root_signers(args.root_keys))
     except TufRepositoryError as exc:
@@ -186,18 +186,8 @@ def run_publisher_remove(args: argparse.Namespace) -> int:
 def run_publisher_list(args: argparse.Namespace) -> int:
     from controlplane.publishers import PublisherRegistry
 
-    listing = PublisherRegistry(_repository(args)).current()
+    listing = PublisherRegistry(open_tuf_repository(args)).current()
     print(f"publisher list version {listing.version}, expires {listing.expires:%Y-%m-%d}")
     for p in listing.publishers:
         print(f"  {p.name:<20} key {p.key_id[:16]}  models: {', '.join(p.models)}")
     return 0
-
-
-def _repository(args: argparse.Namespace):
-    from controlplane.tuf_repository import TufRepository, TufRepositoryError
-
-    config = load(args)
-    try:
-        return TufRepository(config.state_dir / "tuf")
-    except TufRepositoryError as exc:
-        raise UserError(str(exc)) from None

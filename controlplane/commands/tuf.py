@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from controlplane.cli import UserError
-from controlplane.commands._common import add_config_argument, load
+from controlplane.commands._common import add_config_argument, load, open_tuf_repository
 
 
 def add_parser(subparsers) -> None:
@@ -66,7 +66,7 @@ def run_init(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    repository = _repository(args)
+    repository = open_tuf_repository(args)
     roles = {
         "root": repository.root().signed,
         "targets": repository.targets().signed,
@@ -80,21 +80,11 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def run_refresh(args: argparse.Namespace) -> int:
-    roles = _repository(args).refresh(force=args.force)
+    roles = open_tuf_repository(args).refresh(force=args.force)
     print(f"re-signed: {', '.join(roles)}" if roles else "nothing was due")
     return 0
 
 
 def run_root(args: argparse.Namespace) -> int:
-    sys.stdout.buffer.write(_repository(args).root_bytes())
+    sys.stdout.buffer.write(open_tuf_repository(args).root_bytes())
     return 0
-
-
-def _repository(args: argparse.Namespace):
-    from controlplane.tuf_repository import TufRepository, TufRepositoryError
-
-    config = load(args)
-    try:
-        return TufRepository(config.state_dir / "tuf")
-    except TufRepositoryError as exc:
-        raise UserError(str(exc)) from None
