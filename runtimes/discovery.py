@@ -119,7 +119,10 @@ def _litert() -> list[RuntimeDevice]:
     # The adapter module picks ai_edge_litert or tflite_runtime, so ask it which one it found.
     litert = importlib.import_module("runtimes.litert")
     details = {"package": litert.PACKAGE, "version": _package_version(litert.PACKAGE)}
-    return [RuntimeDevice("litert", device, dict(details)) for device in litert.DEVICES]
+    found = [RuntimeDevice("litert", device, dict(details)) for device in litert.DEVICES]
+    for device, library in litert.delegates().items():
+        found.append(RuntimeDevice("litert", device, {**details, "delegate": str(library)}))
+    return found
 
 
 def _plain(value: Any) -> Any:

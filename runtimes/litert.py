@@ -1,4 +1,6 @@
-"""LiteRT (TensorFlow Lite) adapter for .tflite models, on the CPU through XNNPACK.
+"""LiteRT (TensorFlow Lite) adapter for .tflite models: the CPU through XNNPACK, and accelerators
+through delegate libraries found on the node (Coral Edge TPU, the TFLite GPU delegate, NPU
+delegates such as VeriSilicon VX or Arm Ethos-U).
 
 The interpreter comes from `ai_edge_litert` (current, numpy 2) or, on older nodes still on
 numpy 1, from `tflite_runtime`. A dimension that is -1 in a tensor's shape signature is dynamic:
@@ -8,6 +10,7 @@ the tensors reallocated, so one session serves every batch size the model allows
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +19,12 @@ from runtimes.base import LoadOptions, ModelLoadError, RuntimeUnavailable, Tenso
 from runtimes.datatypes import from_numpy
 
 try:
-    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_litert.interpreter import Interpreter, load_delegate
 
     PACKAGE = "ai_edge_litert"
 except ImportError:
     try:
-        from tflite_runtime.interpreter import Interpreter
+        from tflite_runtime.interpreter import Interpreter, load_delegate
 
         PACKAGE = "tflite_runtime"
     except ImportError as exc:  # pragma: no cover - depends on the node's packages
@@ -29,7 +32,40 @@ except ImportError:
             "LiteRT is not installed (pip install ai-edge-litert; tflite-runtime on numpy 1 nodes)"
         ) from exc
 
-DEVICES = ("CPU",)
+DEVICES = ("CPU",)  # always there; delegate devices are found at run time (delegates())
+
+# device -> delegate library file names, in order of preference
+DELEGATE_LIBRARIES = {
+    "EDGETPU": ("libedgetpu.so.1", "libedgetpu.1.dylib", "edgetpu.dll"),
+    "GPU": ("libtensorflowlite_gpu_delegate.so",),
+    "NPU": ("libvx_delegate.so", "libethosu_delegate.so"),
+}
+# Extra directories to search first (colon-separated), e.g. a vendor SDK's lib directory.
+DELEGATE_PATH_ENV = "EDGEFLEET_LITERT_DELEGATE_PATH"
+_SYSTEM_LIBRARY_DIRS = (
+    "/usr/lib",
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/lib/aarch64-linux-gnu",
+    "/usr/lib/arm-linux-gnueabihf",
+    "/usr/local/lib",
+)
+
+
+def delegates() -> dict[str, Path]:
+    """Accelerator device -> the delegate library found for it on this node."""
+    extra = [d for d in os.environ.get(DELEGATE_PATH_ENV, "").split(os.pathsep) if d]
+    found: dict[str, Path] = {}
+    for device, names in DELEGATE_LIBRARIES.items():
+        for directory in (*extra, *_SYSTEM_LIBRARY_DIRS):
+            hit = next((Path(directory, n) for n in names if Path(directory, n).is_file()), None)
+            if hit is not None:
+                found[device] = hit
+                break
+    return found
+
+
+def devices() -> tuple[str, ...]:
+    return (*DEVICES, *delegates())
 
 
 def _spec(detail: dict) -> TensorSpec:
@@ -49,16 +85,17 @@ class LiteRtSession:
 
     def __init__(self, path: Path, options: LoadOptions):
         device = options.device.upper()
-        if device not in DEVICES:
-            raise ModelLoadError(
-                f"LiteRT runs on the CPU only (XNNPACK); device {options.device!r} is not supported"
-            )
+        delegate = None if device == "CPU" else _delegate_for(device)
         if not path.is_file():
             raise ModelLoadError(f"{path}: no such model file")
         if path.stat().st_size == 0:
             raise ModelLoadError(f"{path.name} is empty")
         try:
-            self._interpreter = Interpreter(model_path=str(path), num_threads=options.threads)
+            self._interpreter = Interpreter(
+                model_path=str(path),
+                num_threads=options.threads,
+                experimental_delegates=[delegate] if delegate is not None else None,
+            )
             self._interpreter.allocate_tensors()
         except Exception as exc:  # the interpreter raises ValueError/RuntimeError
             raise ModelLoadError(f"LiteRT could not load {path.name}: {exc}") from exc
@@ -117,6 +154,22 @@ class LiteRtSession:
 
     def close(self) -> None:
         self._interpreter = None
+
+
+def _delegate_for(device: str):
+    library = delegates().get(device)
+    if library is None:
+        names = ", ".join(DELEGATE_LIBRARIES.get(device, ())) or "none known"
+        raise ModelLoadError(
+            f"LiteRT has no {device} device on this node: no delegate library found ({names}; "
+            f"searched ${DELEGATE_PATH_ENV} and {', '.join(_SYSTEM_LIBRARY_DIRS)})"
+        )
+    try:
+        return load_delegate(str(library))
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise ModelLoadError(
+            f"LiteRT could not load the {device} delegate {library}: {exc}"
+        ) from exc
 
 
 def open_session(path: Path, options: LoadOptions) -> LiteRtSession:
