@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Regenerate the Python code for protocol/inference.proto:
-#   protocol/inference_pb2.py, inference_pb2.pyi, inference_pb2_grpc.py
+# Regenerate the Python code for the .proto files here:
+#   protocol/inference_pb2.py, inference_pb2.pyi, inference_pb2_grpc.py  (KServe v2 gRPC)
+#   protocol/fleet_pb2.py, fleet_pb2.pyi, fleet_pb2_grpc.py              (fleet sync)
 #
 # Usage: protocol/generate.sh [OUT_DIR]
 #   OUT_DIR defaults to the repository root (regenerate in place); tests/test_grpc.py passes a
@@ -18,7 +19,7 @@ cd "$root"
 mkdir -p "$out/protocol"
 "$python" -m grpc_tools.protoc -I. \
     --python_out="$out" --pyi_out="$out" --grpc_python_out="$out" \
-    protocol/inference.proto
+    protocol/inference.proto protocol/fleet.proto
 
 # tritonclient (and MLServer, KServe) register their own `inference.*` messages in protobuf's
 # process-wide default descriptor pool; a second file defining the same names there fails with

@@ -40,7 +40,14 @@ from protocol import inference_pb2_grpc as pb_grpc
 from runtimes.datatypes import to_numpy
 
 ROOT = Path(__file__).resolve().parent.parent
-GENERATED = ("inference_pb2.py", "inference_pb2.pyi", "inference_pb2_grpc.py")
+GENERATED = (
+    "inference_pb2.py",
+    "inference_pb2.pyi",
+    "inference_pb2_grpc.py",
+    "fleet_pb2.py",
+    "fleet_pb2.pyi",
+    "fleet_pb2_grpc.py",
+)
 
 ONNX_TYPES = {
     "BOOL": TensorProto.BOOL,
