@@ -17,29 +17,42 @@ from agent.serving.server import RunningServer, ServeOptions, start
 pytest_plugins = ["tests.trust_fixtures"]
 
 
-class ServerThread:
+class LoopThread:
+    """An asyncio event loop running in a background thread; `call` runs a coroutine on it."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def start_loop(self) -> None:
+        self._thread.start()
+
+    def stop_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+    def call(self, coro, timeout: float = 120):
+        """Run a coroutine on the loop and wait for its result."""
+        future: Future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result(timeout)
+
+
+class ServerThread(LoopThread):
     """Runs an agent server on its own event loop in a background thread, as a test peer."""
 
     def __init__(self, options: ServeOptions):
+        super().__init__()
         self.options = options
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.server: RunningServer | None = None
 
     def __enter__(self) -> ServerThread:
-        self._thread.start()
+        self.start_loop()
         self.server = self.call(start(self.options))
         return self
 
     def __exit__(self, *exc) -> None:
         self.call(self.server.stop(grace=1))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-
-    def call(self, coro, timeout: float = 120):
-        """Run a coroutine on the server's loop and wait for its result."""
-        future: Future = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        return future.result(timeout)
+        self.stop_loop()
 
     @property
     def http_url(self) -> str:

@@ -7,14 +7,12 @@ one `identity-<datatype>` ONNX model (y = x) per datatype.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import shutil
 import subprocess
 import sys
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -38,6 +36,7 @@ from agent.serving.tensors import InferenceResponse, Tensor
 from protocol import inference_pb2 as pb
 from protocol import inference_pb2_grpc as pb_grpc
 from runtimes.datatypes import to_numpy
+from tests.conftest import LoopThread
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATED = (
@@ -98,18 +97,17 @@ def identity_model(datatype: str) -> onnx.ModelProto:
     return model
 
 
-class GrpcServerThread:
+class GrpcServerThread(LoopThread):
     """DataPlane + gRPC server on an event loop of their own, in a background thread."""
 
     def __init__(self, repo: Path, max_message_bytes: int = 64 * 1024 * 1024, dataplane=None):
+        super().__init__()
         self.repo = repo
         self.max_message_bytes = max_message_bytes
         self.dataplane = dataplane
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
     def __enter__(self) -> GrpcServerThread:
-        self._thread.start()
+        self.start_loop()
         self.call(self._start())
         return self
 
@@ -125,12 +123,7 @@ class GrpcServerThread:
         self.call(self.server.stop(grace=1))
         if isinstance(self.dataplane, DataPlane):
             self.call(self.dataplane.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-
-    def call(self, coro, timeout: float = 120):
-        future: Future = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        return future.result(timeout)
+        self.stop_loop()
 
     @property
     def url(self) -> str:
