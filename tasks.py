@@ -11,6 +11,7 @@ Debian packages the tests talk to (Mosquitto, wrk, h2load, systemd-analyze) when
 
 from __future__ import annotations
 
+import ctypes.util
 import hashlib
 import os
 import shutil
@@ -30,6 +31,8 @@ SYSTEM_TOOLS = {
     "h2load": "nghttp2-client",
     "systemd-analyze": "systemd",
 }
+# shared library -> Debian package: what the agent itself needs (gRPC serving: libnghttp2)
+SYSTEM_LIBRARIES = {"nghttp2": "libnghttp2-14"}
 
 
 def say(msg: str) -> None:
@@ -68,8 +71,10 @@ def apt_install(packages: list[str]) -> None:
     run("apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages, env=env)
 
 
-def ensure_system_tools() -> None:
-    missing = sorted({pkg for tool, pkg in SYSTEM_TOOLS.items() if not _have(tool)})
+def ensure_system_tools(tools: dict[str, str] = SYSTEM_TOOLS) -> None:
+    missing = {pkg for tool, pkg in tools.items() if not _have(tool)}
+    missing |= {pkg for lib, pkg in SYSTEM_LIBRARIES.items() if not ctypes.util.find_library(lib)}
+    missing = sorted(missing)
     if not missing:
         return
     if os.geteuid() == 0 and shutil.which("apt-get"):
@@ -84,6 +89,7 @@ def _have(tool: str) -> bool:
 
 def demo() -> int:
     ensure_venv()
+    ensure_system_tools({})
     models = ROOT / "demo-models"
     run(PY, "-m", "agent.cli", "sample-models", models)
     http, grpc = "127.0.0.1:8000", "127.0.0.1:8001"

@@ -37,7 +37,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "stored in the state dir and reused)",
     )
     p.add_argument("--profile", metavar="NAME|FILE", help="force a firmware profile")
-    p.add_argument("--max-body-mb", type=int, default=64, help="largest request (default 64)")
+    p.add_argument(
+        "--max-body-mb",
+        type=int,
+        default=64,
+        help="largest REST request body and gRPC message (default 64)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
 
@@ -67,6 +72,13 @@ def run(args: argparse.Namespace) -> int:
                 split_address(address)
             except ValueError as exc:
                 raise UserError(str(exc)) from None
+    if grpc:
+        from agent.serving.http2 import Http2Unavailable, library
+
+        try:
+            library()
+        except Http2Unavailable as exc:
+            raise UserError(f"{exc}; or serve REST only with --grpc off") from None
     if not 1 <= args.max_body_mb <= 4096:
         raise UserError("--max-body-mb must be between 1 and 4096")
     configure_logging(args.log_level)

@@ -1,9 +1,21 @@
-"""KServe v2 gRPC front end (grpc.aio): `inference.GRPCInferenceService` over the data plane.
+"""KServe v2 gRPC front end: `inference.GRPCInferenceService` over the data plane.
+
+gRPC here is the protocol as written (https://github.com/grpc/grpc/blob/master/doc/PROTOCOL-HTTP2.md)
+over the HTTP/2 connections of http2.py: unary calls only, which is all the service has.
+`tritonclient.grpc` and any gRPC client work unchanged; see http2.py for why not grpc.aio.
 
 Each method translates one protobuf request into a data-plane call and the result back; tensor
 encoding lives in grpc_codec.py. Data-plane errors become the gRPC status their class names
 (NOT_FOUND, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...); anything unexpected becomes INTERNAL
-with a message, and the server keeps serving.
+with a message, and the server keeps serving. What the gRPC layer itself refuses:
+- not POST: HTTP 405; a content-type other than application/grpc[+proto]: HTTP 415 (as the spec);
+- an unknown method: UNIMPLEMENTED;
+- a message that is not one length-prefixed frame, or not the method's protobuf message:
+  INVALID_ARGUMENT naming the problem;
+- a message (compressed or not) beyond the size limit: RESOURCE_EXHAUSTED, before it is all read;
+- a compression other than identity / gzip / deflate: UNIMPLEMENTED.
+`grpc-timeout` bounds the data plane's wait for an inference (DEADLINE_EXCEEDED); a client that
+resets its stream or goes away cancels its call.
 
     server, port = await start_grpc_server(dataplane, "127.0.0.1:0")
     ...
@@ -12,17 +24,22 @@ with a message, and the server keeps serving.
 
 from __future__ import annotations
 
-import functools
+import asyncio
+import enum
 import logging
+import socket
+import struct
+import time
+import zlib
 from collections.abc import Awaitable, Callable
 
-import grpc
+from google.protobuf.message import DecodeError, Message
 
-from agent.serving import grpc_codec
+from agent.serving import grpc_codec, http2
 from agent.serving.dataplane import DataPlane
-from agent.serving.errors import InvalidInput, ServingError
+from agent.serving.errors import InvalidInput, RequestTimeout, ServingError
+from agent.serving.server import bind
 from protocol import inference_pb2 as pb
-from protocol import inference_pb2_grpc as pb_grpc
 from runtimes.base import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -33,24 +50,46 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # the message size limit this bounds what a single connection can make the server buffer.
 MAX_CONCURRENT_STREAMS = 128
 
-_Method = Callable[..., Awaitable]
+SERVICE = "inference.GRPCInferenceService"
+ACCEPTED_ENCODINGS = b"identity,deflate,gzip"
 
 
-def _reports_errors(method: _Method) -> _Method:
-    """End the call with the error's gRPC status instead of letting an exception escape."""
+class Status(enum.IntEnum):
+    """gRPC status codes (grpc/include/grpc/impl/codegen/status.h)."""
 
-    @functools.wraps(method)
-    async def wrapped(self, request, context: grpc.aio.ServicerContext):
-        try:
-            return await method(self, request, context)
-        except ServingError as exc:
-            code, message = grpc.StatusCode[exc.grpc_code], str(exc)
-        except Exception as exc:  # a bug, not bad input: log it, answer, keep serving
-            log.exception("gRPC %s failed", method.__name__)
-            code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
-        await context.abort(code, message)
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
 
-    return wrapped
+
+class CallError(Exception):
+    """Ends a call with this status and message."""
+
+    def __init__(self, status: Status, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+_RESPONSE_HEADERS = [
+    (b":status", b"200"),
+    (b"content-type", b"application/grpc"),
+    (b"grpc-accept-encoding", ACCEPTED_ENCODINGS),
+]
+_OK_TRAILERS = [(b"grpc-status", b"0")]
 
 
 def _tensor_metadata(specs: list[TensorSpec]) -> list[pb.ModelMetadataResponse.TensorMetadata]:
@@ -60,22 +99,34 @@ def _tensor_metadata(specs: list[TensorSpec]) -> list[pb.ModelMetadataResponse.T
     ]
 
 
-class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
-    """The servicer: protobuf in, data plane call, protobuf out."""
+class InferenceService:
+    """The service's methods: protobuf in, data plane call, protobuf out."""
 
     def __init__(self, dataplane: DataPlane):
         self.dataplane = dataplane
 
-    @_reports_errors
-    async def ServerLive(self, request: pb.ServerLiveRequest, context) -> pb.ServerLiveResponse:
+    def methods(self) -> dict[bytes, tuple[type[Message], Callable[..., Awaitable[Message]]]]:
+        """`/inference.GRPCInferenceService/<Method>` -> (request message class, method)."""
+        table = {
+            "ServerLive": (pb.ServerLiveRequest, self.ServerLive),
+            "ServerReady": (pb.ServerReadyRequest, self.ServerReady),
+            "ModelReady": (pb.ModelReadyRequest, self.ModelReady),
+            "ServerMetadata": (pb.ServerMetadataRequest, self.ServerMetadata),
+            "ModelMetadata": (pb.ModelMetadataRequest, self.ModelMetadata),
+            "ModelInfer": (pb.ModelInferRequest, self.ModelInfer),
+            "RepositoryIndex": (pb.RepositoryIndexRequest, self.RepositoryIndex),
+            "RepositoryModelLoad": (pb.RepositoryModelLoadRequest, self.RepositoryModelLoad),
+            "RepositoryModelUnload": (pb.RepositoryModelUnloadRequest, self.RepositoryModelUnload),
+        }
+        return {f"/{SERVICE}/{name}".encode(): entry for name, entry in table.items()}
+
+    async def ServerLive(self, request: pb.ServerLiveRequest) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=self.dataplane.live())
 
-    @_reports_errors
-    async def ServerReady(self, request: pb.ServerReadyRequest, context) -> pb.ServerReadyResponse:
+    async def ServerReady(self, request: pb.ServerReadyRequest) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self.dataplane.ready())
 
-    @_reports_errors
-    async def ModelReady(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
+    async def ModelReady(self, request: pb.ModelReadyRequest) -> pb.ModelReadyResponse:
         # An unknown model is simply not ready, as in Triton's gRPC server and as
         # tritonclient.http reports it for the REST front end's 404.
         try:
@@ -84,19 +135,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             ready = False
         return pb.ModelReadyResponse(ready=ready)
 
-    @_reports_errors
-    async def ServerMetadata(
-        self, request: pb.ServerMetadataRequest, context
-    ) -> pb.ServerMetadataResponse:
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest) -> pb.ServerMetadataResponse:
         md = self.dataplane.server_metadata()
         return pb.ServerMetadataResponse(
             name=md["name"], version=md["version"], extensions=md["extensions"]
         )
 
-    @_reports_errors
-    async def ModelMetadata(
-        self, request: pb.ModelMetadataRequest, context
-    ) -> pb.ModelMetadataResponse:
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest) -> pb.ModelMetadataResponse:
         md = self.dataplane.model_metadata(request.name, request.version or None)
         return pb.ModelMetadataResponse(
             name=md.name,
@@ -106,8 +151,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             outputs=_tensor_metadata(md.outputs),
         )
 
-    @_reports_errors
-    async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+    async def ModelInfer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         try:
             decoded = grpc_codec.decode_request(request)
         except InvalidInput as exc:
@@ -115,9 +159,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             raise
         return grpc_codec.encode_response(await self.dataplane.infer(decoded))
 
-    @_reports_errors
     async def RepositoryIndex(
-        self, request: pb.RepositoryIndexRequest, context
+        self, request: pb.RepositoryIndexRequest
     ) -> pb.RepositoryIndexResponse:
         # The agent has one repository, so repository_name selects nothing.
         entries = self.dataplane.repository_index(ready_only=request.ready)
@@ -130,17 +173,15 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             ]
         )
 
-    @_reports_errors
     async def RepositoryModelLoad(
-        self, request: pb.RepositoryModelLoadRequest, context
+        self, request: pb.RepositoryModelLoadRequest
     ) -> pb.RepositoryModelLoadResponse:
         _check_repository_request(request, "load")
         await self.dataplane.load_model(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
-    @_reports_errors
     async def RepositoryModelUnload(
-        self, request: pb.RepositoryModelUnloadRequest, context
+        self, request: pb.RepositoryModelUnloadRequest
     ) -> pb.RepositoryModelUnloadResponse:
         _check_repository_request(request, "unload")
         await self.dataplane.unload_model(request.model_name)
@@ -165,34 +206,236 @@ def _check_repository_request(request, action: str) -> None:
         )
 
 
-def _options(max_message_bytes: int) -> list[tuple[str, int]]:
-    return [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS),
-        # With SO_REUSEPORT a second agent started on the same port would silently take half
-        # the connections instead of failing to start.
-        ("grpc.so_reuseport", 0),
-    ]
+# --- the gRPC protocol over HTTP/2 ----------------------------------------------------------
+
+
+class GrpcProtocol(http2.Handler):
+    """Turns HTTP/2 requests into unary calls of the service and their results into responses."""
+
+    def __init__(self, service: InferenceService, max_message_bytes: int):
+        self.methods = service.methods()
+        self.max_message_bytes = max_message_bytes
+        # The body is a 5-byte prefix and the message; a compressed message may inflate to
+        # max_message_bytes, and its compressed form is bounded by the same limit.
+        self.max_body = max_message_bytes + 5
+
+    async def handle(self, connection: http2.Connection, request: http2.Request) -> None:
+        headers = request.headers
+        if headers.get(b":method") != b"POST":
+            connection.respond(request, [(b":status", b"405"), (b"allow", b"POST")], b"", [])
+            return
+        content_type = headers.get(b"content-type", b"")
+        if content_type != b"application/grpc" and not content_type.startswith(
+            (b"application/grpc+", b"application/grpc;")
+        ):
+            connection.respond(request, [(b":status", b"415")], b"", [])
+            return
+        try:
+            body = await self._call(request)
+        except asyncio.CancelledError:
+            # The client reset the stream or went away, or the server stops: nobody waits for
+            # this answer. Ending quietly leaves no exception on the task, whose traceback would
+            # hold the call's frames, and its tensors, in a reference cycle.
+            connection.reset(request)
+            return
+        except CallError as exc:
+            self._fail(connection, request, exc.status, str(exc))
+            return
+        except ServingError as exc:
+            self._fail(connection, request, Status[exc.grpc_code], str(exc))
+            return
+        except Exception as exc:  # a bug, not bad input: log it, answer, keep serving
+            log.exception("gRPC %s failed", headers.get(b":path", b"?").decode(errors="replace"))
+            message = f"internal error: {type(exc).__name__}: {exc}"
+            self._fail(connection, request, Status.INTERNAL, message)
+            return
+        connection.respond(
+            request, _RESPONSE_HEADERS, struct.pack(">BI", 0, len(body)) + body, _OK_TRAILERS
+        )
+
+    async def _call(self, request: http2.Request) -> bytes:
+        path = request.headers.get(b":path", b"")
+        entry = self.methods.get(path)
+        if entry is None:
+            name = path.decode(errors="replace")
+            message = f"unknown method {name}: this server has {SERVICE}"
+            raise CallError(Status.UNIMPLEMENTED, message)
+        message_class, method = entry
+        payload = self._message(request)
+        try:
+            message = message_class.FromString(payload)
+        except DecodeError:
+            raise CallError(
+                Status.INVALID_ARGUMENT,
+                f"the request is not a valid {message_class.DESCRIPTOR.full_name} message",
+            ) from None
+        timeout = _timeout_s(request.headers.get(b"grpc-timeout"))
+        if timeout is None:
+            return (await method(message)).SerializeToString()
+        deadline = time.monotonic() + timeout
+        try:
+            async with asyncio.timeout_at(asyncio.get_running_loop().time() + timeout):
+                return (await method(message)).SerializeToString()
+        except TimeoutError:
+            late = time.monotonic() - deadline
+            raise RequestTimeout(
+                f"deadline of {timeout:g} s exceeded (by {late * 1000:.0f} ms)"
+            ) from None
+
+    def _message(self, request: http2.Request) -> bytes | memoryview:
+        """The one length-prefixed message of a unary call, decompressed."""
+        body = request.body
+        if len(body) < 5:
+            raise CallError(
+                Status.INVALID_ARGUMENT,
+                f"the request body has {len(body)} bytes: a gRPC message needs a 5-byte prefix",
+            )
+        compressed, length = struct.unpack_from(">BI", body)
+        if length != len(body) - 5:
+            raise CallError(
+                Status.INVALID_ARGUMENT,
+                f"the message prefix announces {length} bytes but {len(body) - 5} came: "
+                "a unary call carries exactly one whole message",
+            )
+        payload = memoryview(body)[5:]
+        if compressed == 0:
+            return payload
+        if compressed != 1:
+            raise CallError(Status.INVALID_ARGUMENT, f"invalid compressed flag {compressed}")
+        encoding = request.headers.get(b"grpc-encoding", b"identity")
+        return self._decompress(payload, encoding)
+
+    def _decompress(self, payload: memoryview, encoding: bytes) -> bytes:
+        if encoding == b"identity":
+            raise CallError(
+                Status.INVALID_ARGUMENT,
+                "the message is flagged compressed but grpc-encoding is identity",
+            )
+        wbits = {b"gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}.get(encoding)
+        if wbits is None:
+            raise CallError(
+                Status.UNIMPLEMENTED,
+                f"grpc-encoding {encoding.decode(errors='replace')!r} is not supported; "
+                f"use one of {ACCEPTED_ENCODINGS.decode()}",
+            )
+        inflater = zlib.decompressobj(wbits)
+        try:
+            # At most one byte past the limit: enough to tell a bomb from a large message.
+            message = inflater.decompress(payload, self.max_message_bytes + 1)
+        except zlib.error as exc:
+            raise CallError(
+                Status.INVALID_ARGUMENT, f"the {encoding.decode()} message is corrupt: {exc}"
+            ) from None
+        if len(message) > self.max_message_bytes:
+            raise CallError(
+                Status.RESOURCE_EXHAUSTED,
+                f"the message inflates beyond the limit of {self.max_message_bytes} bytes",
+            )
+        if not inflater.eof:
+            message = f"the {encoding.decode()} message is truncated"
+            raise CallError(Status.INVALID_ARGUMENT, message)
+        return message
+
+    def too_large(self, connection: http2.Connection, request: http2.Request, limit: int) -> None:
+        message = (
+            f"the request exceeds the limit of {self.max_message_bytes} bytes per message "
+            "(or the connection holds too many large requests at once)"
+        )
+        self._fail(connection, request, Status.RESOURCE_EXHAUSTED, message)
+        # Then stop the rest of the upload, "without error" (RFC 9113 8.1), once the answer is out.
+        connection.reset_later(request, http2.NO_ERROR)
+
+    def _fail(self, connection, request, status: Status, message: str) -> None:
+        """A Trailers-Only response: the status in the only HEADERS frame."""
+        headers = [
+            *_RESPONSE_HEADERS,
+            (b"grpc-status", str(int(status)).encode()),
+            (b"grpc-message", _percent_encode(message)),
+        ]
+        connection.respond(request, headers, b"", [])
+
+
+_TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
+
+
+def _timeout_s(value: bytes | None) -> float | None:
+    """grpc-timeout: up to 8 digits and a unit (H, M, S, m, u, n)."""
+    if value is None:
+        return None
+    digits, unit = value[:-1], value[-1:]
+    if not (1 <= len(digits) <= 8 and digits.isdigit() and unit in _TIMEOUT_UNITS):
+        raise CallError(
+            Status.INVALID_ARGUMENT,
+            f"grpc-timeout {value.decode(errors='replace')!r} is not 1-8 digits and a unit "
+            "(H, M, S, m, u, n)",
+        )
+    return int(digits) * _TIMEOUT_UNITS[unit]
+
+
+def _percent_encode(message: str) -> bytes:
+    """grpc-message: printable ASCII except '%' as is, everything else %XX of its UTF-8."""
+    return b"".join(
+        bytes((b,)) if 0x20 <= b <= 0x7E and b != 0x25 else b"%%%02X" % b for b in message.encode()
+    )
+
+
+# --- the server -----------------------------------------------------------------------------
+
+
+class GrpcServer:
+    """A listening socket and its connections."""
+
+    def __init__(self, protocol: GrpcProtocol):
+        self._protocol = protocol
+        self._connections: set[http2.Connection] = set()
+        self._server: asyncio.Server | None = None
+
+    async def listen(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._connect, sock=sock)
+
+    def _connect(self) -> http2.Connection:
+        connection = http2.Connection(
+            self._protocol, MAX_CONCURRENT_STREAMS, self._connections.discard
+        )
+        self._connections.add(connection)
+        return connection
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        """Stop listening, let calls in flight finish for up to `grace` s, then close."""
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self._connections):
+            connection.shutdown_notice()
+        deadline = time.monotonic() + (grace or 0)
+        while any(c.busy for c in self._connections) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for connection in list(self._connections):
+            connection.goaway()
+        if self._server is not None:
+            await self._server.wait_closed()
 
 
 async def start_grpc_server(
     dataplane: DataPlane,
     address: str = DEFAULT_ADDRESS,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-) -> tuple[grpc.aio.Server, int]:
+) -> tuple[GrpcServer, int]:
     """Serve the data plane on `address` (port 0: any free port); returns (server, bound port).
 
-    Messages beyond `max_message_bytes` are refused by gRPC itself with RESOURCE_EXHAUSTED.
+    Messages beyond `max_message_bytes` are refused with RESOURCE_EXHAUSTED.
     """
-    server = grpc.aio.server(options=_options(max_message_bytes))
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(dataplane), server)
+    http2.library()  # fail now, with how to install it, if libnghttp2 is missing
     try:
-        port = server.add_insecure_port(address)
-    except RuntimeError:  # grpc's own message only points at GRPC_VERBOSITY
+        sock = bind(address)
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
         raise OSError(
-            f"cannot serve gRPC on {address}: the address is in use or not a valid HOST:PORT"
+            f"cannot serve gRPC on {address}: the address is in use or not a valid HOST:PORT "
+            f"({reason})"
         ) from None
-    await server.start()
+    server = GrpcServer(GrpcProtocol(InferenceService(dataplane), max_message_bytes))
+    await server.listen(sock)
+    port = sock.getsockname()[1]
     log.info("gRPC inference service listening on %s (port %d)", address, port)
     return server, port

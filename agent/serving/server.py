@@ -66,6 +66,12 @@ def split_address(address: str, default_host: str = "127.0.0.1") -> tuple[str, i
     return host.strip("[]") or default_host, int(port)
 
 
+def bind(address: str) -> socket.socket:
+    """A listening TCP socket on HOST:PORT (port 0: any free port)."""
+    host, port = split_address(address)
+    return socket.create_server((host, port), family=_family(host), reuse_port=False)
+
+
 async def start(options: ServeOptions) -> RunningServer:
     selector = await asyncio.to_thread(_selector, options) if options.select else None
     dataplane = DataPlane(ModelRepository(options.models), selector=selector)
@@ -74,8 +80,7 @@ async def start(options: ServeOptions) -> RunningServer:
     await runner.setup()
     http_port = None
     if options.http:
-        host, port = split_address(options.http)
-        sock = socket.create_server((host, port), family=_family(host), reuse_port=False)
+        sock = bind(options.http)
         await web.SockSite(runner, sock).start()
         http_port = sock.getsockname()[1]
     if options.socket:
@@ -88,7 +93,9 @@ async def start(options: ServeOptions) -> RunningServer:
     if options.grpc:
         from agent.serving.grpc_server import start_grpc_server
 
-        grpc_server, grpc_port = await start_grpc_server(dataplane, options.grpc)
+        grpc_server, grpc_port = await start_grpc_server(
+            dataplane, options.grpc, options.max_body_bytes
+        )
     await dataplane.start()
     running = RunningServer(dataplane, http_port, grpc_port, options.socket, runner, grpc_server)
     running._housekeeping = asyncio.create_task(_return_memory_when_idle(dataplane))
