@@ -75,6 +75,7 @@ MLSERVER_VERSION = "1.7.1"
 SYSTEM_TOOLS = {"wrk": "wrk", "h2load": "nghttp2-client"}  # binary -> Debian package
 
 MODELS = ("mlp", "cnn")
+AFTER_LOAD_IDLE_S = 3
 AGENT_PROTOCOLS = ("rest-json", "rest-binary", "grpc")
 MLSERVER_PROTOCOLS = ("rest-json", "grpc")
 CLIENTS = (8, 32)
@@ -1069,6 +1070,9 @@ def run_benchmark(settings: Settings, workdir: Path) -> Results:
         results.figures = run_rounds(plan_round(specs, targets, raw, workdir), settings)
         for target in targets.values():
             check(target)  # still answering correctly after the load
+        # Every server idles a moment first: the agent hands a burst's memory back once its
+        # queues drain (checked every second), and RSS is about serving, not the burst's peak.
+        time.sleep(AFTER_LOAD_IDLE_S)
         for spec in specs:
             if spec.models == MODELS:  # the RSS target is about a server with both models
                 after = tree_rss_bytes(servers[spec.name].pid) / 2**20

@@ -235,6 +235,15 @@ def test_freed_heap_goes_back_once_the_queues_drain(private_repo, monkeypatch):
         assert calls, "no memory returned after the burst"
         time.sleep(2.5)  # idle, nothing new served: no further trimming
         assert len(calls) == 1
+        # a steady trickle, one request every 0.3 s: never quiet for a second, never stalled
+        for _ in range(10):
+            asyncio.run(_fire(url, [body], concurrency=1))
+            time.sleep(0.3)
+        assert len(calls) == 1
+        deadline = time.monotonic() + 30
+        while len(calls) == 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(calls) == 2, "nothing returned once the trickle stopped"
 
 
 def test_grpc_reports_full_queue_and_deadline(private_repo):

@@ -14,6 +14,8 @@ import functools
 import gzip
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -499,3 +501,14 @@ def _wait_idle(server, timeout: float = 10) -> None:
     while not server.dataplane.idle():
         assert time.monotonic() < deadline, "requests still pending"
         time.sleep(0.02)
+
+
+def test_serving_does_not_import_grpcio():
+    # grpcio costs ~24 MiB of RSS; the agent's serving path must not pull it in
+    code = (
+        "import sys, agent.commands.serve, agent.serving.server, agent.serving.grpc_server;"
+        "from agent.serving import server;"
+        "assert 'grpc' not in sys.modules, sorted(m for m in sys.modules if 'grpc' in m)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

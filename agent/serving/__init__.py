@@ -5,7 +5,8 @@
     scheduler.py   per-model worker threads, dynamic batching, bounded queue, timeouts
     dataplane.py   the operations both front ends call (health, metadata, infer, repository)
     rest.py        aiohttp front end;  rest_codec.py  JSON + binary tensor extension
-    grpc_server.py grpc.aio front end; grpc_codec.py  protobuf <-> tensors
+    grpc_server.py gRPC front end;     grpc_codec.py  protobuf <-> tensors
+    http2.py       HTTP/2 connections for it, on libnghttp2 (cffi)
     server.py      runs the front ends over one data plane (TCP, unix socket, signals)
 
 Front ends only translate wire formats; the core works on numpy arrays and dataclasses.

@@ -219,6 +219,11 @@ class GrpcProtocol(http2.Handler):
         # max_message_bytes, and its compressed form is bounded by the same limit.
         self.max_body = max_message_bytes + 5
 
+    head_bytes = 5
+
+    def body_size(self, head: bytes) -> int:
+        return 5 + struct.unpack_from(">I", head, 1)[0]
+
     async def handle(self, connection: http2.Connection, request: http2.Request) -> None:
         headers = request.headers
         if headers.get(b":method") != b"POST":

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 MAX_HEADER_BYTES = 16 * 1024
 STREAM_WINDOW = 1 << 20  # what a client may send on one stream before we acknowledge it
 CONNECTION_WINDOW = 16 << 20
+MAX_FRAME_BYTES = 1 << 20
 
 _CDEF = """
 typedef struct nghttp2_session nghttp2_session;
@@ -98,7 +99,7 @@ _DATA, _HEADERS = 0, 1
 _FLAG_END_STREAM = 0x1
 _DATA_FLAG_EOF, _DATA_FLAG_NO_END_STREAM = 0x1, 0x2
 _SETTINGS_MAX_CONCURRENT_STREAMS, _SETTINGS_INITIAL_WINDOW_SIZE = 3, 4
-_SETTINGS_MAX_HEADER_LIST_SIZE = 6
+_SETTINGS_MAX_FRAME_SIZE, _SETTINGS_MAX_HEADER_LIST_SIZE = 5, 6
 _ERR_TEMPORAL_CALLBACK_FAILURE, _ERR_CALLBACK_FAILURE = -521, -902
 NO_ERROR, INTERNAL_ERROR, CANCEL, ENHANCE_YOUR_CALM = 0x0, 0x2, 0x8, 0xB
 
@@ -114,21 +115,57 @@ Headers = list[tuple[bytes, bytes]]
 
 @dataclass(slots=True)
 class Request:
-    """One request stream: its headers as they came, its body once complete."""
+    """One request stream: its headers as they came, its body once complete.
+
+    The body goes straight into one buffer of its final size once the handler can tell that
+    size from its first bytes (a gRPC message announces its length): no per-frame objects, no
+    join. Until then, or if more arrives than announced, it is kept as a list of chunks.
+    """
 
     stream_id: int
     headers: dict[bytes, bytes] = field(default_factory=dict)
     header_bytes: int = 0
-    chunks: list[bytes] = field(default_factory=list)  # joined once, when the body is complete
-    size: int = 0
+    size: int = 0  # body bytes received
+    chunks: list[bytes] = field(default_factory=list)
+    buffer: bytearray | None = None
+    into: object = None  # a cffi pointer to buffer's first byte
+    sized: bool = False  # the handler was asked for the body's size
     refused: bool = False  # answered early (too large): further data is dropped
     task: asyncio.Task | None = None
 
     @property
-    def body(self) -> bytes:
+    def body(self) -> bytes | bytearray | memoryview:
+        if self.buffer is not None:
+            return (
+                self.buffer
+                if self.size == len(self.buffer)
+                else memoryview(self.buffer)[: self.size]
+            )
         if len(self.chunks) > 1:
             self.chunks = [b"".join(self.chunks)]
         return self.chunks[0] if self.chunks else b""
+
+    def take(self, ffi, data, length: int, handler: Handler, limit: int) -> None:
+        """Append `length` bytes at the C pointer `data`."""
+        if self.buffer is not None:
+            if self.size + length <= len(self.buffer):
+                ffi.memmove(self.into + self.size, data, length)
+                self.size += length
+                return
+            # more than announced: keep it all, the handler will say what is wrong
+            self.chunks = [bytes(memoryview(self.buffer)[: self.size])]
+            self.buffer = self.into = None
+        self.chunks.append(ffi.unpack(data, length))
+        self.size += length
+        if not self.sized and self.size >= handler.head_bytes:
+            self.sized = True
+            head = b"".join(self.chunks)
+            total = handler.body_size(head[: handler.head_bytes])
+            if total is not None and self.size <= total <= limit:
+                self.buffer = bytearray(total)
+                self.into = ffi.from_buffer("char[]", self.buffer)
+                self.buffer[: self.size] = head
+                self.chunks = []
 
 
 @dataclass(slots=True)
@@ -142,6 +179,11 @@ class Handler:
     """What a connection calls; grpc_server.py implements it."""
 
     max_body: int
+    head_bytes: int = 1 << 62  # how many first body bytes body_size needs (never: no sizing)
+
+    def body_size(self, head: bytes) -> int | None:
+        """The whole body's size, told from its first `head_bytes` bytes; None if unknown."""
+        return None
 
     async def handle(self, connection: Connection, request: Request) -> None:  # pragma: no cover
         raise NotImplementedError
@@ -272,11 +314,10 @@ def _on_data_chunk(session, flags, stream_id, data, length, user_data) -> int:
     if request.size + length > limit or conn.buffered + length > 2 * limit:
         request.refused = True
         conn.buffered -= request.size
-        request.chunks, request.size = [], 0
+        request.chunks, request.buffer, request.into, request.size = [], None, None, 0
         conn.handler.too_large(conn, request, limit)
         return 0
-    request.chunks.append(_library.ffi.unpack(data, length))
-    request.size += length
+    request.take(_library.ffi, data, length, conn.handler, limit)
     conn.buffered += length
     return 0
 
@@ -350,15 +391,15 @@ class Connection(asyncio.Protocol):
             transport.abort()
             return
         self._session = holder[0]
-        settings = ffi.new(
-            "nghttp2_settings_entry[3]",
-            [
-                (_SETTINGS_MAX_CONCURRENT_STREAMS, self.max_streams),
-                (_SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW),
-                (_SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_BYTES),
-            ],
-        )
-        lib.nghttp2_submit_settings(self._session, 0, settings, 3)
+        entries = [
+            (_SETTINGS_MAX_CONCURRENT_STREAMS, self.max_streams),
+            (_SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW),
+            (_SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_BYTES),
+            # Clients that honour it (gRPC's own) send large tensors in fewer, larger frames.
+            (_SETTINGS_MAX_FRAME_SIZE, MAX_FRAME_BYTES),
+        ]
+        settings = ffi.new("nghttp2_settings_entry[]", entries)
+        lib.nghttp2_submit_settings(self._session, 0, settings, len(entries))
         lib.nghttp2_session_set_local_window_size(self._session, 0, 0, CONNECTION_WINDOW)
         self.flush()
 

@@ -103,14 +103,18 @@ async def start(options: ServeOptions) -> RunningServer:
 
 
 async def _return_memory_when_idle(dataplane: DataPlane, every: float = 1.0) -> None:
-    """After a burst, hand the heap the burst freed back to the system once the queues drain
-    (32 concurrent image requests leave ~60 MB of freed heap resident otherwise)."""
-    seen = dataplane.requests_seen
+    """After a burst, hand the memory the burst freed back to the system once the node has been
+    quiet (no new request) for a whole `every` s: 32 concurrent image requests leave ~60 MB of
+    freed heap resident otherwise. Not while requests keep coming, even one at a time: the
+    cycle collection it starts with would stall them for milliseconds."""
+    released = last = dataplane.requests_seen
     while True:
         await asyncio.sleep(every)
-        if dataplane.requests_seen != seen and dataplane.idle():
-            seen = dataplane.requests_seen
+        seen = dataplane.requests_seen
+        if seen == last and seen != released and dataplane.idle():
+            released = seen
             await asyncio.to_thread(memory.release_free_memory)
+        last = seen
 
 
 def _selector(options: ServeOptions):
