@@ -70,3 +70,16 @@ def test_quick_run_reports_every_agent_figure(tmp_path: Path) -> None:
     assert any("batching on / off" in name for name in names)
     assert "agent rest-json mlp" in result.stderr  # progress went to stderr
     assert "REST JSON" in result.stdout  # the table went to stdout
+
+
+def test_batching_benchmark_drives_both_agents() -> None:
+    command = [
+        sys.executable, str(ROOT / "bench" / "batching.py"),
+        "--widths", "64", "--rounds", "1", "--duration", "1",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "64-64-64-10" in result.stdout
+    (row,) = json.loads(result.stdout.strip().splitlines()[-1])
+    assert row["width"] == 64 and row["run_us"][0] > 0 and row["run_us"][1] > 0
+    assert row["on"][0] > 0 and row["off"][0] > 0 and row["ratio"] > 0
