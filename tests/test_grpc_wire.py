@@ -92,6 +92,7 @@ class Wire:
         self.conn.initiate_connection()
         self.replies: dict[int, Reply] = {}
         self.terminated: h2.events.ConnectionTerminated | None = None
+        self.pings: list[bytes] = []
         self._send()
         self._pump_until(lambda: self.conn.remote_settings.initial_window_size > 65535)
 
@@ -192,6 +193,8 @@ class Wire:
             reply.reset = event.error_code
         elif isinstance(event, h2.events.ConnectionTerminated):
             self.terminated = event
+        elif isinstance(event, h2.events.PingAckReceived):
+            self.pings.append(event.ping_data)
 
 
 @pytest.fixture(scope="module")
@@ -265,6 +268,14 @@ def test_large_requests_are_taken_in_whole(wire, expected):
     np.testing.assert_array_equal(reply.output(), expected)
     length = struct.unpack_from(">I", reply.data, 1)[0]
     assert pb.ModelInferResponse.FromString(bytes(reply.data[5 : 5 + length])).id == msg.id
+
+
+def test_keepalive_pings_are_answered_between_calls(wire, expected):
+    for data in (b"keepaliv", b"\x00" * 8):
+        wire.conn.ping(data)
+        wire._send()
+        wire._pump_until(lambda d=data: d in wire.pings)
+        served(wire, expected)
 
 
 # --- what the gRPC layer refuses ------------------------------------------------------------
