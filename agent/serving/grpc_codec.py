@@ -52,13 +52,81 @@ _OutputTensor = pb.ModelInferResponse.InferOutputTensor
 # --- requests -------------------------------------------------------------------------------
 
 
-def decode_request(msg: pb.ModelInferRequest) -> InferenceRequest:
-    """Validate and decode a ModelInferRequest; InvalidInput names what is wrong."""
+_RAW_INPUT_CONTENTS = pb.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
+
+
+def parse_request(data: bytes | bytearray | memoryview) -> tuple[pb.ModelInferRequest, list]:
+    """Parse a serialized ModelInferRequest, leaving its raw_input_contents in `data`.
+
+    Returns (the message without raw_input_contents, one zero-copy view of `data` per
+    raw_input_contents entry, in order). Protobuf would copy each tensor twice (into the
+    message, then out of it); here only the small rest of the message is parsed, and the
+    tensors are viewed where they arrived. Anything the top-level scan cannot follow is left to
+    protobuf, whose DecodeError is the caller's to report.
+    """
+    view = memoryview(data)
+    try:
+        rest, raw = _split_field(view, _RAW_INPUT_CONTENTS)
+    except ValueError:
+        msg = pb.ModelInferRequest.FromString(view)  # raises DecodeError for what is broken
+        return msg, list(msg.raw_input_contents)
+    msg = pb.ModelInferRequest.FromString(rest)
+    return msg, raw
+
+
+def _split_field(view: memoryview, number: int) -> tuple[bytes, list[memoryview]]:
+    """Top-level scan: the length-delimited entries of field `number` as views, the other
+    fields re-joined as bytes. ValueError for anything but well-formed wire types 0, 1, 2, 5."""
+    others, found = [], []
+    i, end = 0, len(view)
+    while i < end:
+        start = i
+        key, i = _varint(view, i)
+        wire = key & 7
+        if wire == 2:
+            length, i = _varint(view, i)
+            if i + length > end:
+                raise ValueError("field runs past the message")
+            if key >> 3 == number:
+                found.append(view[i : i + length])
+                i += length
+                continue
+            i += length
+        elif wire == 0:
+            _, i = _varint(view, i)
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
+            if i > end:
+                raise ValueError("field runs past the message")
+        else:
+            raise ValueError(f"wire type {wire}")
+        others.append(view[start:i])
+    return b"".join(others), found
+
+
+def _varint(view: memoryview, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while i < len(view) and shift < 64:
+        byte = view[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i
+        shift += 7
+    raise ValueError("truncated or overlong varint")
+
+
+def decode_request(msg: pb.ModelInferRequest, raw=None) -> InferenceRequest:
+    """Validate and decode a ModelInferRequest; InvalidInput names what is wrong.
+
+    `raw`: the raw input contents when parse_request kept them apart (default: the message's).
+    """
     if not msg.model_name:
         raise InvalidInput("model_name is empty")
     if not msg.inputs:
         raise InvalidInput("request has no inputs")
-    raw = msg.raw_input_contents
+    if raw is None:
+        raw = msg.raw_input_contents
     if raw and len(raw) != len(msg.inputs):
         raise InvalidInput(
             f"raw_input_contents has {len(raw)} entries for {len(msg.inputs)} inputs; "

@@ -151,12 +151,13 @@ class InferenceService:
             outputs=_tensor_metadata(md.outputs),
         )
 
-    async def ModelInfer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    async def ModelInfer(self, request: pb.ModelInferRequest, raw=None) -> pb.ModelInferResponse:
         try:
-            decoded = grpc_codec.decode_request(request)
+            decoded = grpc_codec.decode_request(request, raw)
         except InvalidInput as exc:
             self.dataplane.count_rejected(request.model_name, request.model_version, exc)
             raise
+        del request, raw  # only the decoded tensors (views of the body) wait in the queue
         return grpc_codec.encode_response(await self.dataplane.infer(decoded))
 
     async def RepositoryIndex(
@@ -266,21 +267,25 @@ class GrpcProtocol(http2.Handler):
             message = f"unknown method {name}: this server has {SERVICE}"
             raise CallError(Status.UNIMPLEMENTED, message)
         message_class, method = entry
+        timeout = _timeout_s(request.headers.get(b"grpc-timeout"))
         payload = self._message(request)
         try:
-            message = message_class.FromString(payload)
+            if message_class is pb.ModelInferRequest:  # tensors stay where they arrived
+                call = method(*grpc_codec.parse_request(payload))
+            else:
+                call = method(message_class.FromString(payload))
         except DecodeError:
             raise CallError(
                 Status.INVALID_ARGUMENT,
                 f"the request is not a valid {message_class.DESCRIPTOR.full_name} message",
             ) from None
-        timeout = _timeout_s(request.headers.get(b"grpc-timeout"))
+        del payload
         if timeout is None:
-            return (await method(message)).SerializeToString()
+            return (await call).SerializeToString()
         deadline = time.monotonic() + timeout
         try:
             async with asyncio.timeout_at(asyncio.get_running_loop().time() + timeout):
-                return (await method(message)).SerializeToString()
+                return (await call).SerializeToString()
         except TimeoutError:
             late = time.monotonic() - deadline
             raise RequestTimeout(
