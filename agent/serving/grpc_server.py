@@ -210,8 +210,9 @@ def _check_repository_request(request, action: str) -> None:
 # --- the gRPC protocol over HTTP/2 ----------------------------------------------------------
 
 
-class GrpcProtocol(http2.Handler):
-    """Turns HTTP/2 requests into unary calls of the service and their results into responses."""
+class GrpcProtocol:
+    """Turns HTTP/2 requests into unary calls of the service and their results into responses
+    (an http2.Handler)."""
 
     def __init__(self, service: InferenceService, max_message_bytes: int):
         self.methods = service.methods()

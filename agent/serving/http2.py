@@ -26,6 +26,7 @@ import ctypes.util
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import cffi
 
@@ -175,21 +176,20 @@ class _Outgoing:
     offset: int = 0
 
 
-class Handler:
-    """What a connection calls; grpc_server.py implements it."""
+class Handler(Protocol):
+    """What a connection calls; grpc_server.py's GrpcProtocol is the one implementation."""
 
-    max_body: int
-    head_bytes: int = 1 << 62  # how many first body bytes body_size needs (never: no sizing)
+    max_body: int  # the largest request body a stream may send
+    head_bytes: int  # how many first body bytes body_size needs to tell the body's size
 
     def body_size(self, head: bytes) -> int | None:
         """The whole body's size, told from its first `head_bytes` bytes; None if unknown."""
-        return None
 
-    async def handle(self, connection: Connection, request: Request) -> None:  # pragma: no cover
-        raise NotImplementedError
+    async def handle(self, connection: Connection, request: Request) -> None:
+        """Answer a complete request (with connection.respond)."""
 
     def too_large(self, connection: Connection, request: Request, limit: int) -> None:
-        raise NotImplementedError  # pragma: no cover
+        """Answer a request whose body passed `limit`; its further data is dropped."""
 
 
 class _Library:
@@ -375,6 +375,7 @@ class Connection(asyncio.Protocol):
         self._lib = library()
         self._session = None
         self._handle = None
+        self._pointer = None
         self._transport: asyncio.Transport | None = None
         self._paused = False
         self._flush_scheduled = False
@@ -386,6 +387,7 @@ class Connection(asyncio.Protocol):
         self._transport = transport
         ffi, lib = self._lib.ffi, self._lib.lib
         self._handle = ffi.new_handle(self)
+        self._pointer = ffi.new("const char **")  # where mem_send says its output is
         holder = ffi.new("nghttp2_session **")
         if lib.nghttp2_session_server_new(holder, self._lib.callbacks, self._handle) != 0:
             transport.abort()
@@ -493,7 +495,7 @@ class Connection(asyncio.Protocol):
         if self._session is None or self._paused or self._transport is None:
             return
         ffi, lib = self._lib.ffi, self._lib.lib
-        pointer = ffi.new("const char **")
+        pointer = self._pointer
         chunks = []
         while True:
             n = lib.nghttp2_session_mem_send(self._session, pointer)
