@@ -176,10 +176,7 @@ class DataPlane:
             timer.cancel()
         outputs = _select_outputs(model, request, outcome.outputs)
         elapsed_ns = time.perf_counter_ns() - start
-        m.success.inc()
-        m.request_us.inc(elapsed_ns / 1000)
-        m.queue_us.inc(outcome.queue_ns / 1000)
-        m.latency.observe(elapsed_ns / 1e9)
+        m.succeeded(elapsed_ns, outcome.queue_ns)
         return InferenceResponse(
             model_name=model.name, model_version=model.version, outputs=outputs, id=request.id
         )

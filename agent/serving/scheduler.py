@@ -101,7 +101,7 @@ class Scheduler:
         future = self._loop.create_future()
         key = tuple(a.shape[1:] for a in inputs.values()) if self._batching else ()
         self._pending += 1
-        self._metrics.pending.inc()
+        self._metrics.pending += 1
         self._outbox.append(_Job(inputs, rows, key, future))
         if len(self._outbox) == 1:
             self._loop.call_soon(self._hand_over)
@@ -197,12 +197,9 @@ class Scheduler:
             log.warning("model %s failed on a batch of %d: %s", self.name, rows, exc)
             error = InferenceFailed(f"model {self.name} failed: {exc}")
         compute_ns = time.perf_counter_ns() - start
-        m = self._metrics
-        m.exec_count.inc()
-        m.inference_count.inc(rows)
-        m.batch_size.observe(rows)
-        m.compute_us.inc(compute_ns / 1000)
-        self._loop.call_soon_threadsafe(self._resolve, batch, results, error, start, compute_ns)
+        self._loop.call_soon_threadsafe(
+            self._resolve, batch, rows, results, error, start, compute_ns
+        )
 
     @staticmethod
     def _split(outputs: Arrays, batch: list[_Job], rows: int) -> list[Arrays]:
@@ -220,10 +217,11 @@ class Scheduler:
 
     def _release(self, count: int) -> None:
         self._pending -= count
-        self._metrics.pending.dec(count)
+        self._metrics.pending -= count
 
-    def _resolve(self, batch, results, error, start_ns, compute_ns) -> None:
+    def _resolve(self, batch, rows, results, error, start_ns, compute_ns) -> None:
         self._release(len(batch))
+        self._metrics.executed(rows, compute_ns)
         for i, job in enumerate(batch):
             if job.future.done():
                 continue

@@ -43,7 +43,7 @@ class RunningServer:
     http_port: int | None
     grpc_port: int | None
     socket: Path | None
-    _runner: web.AppRunner
+    _runner: web.ServerRunner
     _grpc: object | None
     _housekeeping: asyncio.Task | None = None
 
@@ -76,7 +76,7 @@ async def start(options: ServeOptions) -> RunningServer:
     selector = await asyncio.to_thread(_selector, options) if options.select else None
     dataplane = DataPlane(ModelRepository(options.models), selector=selector)
     rest = RestFrontEnd(dataplane, max_body=options.max_body_bytes)
-    runner = web.AppRunner(rest.app(), access_log=None, handle_signals=False)
+    runner = web.ServerRunner(rest.server(access_log=None), handle_signals=False)
     await runner.setup()
     http_port = None
     if options.http:
