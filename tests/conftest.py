@@ -28,6 +28,11 @@ class LoopThread:
         self._thread.start()
 
     def stop_loop(self) -> None:
+        """Cancel what is still running, as asyncio.run (and `serve`) does on exit, then stop.
+
+        aiohttp may still hold a task lingering over an unread request body (up to 10 s).
+        """
+        self.call(_cancel_remaining_tasks(), timeout=10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
 
@@ -35,6 +40,13 @@ class LoopThread:
         """Run a coroutine on the loop and wait for its result."""
         future: Future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         return future.result(timeout)
+
+
+async def _cancel_remaining_tasks() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class ServerThread(LoopThread):

@@ -232,3 +232,104 @@ def test_server_still_serves_after_hostile_input(agent):
         {"model": "mlp", "version": "1", "reason": "InvalidInput"},
     )
     assert failures and failures > 10
+
+
+async def request(method: str, url: str, data: bytes = b"") -> tuple[int, dict, bytes]:
+    async with aiohttp.ClientSession() as s, s.request(method, url, data=data) as r:
+        return r.status, dict(r.headers), await r.read()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("GET", "/v2/models/mlp/infer", "POST"),
+        ("PUT", "/v2/models/mlp/versions/1/infer", "POST"),
+        ("POST", "/v2/models/mlp", "GET, HEAD"),
+        ("DELETE", "/v2/health/ready", "GET, HEAD"),
+        ("GET", "/v2/repository/index", "POST"),
+        ("GET", "/v2/repository/models/mlp/unload", "POST"),
+    ],
+)
+def test_a_known_path_with_the_wrong_method_is_405_with_allow(agent, method, path, allow):
+    status, headers, raw = asyncio.run(request(method, f"http://{agent.http_url}{path}"))
+    assert status == 405
+    assert headers["Allow"] == allow
+    assert method in json.loads(raw)["error"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v2/",
+        "/v2/models//infer",
+        "/v2/models/mlp/versions//ready",
+        "/v2/models/mlp/explain",
+        "/v2/models/mlp/versions/1/2/infer",
+        "//v2/health/live",
+        "/metrics/x",
+    ],
+)
+def test_paths_that_are_almost_endpoints_are_404(agent, path):
+    status, _, raw = asyncio.run(request("GET", f"http://{agent.http_url}{path}"))
+    assert status == 404
+    assert "no such endpoint" in json.loads(raw)["error"]
+
+
+def test_head_and_percent_encoded_names(agent):
+    status, _, raw = asyncio.run(request("HEAD", f"http://{agent.http_url}/v2/health/ready"))
+    assert (status, raw) == (200, b"")
+    # %70 is "p": path segments are decoded after splitting, as the router did
+    status, _, _ = asyncio.run(request("GET", f"http://{agent.http_url}/v2/models/ml%70/ready"))
+    assert status == 200
+    status, _, raw = asyncio.run(request("GET", f"http://{agent.http_url}/v2/models/a%2Fb"))
+    assert status == 404 and "'a/b'" in json.loads(raw)["error"]
+
+
+def test_a_claimed_length_over_the_limit_is_refused_before_the_body_is_sent(agent):
+    import socket
+
+    host, port = agent.http_url.rsplit(":", 1)
+    head = (
+        b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % (64 * 1024 * 1024)
+    )
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(head)  # no body follows: the answer must not wait for one
+        reply = b""
+        while b"}" not in reply:
+            reply += s.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 400")
+        assert b"exceeds the limit" in reply and b"Connection: close" in reply
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(65536) == b""  # and the server does not keep the connection
+
+
+def test_a_body_cut_short_by_the_client_leaves_the_server_serving(agent):
+    import socket
+
+    host, port = agent.http_url.rsplit(":", 1)
+    head = (
+        b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 5000\r\n\r\n"
+    )
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(head + body()[:100])
+        s.shutdown(socket.SHUT_WR)  # the body ends 4,900 bytes early
+        while s.recv(65536):
+            pass  # whatever the server says, it closes
+    code, doc = asyncio.run(post(f"http://{agent.http_url}/v2/models/mlp/infer", body(), {}))
+    assert code == 200 and doc["outputs"][0]["shape"] == [1, 10]
+
+
+def test_a_chunked_body_over_the_limit_is_refused(agent):
+    async def chunks():
+        for _ in range(5):
+            yield b" " * (1024 * 1024)  # 5 MiB in all, over the fixture's 4 MiB
+
+    async def send():
+        url = f"http://{agent.http_url}/v2/models/mlp/infer"
+        async with aiohttp.ClientSession() as s, s.post(url, data=chunks()) as r:
+            return r.status, await r.json()
+
+    status, doc = asyncio.run(send())
+    assert status == 400 and "exceeds the limit" in doc["error"]

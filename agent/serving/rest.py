@@ -76,7 +76,12 @@ class RestFrontEnd:
                 return response
             return await handler(request, *args)
         except ServingError as exc:
-            return _error(exc.http_status, str(exc))
+            response = _error(exc.http_status, str(exc))
+            if not request.content.is_eof():
+                # Refused before its body was read (e.g. a Content-Length over the limit):
+                # close rather than read and drop what may be megabytes still to come.
+                response.force_close()
+            return response
 
     def _route(self, request: web.BaseRequest) -> tuple[str, Handler, tuple]:
         """(method, handler, path arguments) for the request's path; NotFound otherwise."""
@@ -181,13 +186,30 @@ class RestFrontEnd:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _read_body(self, request: web.BaseRequest) -> bytes:
-        try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise InvalidInput(
-                f"request body exceeds the limit of {self.max_body} bytes "
-                "(raise it with serve --max-body-mb)"
-            ) from None
+        """The whole body, copied once.
+
+        aiohttp's `request.read()` grows a bytearray chunk by chunk and then copies it into
+        bytes: ~1.7 MB of copying for a 600 KB image, which with the cache misses it causes cost
+        ~60 µs of a ~500 µs budget. Here the chunks are kept as they arrive and joined once
+        (a body that came in one chunk is not copied at all). Memory still grows only with
+        what the client actually sent, whatever its Content-Length claims.
+        """
+        limit = self.max_body
+        length = request.content_length
+        if length is not None and length > limit:
+            raise _too_large(limit)
+        chunks, size, content = [], 0, request.content
+        while True:
+            chunk = await content.readany()
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > limit:  # a chunked body has no length to check up front
+                raise _too_large(limit)
+            chunks.append(chunk)
+        if length is not None and size != length:
+            raise InvalidInput(f"the body ended after {size} of its {length} bytes")
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def _read_json(self, request: web.BaseRequest) -> dict:
         """Optional JSON object body of the repository endpoints."""
@@ -221,3 +243,9 @@ class _NoSuchEndpoint(ServingError):
 
 def _no_such_endpoint(request: web.BaseRequest) -> ServingError:
     return _NoSuchEndpoint(f"no such endpoint: {request.method} {request.path}")
+
+
+def _too_large(limit: int) -> InvalidInput:
+    return InvalidInput(
+        f"request body exceeds the limit of {limit} bytes (raise it with serve --max-body-mb)"
+    )
