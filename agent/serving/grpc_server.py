@@ -400,6 +400,7 @@ class GrpcServer:
         self._protocol = protocol
         self._connections: set[http2.Connection] = set()
         self._server: asyncio.Server | None = None
+        self._read_buffer = http2.ReadBuffer()
 
     async def listen(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -407,7 +408,7 @@ class GrpcServer:
 
     def _connect(self) -> http2.Connection:
         connection = http2.Connection(
-            self._protocol, MAX_CONCURRENT_STREAMS, self._connections.discard
+            self._protocol, MAX_CONCURRENT_STREAMS, self._connections.discard, self._read_buffer
         )
         self._connections.add(connection)
         return connection
