@@ -3,11 +3,10 @@
 The event loop hands each validated request to `submit()`, which returns an asyncio future.
 Requests submitted in one turn of the loop go to the workers together (one queue put, one
 wake-up, instead of one per request: waking a thread per request cost 14% of the loop thread's
-time under load); only a request that finds the model idle goes at once. With batching on, a
-worker drains the requests that are already waiting (and, if configured, waits up to
-`max_queue_delay_us` for more) into one batch of compatible shapes, concatenates along the batch
-dimension, runs the model once and splits the outputs. Results come back to the loop with one
-`call_soon_threadsafe` per batch.
+time under load). With batching on, a worker drains the requests that are already waiting (and,
+if configured, waits up to `max_queue_delay_us` for more) into one batch of compatible shapes,
+concatenates along the batch dimension, runs the model once and splits the outputs. Results
+come back to the loop with one `call_soon_threadsafe` per batch.
 
 Under load this batches naturally: requests pile up while the previous batch runs, so a busy
 model runs fewer, larger batches without adding latency at low load.
@@ -101,17 +100,9 @@ class Scheduler:
             )
         future = self._loop.create_future()
         key = tuple(a.shape[1:] for a in inputs.values()) if self._batching else ()
-        job = _Job(inputs, rows, key, future)
-        idle = self._pending == 0
         self._pending += 1
         self._metrics.pending += 1
-        if idle:
-            # Nothing queued or running: there is nothing to gather it with, so wake a worker
-            # now rather than at the end of this loop turn (an image request's p50 is ~10 µs
-            # better). What comes later in the turn still goes over together.
-            self._queue.put([job])
-            return future
-        self._outbox.append(job)
+        self._outbox.append(_Job(inputs, rows, key, future))
         if len(self._outbox) == 1:
             self._loop.call_soon(self._hand_over)
         return future
