@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from urllib.parse import unquote
@@ -57,14 +58,17 @@ class RestFrontEnd:
         }
 
     def server(self, **kwargs) -> web.Server:
-        """The aiohttp server to run (`web.ServerRunner`); kwargs go to its RequestHandler."""
-        return web.Server(self.handle, request_factory=self._make_request, **kwargs)
+        """The aiohttp server to run (`web.ServerRunner`), made on the running event loop;
+        kwargs go to its RequestHandler."""
+        loop = asyncio.get_running_loop()
 
-    def _make_request(self, message, payload, protocol, writer, task) -> web.BaseRequest:
-        # client_max_size is enforced by aiohttp itself; _read_body() turns it into a 400.
-        return web.BaseRequest(
-            message, payload, protocol, writer, task, protocol._loop, client_max_size=self.max_body
-        )
+        def make_request(message, payload, protocol, writer, task) -> web.BaseRequest:
+            # _read_body() enforces max_body itself; aiohttp's own readers get the same limit.
+            return web.BaseRequest(
+                message, payload, protocol, writer, task, loop, client_max_size=self.max_body
+            )
+
+        return web.Server(self.handle, request_factory=make_request, **kwargs)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         try:
@@ -97,10 +101,10 @@ class RestFrontEnd:
             if n == 3:
                 return "GET", self.model_metadata, (name, None)
             if n == 4:
-                return _model_endpoint(self, parts[3], name, None, request)
+                return self._model_route(parts[3], name, None, request)
             if n in (5, 6) and parts[3] == "versions":
                 action = parts[5] if n == 6 else ""
-                return _model_endpoint(self, action, name, parts[4], request)
+                return self._model_route(action, name, parts[4], request)
         elif n == 5 and parts[:3] == ["v2", "repository", "models"]:
             if parts[4] == "load":
                 return "POST", self.load, (parts[3],)
@@ -110,6 +114,16 @@ class RestFrontEnd:
             found = self._static.get(tuple(parts))
             if found is not None:
                 return found[0], found[1], ()
+        raise _no_such_endpoint(request)
+
+    def _model_route(self, action: str, name: str, version: str | None, request):
+        """`/v2/models/{name}[/versions/{version}]` + `""` (metadata), `/ready` or `/infer`."""
+        if action == "infer":
+            return "POST", self.infer, (name, version)
+        if action == "ready":
+            return "GET", self.model_ready, (name, version)
+        if action == "":
+            return "GET", self.model_metadata, (name, version)
         raise _no_such_endpoint(request)
 
     async def live(self, request: web.BaseRequest) -> web.Response:
@@ -223,17 +237,6 @@ class RestFrontEnd:
         if not isinstance(doc, dict):
             raise InvalidInput("request body must be a JSON object")
         return doc
-
-
-def _model_endpoint(front: RestFrontEnd, action: str, name: str, version, request):
-    """`/v2/models/{name}[/versions/{version}]` + `""` (metadata), `/ready` or `/infer`."""
-    if action == "infer":
-        return "POST", front.infer, (name, version)
-    if action == "ready":
-        return "GET", front.model_ready, (name, version)
-    if action == "":
-        return "GET", front.model_metadata, (name, version)
-    raise _no_such_endpoint(request)
 
 
 class _NoSuchEndpoint(ServingError):
