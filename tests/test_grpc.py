@@ -361,6 +361,23 @@ def test_concurrent_clients_get_their_own_results(server, mlp_reference):
         list(pool.map(worker, range(8)))
 
 
+def test_large_tensors_from_many_connections_arrive_intact(server):
+    """Connections share one read buffer (http2.ReadBuffer): 1.2 MB tensors from six at once,
+    each read in several pieces interleaved with the others', must come back bit for bit."""
+
+    def worker(seed: int) -> None:
+        with tc.InferenceServerClient(server.url) as c:
+            for i in range(4):
+                x = np.random.RandomState(seed * 10 + i).standard_normal((100_000, 3))
+                x = x.astype(np.float32)
+                tensor = triton_input("x", x, "FP32")
+                out = c.infer("identity-fp32", [tensor]).as_numpy("y")
+                np.testing.assert_array_equal(out, x)
+
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(worker, range(6)))
+
+
 def utf8_sample(datatype: str) -> np.ndarray:
     """sample_array, with BYTES as UTF-8 text: ONNX Runtime string tensors hold nothing else."""
     if datatype == "BYTES":
