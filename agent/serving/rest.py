@@ -89,10 +89,11 @@ class RestFrontEnd:
 
     def _route(self, request: web.BaseRequest) -> tuple[str, Handler, tuple]:
         """(method, handler, path arguments) for the request's path; NotFound otherwise."""
-        parts = request.rel_url.raw_path.split("/")
+        raw_path = request.rel_url.raw_path
+        parts = raw_path.split("/")
         if parts[0] or not all(parts[1:]):  # no leading "/", or an empty segment
             raise _no_such_endpoint(request)
-        if "%" in request.rel_url.raw_path:
+        if "%" in raw_path:
             parts = [unquote(p) for p in parts]
         parts = parts[1:]
         n = len(parts)
