@@ -4,7 +4,8 @@
     model.py       a loaded model version: metadata, input validation, its scheduler
     scheduler.py   per-model worker threads, dynamic batching, bounded queue, timeouts
     dataplane.py   the operations both front ends call (health, metadata, infer, repository)
-    rest.py        aiohttp front end;  rest_codec.py  JSON + binary tensor extension
+    rest.py        REST front end;     rest_codec.py  JSON + binary tensor extension
+    http1.py       HTTP/1.1 connections for it, on llhttp (httptools)
     grpc_server.py gRPC front end;     grpc_codec.py  protobuf <-> tensors
     http2.py       HTTP/2 connections for it, on libnghttp2 (cffi)
     server.py      runs the front ends over one data plane (TCP, unix socket, signals)

@@ -14,10 +14,9 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from aiohttp import web
-
 from agent import memory
 from agent.serving.dataplane import DataPlane
+from agent.serving.http1 import HttpServer
 from agent.serving.repository import ModelRepository
 from agent.serving.rest import DEFAULT_MAX_BODY, RestFrontEnd
 
@@ -43,7 +42,7 @@ class RunningServer:
     http_port: int | None
     grpc_port: int | None
     socket: Path | None
-    _runner: web.ServerRunner
+    _http: HttpServer
     _grpc: object | None
     _housekeeping: asyncio.Task | None = None
 
@@ -52,7 +51,7 @@ class RunningServer:
             self._housekeeping.cancel()
         if self._grpc is not None:
             await self._grpc.stop(grace)
-        await self._runner.cleanup()
+        await self._http.close(grace)
         await self.dataplane.stop()
         if self.socket is not None:
             with contextlib.suppress(FileNotFoundError):
@@ -76,18 +75,17 @@ async def start(options: ServeOptions) -> RunningServer:
     selector = await asyncio.to_thread(_selector, options) if options.select else None
     dataplane = DataPlane(ModelRepository(options.models), selector=selector)
     rest = RestFrontEnd(dataplane, max_body=options.max_body_bytes)
-    runner = web.ServerRunner(rest.server(access_log=None), handle_signals=False)
-    await runner.setup()
+    http = rest.server()
     http_port = None
     if options.http:
         sock = bind(options.http)
-        await web.SockSite(runner, sock).start()
+        await http.listen(sock)
         http_port = sock.getsockname()[1]
     if options.socket:
         path = Path(options.socket)
         if path.exists() and path.is_socket():
             path.unlink()  # left over from a previous run that did not stop cleanly
-        await web.UnixSite(runner, str(path)).start()
+        await http.listen_unix(str(path))
         os.chmod(path, 0o660)
     grpc_server = grpc_port = None
     if options.grpc:
@@ -97,7 +95,7 @@ async def start(options: ServeOptions) -> RunningServer:
             dataplane, options.grpc, options.max_body_bytes
         )
     await dataplane.start()
-    running = RunningServer(dataplane, http_port, grpc_port, options.socket, runner, grpc_server)
+    running = RunningServer(dataplane, http_port, grpc_port, options.socket, http, grpc_server)
     running._housekeeping = asyncio.create_task(_return_memory_when_idle(dataplane))
     return running
 

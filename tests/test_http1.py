@@ -1,0 +1,482 @@
+"""The REST front end's HTTP/1.1 server (agent/serving/http1.py) on raw sockets: keep-alive,
+pipelining, Expect, bodies read directly and chunked, limits, malformed and hostile input,
+timeouts and a graceful close."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+
+import pytest
+
+from agent.serving import http1
+from agent.serving.http1 import HttpServer, Request, Response
+from agent.serving.server import bind
+
+
+class EchoApp:
+    """/echo answers the body back, with the method and query in headers; /slow?S waits S s."""
+
+    def route(self, request: Request):
+        if request.path == "/echo":
+            return self.echo, ()
+        if request.path == "/slow":
+            return self.slow, ()
+        if request.path == "/boom":
+            return self.boom, ()
+        return Response(404, b"no such path", "text/plain")
+
+    async def respond(self, request: Request, handler, args) -> Response:
+        return await handler(request, *args)
+
+    def error(self, status: int, message: str) -> Response:
+        return Response(status, json.dumps({"error": message}).encode(), "application/json")
+
+    async def echo(self, request: Request) -> Response:
+        headers = {"X-Method": request.method, "X-Query": request.query}
+        headers["X-Body-Type"] = type(request.body).__name__
+        return Response(200, bytes(request.body), "application/octet-stream", headers)
+
+    async def slow(self, request: Request) -> Response:
+        await asyncio.sleep(float(request.query or 0.3))
+        return Response(200, b"slow done", "text/plain")
+
+    async def boom(self, request: Request) -> Response:
+        raise RuntimeError("a bug in a handler")
+
+
+class Client:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def response(self) -> tuple[int, dict[str, str], bytes]:
+        """The next final response (an interim 100 is returned as such, with no body)."""
+        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 10)
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            if line:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+        if status == 100:
+            return status, headers, b""
+        body = await self.reader.readexactly(int(headers.get("content-length", 0)))
+        return status, headers, body
+
+    async def closed(self) -> bool:
+        """True once the server has closed its side (and sent nothing more)."""
+        rest = await asyncio.wait_for(self.reader.read(), 10)
+        return rest == b""
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def serve(test, **options):
+    """Run `test(server, connect)` against an HttpServer on a free port."""
+
+    async def main():
+        server = HttpServer(EchoApp(), max_body=options.pop("max_body", 1 << 20), **options)
+        sock = bind("127.0.0.1:0")
+        port = sock.getsockname()[1]
+        await server.listen(sock)
+
+        async def connect() -> Client:
+            return Client(*await asyncio.open_connection("127.0.0.1", port))
+
+        try:
+            return await test(server, connect)
+        finally:
+            await server.close(grace=1.0)
+
+    return asyncio.run(main())
+
+
+def post(path: str, body: bytes, extra: bytes = b"") -> bytes:
+    return b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n%s\r\n%s" % (
+        path.encode(),
+        len(body),
+        extra,
+        body,
+    )
+
+
+def test_keep_alive_serves_many_requests_on_one_connection():
+    async def test(server, connect):
+        client = await connect()
+        for i in range(20):
+            await client.send(post(f"/echo?{i}", b"x" * i))
+            status, headers, body = await client.response()
+            assert (status, body, headers["x-query"]) == (200, b"x" * i, str(i))
+            assert "date" in headers and "connection" not in headers
+        assert len(server.connections) == 1
+        client.close()
+
+    serve(test)
+
+
+def test_pipelined_requests_are_answered_in_order():
+    async def test(server, connect):
+        client = await connect()
+        await client.send(
+            b"GET /slow?0.2 HTTP/1.1\r\nHost: t\r\n\r\n"
+            + post("/echo?a", b"first")
+            + b"GET /nowhere HTTP/1.1\r\nHost: t\r\n\r\n"
+            + post("/echo?b", b"second")
+        )
+        answers = [await client.response() for _ in range(4)]
+        assert [a[0] for a in answers] == [200, 200, 404, 200]
+        assert [a[2] for a in answers] == [b"slow done", b"first", b"no such path", b"second"]
+        client.close()
+
+    serve(test)
+
+
+def test_a_client_that_does_not_read_is_paused_not_buffered():
+    async def test(server, connect):
+        client = await connect()
+        body = os.urandom(10_000)
+        count = 1000  # ~10 MB of answers
+        sender = asyncio.create_task(client.send(post("/echo", body) * count))
+        await asyncio.sleep(1.0)  # the client reads nothing meanwhile
+        (connection,) = server.connections
+        assert not connection.transport.is_reading()  # reading paused, not queuing everything
+        assert len(connection.queue) < count
+        for _ in range(count):
+            status, _, echoed = await client.response()
+            assert status == 200 and echoed == body
+        await sender
+        client.close()
+
+    serve(test)
+
+
+def test_http10_closes_after_the_response_unless_asked_to_keep_alive():
+    async def test(server, connect):
+        client = await connect()
+        await client.send(b"GET /slow?0 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        assert (await client.response())[0] == 200
+        await client.send(b"POST /echo HTTP/1.0\r\nContent-Length: 2\r\n\r\nhi")
+        status, headers, body = await client.response()
+        assert (status, body, headers["connection"]) == (200, b"hi", "close")
+        assert await client.closed()
+
+    serve(test)
+
+
+def test_data_after_connection_close_is_not_read():
+    async def test(server, connect):
+        client = await connect()
+        await client.send(
+            b"GET /slow?0 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n" + post("/echo", b"x")
+        )
+        status, headers, _ = await client.response()
+        assert (status, headers["connection"]) == (200, "close")
+        assert await client.closed()
+
+    serve(test)
+
+
+def test_expect_100_continue_is_answered_before_the_body_is_sent():
+    async def test(server, connect):
+        client = await connect()
+        body = os.urandom(200_000)
+        head = post("/echo", b"", b"Expect: 100-continue\r\n").replace(
+            b"Content-Length: 0", b"Content-Length: %d" % len(body)
+        )
+        await client.send(head)
+        assert (await client.response())[0] == 100
+        await client.send(body)
+        status, _, echoed = await client.response()
+        assert (status, echoed) == (200, body)
+        # refused up front: no 100, the final answer at once
+        await client.send(head.replace(b"/echo", b"/nowhere"))
+        assert (await client.response())[0] == 404
+        assert await client.closed()
+
+    serve(test)
+
+
+def test_an_expectation_other_than_100_continue_is_417():
+    async def test(server, connect):
+        client = await connect()
+        await client.send(post("/echo", b"abc", b"Expect: the-unexpected\r\n"))
+        status, _, body = await client.response()
+        assert status == 417 and "the-unexpected" in json.loads(body)["error"]
+        assert await client.closed()
+
+    serve(test)
+
+
+def test_a_large_body_sent_in_pieces_is_read_into_one_buffer():
+    async def test(server, connect):
+        client = await connect()
+        body = os.urandom(1_000_003)
+        message = post("/echo", body) + b"GET /slow?0 HTTP/1.1\r\nHost: t\r\n\r\n"
+        pieces = [message[i : i + 150_001] for i in range(0, len(message), 150_001)]
+        for piece in pieces:
+            await client.send(piece)
+            await asyncio.sleep(0.01)
+        status, headers, echoed = await client.response()
+        assert (status, echoed, headers["x-body-type"]) == (200, body, "bytearray")
+        assert (await client.response())[2] == b"slow done"  # the request after it, intact
+        # just under the threshold: bytes, joined from what the parser handed over
+        small = os.urandom(http1.DIRECT_BODY_BYTES - 1)
+        await client.send(post("/echo", small))
+        status, headers, echoed = await client.response()
+        assert (status, echoed, headers["x-body-type"]) == (200, small, "bytes")
+        client.close()
+
+    serve(test)
+
+
+def test_chunked_bodies_are_joined():
+    async def test(server, connect):
+        client = await connect()
+        chunks = [os.urandom(n) for n in (1, 5000, 70_000, 3)]
+        framed = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
+        await client.send(
+            b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n" + framed
+        )
+        status, _, echoed = await client.response()
+        assert (status, echoed) == (200, b"".join(chunks))
+        client.close()
+
+    serve(test)
+
+
+def test_bodies_over_the_limit_are_refused():
+    async def test(server, connect):
+        client = await connect()
+        await client.send(post("/echo", b"x" * 1001))
+        status, headers, body = await client.response()
+        assert status == 400 and "exceeds the limit of 1000 bytes" in json.loads(body)["error"]
+        assert headers["connection"] == "close" and await client.closed()
+        client = await connect()
+        chunk = b"x" * 600
+        await client.send(
+            b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + (b"258\r\n%s\r\n" % chunk) * 2
+        )
+        status, _, body = await client.response()
+        assert status == 400 and "exceeds the limit" in json.loads(body)["error"]
+        assert await client.closed()
+
+    serve(test, max_body=1000)
+
+
+MALFORMED = {
+    "garbage": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40,  # a TLS hello
+    "bad-version": b"GET /echo HTTP/7.1\r\nHost: t\r\n\r\n",
+    "space-in-target": b"GET /ec ho HTTP/1.1\r\nHost: t\r\n\r\n",
+    "header-without-colon": b"GET /echo HTTP/1.1\r\nHost t\r\n\r\n",
+    "space-before-colon": b"GET /echo HTTP/1.1\r\nHost : t\r\n\r\n",
+    "nul-in-header": b"GET /echo HTTP/1.1\r\nHost: t\x00x\r\n\r\n",
+    "obsolete-folding": b"GET /echo HTTP/1.1\r\nHost: t\r\nX-A: 1\r\n  2\r\n\r\n",
+    "bare-lf": b"GET /echo HTTP/1.1\nHost: t\n\n",
+    "length-and-chunked": (
+        b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    ),
+    "non-numeric-length": b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 1e3\r\n\r\n",
+    "negative-length": b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: -1\r\n\r\n",
+    "two-lengths": (
+        b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab"
+    ),
+    "two-hosts": b"GET /echo HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    "gzip-transfer-coding": (
+        b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\nxx"
+    ),
+    "bad-chunk-size": (
+        b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n"
+    ),
+    "chunk-longer-than-said": (
+        b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabc\r\n0\r\n\r\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("raw", MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_http_gets_400_and_the_connection_closes(raw):
+    async def test(server, connect):
+        client = await connect()
+        await client.send(raw)
+        status, headers, body = await client.response()
+        assert status == 400 and headers["connection"] == "close"
+        assert json.loads(body)["error"]
+        assert await client.closed()
+        # and the server goes on serving
+        client = await connect()
+        await client.send(post("/echo", b"fine"))
+        assert (await client.response())[2] == b"fine"
+        client.close()
+
+    serve(test)
+
+
+@pytest.mark.parametrize(
+    "raw", [b"GET /echo\r\n\r\n", b"GET /echo HTTP/2.0\r\nHost: t\r\n\r\n"], ids=["0.9", "2.0"]
+)
+def test_http_versions_other_than_1x_get_505(raw):
+    async def test(server, connect):
+        client = await connect()
+        await client.send(raw)
+        status, headers, body = await client.response()
+        assert status == 505 and "not supported" in json.loads(body)["error"]
+        assert await client.closed()
+
+    serve(test)
+
+
+def test_oversized_and_too_many_headers_are_431():
+    async def test(server, connect):
+        client = await connect()
+        await client.send(b"GET /echo HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 70_000 + b"\r\n")
+        status, _, body = await client.response()
+        assert status == 431 and "exceed" in json.loads(body)["error"]
+        assert await client.closed()
+        client = await connect()
+        many = b"".join(b"X-H%d: v\r\n" % i for i in range(http1.MAX_HEADERS + 1))
+        await client.send(b"GET /echo HTTP/1.1\r\nHost: t\r\n" + many + b"\r\n")
+        status, _, body = await client.response()
+        assert status == 431 and "headers" in json.loads(body)["error"]
+        assert await client.closed()
+        client = await connect()  # a long path is a long head too
+        await client.send(b"GET /" + b"p" * 70_000 + b" HTTP/1.1\r\n")
+        assert (await client.response())[0] == 431
+        client.close()
+
+    serve(test)
+
+
+def test_a_handler_that_fails_is_a_500_and_the_connection_goes_on():
+    async def test(server, connect):
+        client = await connect()
+        await client.send(b"GET /boom HTTP/1.1\r\nHost: t\r\n\r\n" + post("/echo", b"after"))
+        status, _, body = await client.response()
+        assert status == 500 and json.loads(body) == {"error": "internal error"}
+        assert (await client.response())[2] == b"after"
+        client.close()
+
+    serve(test)
+
+
+def test_absolute_form_targets_and_head():
+    async def test(server, connect):
+        client = await connect()
+        await client.send(post("http://t:1/echo?q", b"abs"))
+        status, headers, body = await client.response()
+        assert (status, body, headers["x-query"]) == (200, b"abs", "q")
+        await client.send(b"HEAD /echo HTTP/1.1\r\nHost: t\r\n\r\n" + post("/echo", b"next"))
+        status, headers, body = await client.response()  # Content-Length of a body not sent
+        assert (status, headers["x-method"], headers["content-length"], body) == (
+            200,
+            "HEAD",
+            "0",
+            b"",
+        )
+        assert (await client.response())[2] == b"next"
+        client.close()
+
+    serve(test)
+
+
+def test_an_upgrade_request_is_answered_as_http11_then_closed():
+    async def test(server, connect):
+        client = await connect()
+        await client.send(
+            b"GET /slow?0 HTTP/1.1\r\nHost: t\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+            b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n"
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+        )
+        status, headers, body = await client.response()
+        assert (status, body, headers["connection"]) == (200, b"slow done", "close")
+        assert await client.closed()
+        client = await connect()  # with a body: refused, since the body would be lost
+        await client.send(post("/echo", b"abc", b"Connection: Upgrade\r\nUpgrade: h2c\r\n"))
+        assert (await client.response())[0] == 400
+        client.close()
+
+    serve(test)
+
+
+def test_a_body_cut_short_is_answered_400():
+    async def test(server, connect):
+        client = await connect()
+        await client.send(post("/echo", b"x" * 100).replace(b"100", b"5000"))
+        client.writer.write_eof()
+        status, _, body = await client.response()
+        assert status == 400 and "ended after 100 of its 5000 bytes" in json.loads(body)["error"]
+        assert await client.closed()
+        client = await connect()  # also one read directly into its buffer
+        await client.send(post("/echo", b"x" * 100_000).replace(b"100000", b"200000"))
+        client.writer.write_eof()
+        status, _, body = await client.response()
+        assert status == 400 and "ended after 100000 of its 200000" in json.loads(body)["error"]
+
+    serve(test)
+
+
+def test_an_idle_connection_is_closed_and_a_slow_request_gets_408():
+    async def test(server, connect):
+        idle = await connect()
+        await idle.send(post("/echo", b"once"))
+        assert (await idle.response())[2] == b"once"
+        slow = await connect()
+        await slow.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc")
+        assert await idle.closed()  # no request for longer than keepalive_timeout
+        status, _, body = await slow.response()
+        assert status == 408 and "not in whole" in json.loads(body)["error"]
+        assert await slow.closed()
+
+    serve(test, keepalive_timeout=1.0, request_timeout=1.0)
+
+
+def test_closing_lets_requests_in_flight_finish():
+    async def test(server, connect):
+        busy = await connect()
+        idle = await connect()
+        await idle.send(post("/echo", b"x"))
+        await idle.response()
+        await busy.send(b"GET /slow?0.5 HTTP/1.1\r\nHost: t\r\n\r\n")
+        await asyncio.sleep(0.1)
+        closing = asyncio.create_task(server.close(grace=5.0))
+        assert await idle.closed()  # idle connections go at once
+        status, headers, body = await busy.response()
+        assert (status, body, headers["connection"]) == (200, b"slow done", "close")
+        await closing
+        assert not server.connections
+
+    serve(test)
+
+
+def test_the_agent_answers_pipelined_kserve_requests_in_order(agent):
+    """The same server under the real REST front end: infer, ready and a refused infer."""
+    host, port = agent.http_url.rsplit(":", 1)
+    body = json.dumps(
+        {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.5] * 64}]}
+    ).encode()
+
+    async def main():
+        client = Client(*await asyncio.open_connection(host, int(port)))
+        await client.send(
+            post("/v2/models/mlp/infer", body, b"Content-Type: application/json\r\n")
+            + b"GET /v2/models/mlp/ready HTTP/1.1\r\nHost: t\r\n\r\n"
+            + post("/v2/models/mlp/infer", body[:-3])
+            + b"GET /v2/models/mlp/infer HTTP/1.1\r\nHost: t\r\n\r\n"
+        )
+        answers = [await client.response() for _ in range(4)]
+        client.close()
+        return answers
+
+    answers = asyncio.run(main())
+    assert [a[0] for a in answers] == [200, 200, 400, 405]
+    assert json.loads(answers[0][2])["outputs"][0]["shape"] == [1, 10]
+    assert "JSON" in json.loads(answers[2][2])["error"]
+    assert answers[3][1]["allow"] == "POST"
