@@ -329,6 +329,7 @@ def test_http_versions_other_than_1x_get_505(raw):
         await client.send(raw)
         status, headers, body = await client.response()
         assert status == 505 and "not supported" in json.loads(body)["error"]
+        assert headers["connection"] == "close"
         assert await client.closed()
 
     serve(test)

@@ -105,6 +105,7 @@ _SETTINGS_MAX_FRAME_SIZE, _SETTINGS_MAX_HEADER_LIST_SIZE = 5, 6
 _ERR_TEMPORAL_CALLBACK_FAILURE, _ERR_CALLBACK_FAILURE = -521, -902
 NO_ERROR, INTERNAL_ERROR, CANCEL, ENHANCE_YOUR_CALM = 0x0, 0x2, 0x8, 0xB
 
+NV_CACHE_SIZE = 256
 MIN_VERSION = 0x012B00  # 1.43: every call above, in Debian 11 and 12, Ubuntu 22.04 and later
 
 
@@ -256,13 +257,24 @@ class _Library:
         self.read_body = ffi.callback("nghttp2_data_source_read_callback", **fail)(_read_body)
         self.provider = ffi.new("nghttp2_data_provider *")
         self.provider.read_callback = self.read_body
+        self._nv_cache: dict[tuple, object] = {}  # header list -> nghttp2_nv[] (see headers())
 
     def headers(self, pairs: Headers):
-        """An nghttp2_nv array for `pairs` (nghttp2 copies it: it need not outlive the call)."""
+        """An nghttp2_nv array for `pairs` (nghttp2 copies it: it need not outlive the call).
+
+        Arrays are kept for reuse (most responses send the same few header lists, and
+        building one costs a few µs per response): the first `NV_CACHE_SIZE` distinct lists,
+        each kept with the bytes it points into."""
+        key = tuple(pairs)
+        nva = self._nv_cache.get(key)
+        if nva is not None:
+            return nva
         nva = self.ffi.new("nghttp2_nv[]", len(pairs))
         for nv, (name, value) in zip(nva, pairs, strict=True):
             nv.name, nv.namelen = self.ffi.from_buffer(name), len(name)
             nv.value, nv.valuelen = self.ffi.from_buffer(value), len(value)
+        if len(self._nv_cache) < NV_CACHE_SIZE:
+            self._nv_cache[key] = nva
         return nva
 
 
