@@ -348,6 +348,11 @@ def test_oversized_and_too_many_headers_are_431():
         status, _, body = await client.response()
         assert status == 431 and "headers" in json.loads(body)["error"]
         assert await client.closed()
+        client = await connect()  # the same name repeated counts every time
+        many = b"X-Same: v\r\n" * (http1.MAX_HEADERS + 1)
+        await client.send(b"GET /echo HTTP/1.1\r\nHost: t\r\n" + many + b"\r\n")
+        assert (await client.response())[0] == 431
+        assert await client.closed()
         client = await connect()  # a long path is a long head too
         await client.send(b"GET /" + b"p" * 70_000 + b" HTTP/1.1\r\n")
         assert (await client.response())[0] == 431
@@ -424,17 +429,29 @@ def test_a_body_cut_short_is_answered_400():
     serve(test)
 
 
+async def trickle_head(client: Client) -> None:
+    await client.send(b"GET /echo HTTP/1.1\r\n")
+    for i in range(100):
+        await asyncio.sleep(0.1)
+        await client.send(b"X-%d: v\r\n" % i)
+
+
 def test_an_idle_connection_is_closed_and_a_slow_request_gets_408():
     async def test(server, connect):
         idle = await connect()
         await idle.send(post("/echo", b"once"))
         assert (await idle.response())[2] == b"once"
-        slow = await connect()
-        await slow.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc")
+        stalled = await connect()
+        await stalled.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc")
+        slow_head = await connect()
+        trickle = asyncio.create_task(trickle_head(slow_head))
         assert await idle.closed()  # no request for longer than keepalive_timeout
-        status, _, body = await slow.response()
-        assert status == 408 and "not in whole" in json.loads(body)["error"]
-        assert await slow.closed()
+        status, _, body = await stalled.response()
+        assert status == 408 and "no more of the body" in json.loads(body)["error"]
+        assert await stalled.closed()
+        status, _, body = await slow_head.response()  # bytes keep coming, the head never ends
+        assert status == 408 and "head was not in whole" in json.loads(body)["error"]
+        trickle.cancel()
 
     serve(test, keepalive_timeout=1.0, request_timeout=1.0)
 

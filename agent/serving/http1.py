@@ -15,8 +15,8 @@ What it does:
   into one buffer of its size (no per-read bytes objects, no parser copies, no join);
 - malformed HTTP (llhttp is strict: no `Content-Length` beside `Transfer-Encoding`, no bare LF,
   no obsolete line folding) gets 400 and the connection closes;
-- a connection idle past `keepalive_timeout`, or a request not in whole `request_timeout` after
-  it began, is closed (408 when a request had begun);
+- a connection idle past `keepalive_timeout` is closed; a request whose head is not in whole
+  `request_timeout` after it began, or whose body stalls that long, gets 408;
 - closing after an error shuts down our side and drains what the client still sends for a moment,
   so the client reads the error instead of a reset.
 
@@ -195,6 +195,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.state = _IDLE
         self.since = self.loop.time()  # start of the idle time or of the request being read
         self.head_bytes = 0
+        self.header_count = 0
         # the request being read
         self.url: list[bytes] = []
         self.headers: dict[str, str] = {}
@@ -249,6 +250,7 @@ class _Connection(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         state = self.state
         if state == _DIRECT:
+            self.since = self.loop.time()
             self.size += nbytes
             if self.size == self.length:
                 self.parser = httptools.HttpRequestParser(self)  # the old one still waits for body
@@ -258,7 +260,9 @@ class _Connection(asyncio.BufferedProtocol):
             return
         if state == _DISCARD:
             return
-        if state != _BODY:
+        if state == _BODY:
+            self.since = self.loop.time()  # a body may take long, but not stall
+        else:
             self.head_bytes += nbytes
         try:
             self.parser.feed_data(self.server.read_view[:nbytes])
@@ -306,9 +310,10 @@ class _Connection(asyncio.BufferedProtocol):
         self.url.append(piece)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        headers = self.headers
-        if len(headers) >= MAX_HEADERS:
+        self.header_count += 1
+        if self.header_count > MAX_HEADERS:  # lines, not names: repeats are joined below
             raise _TooManyHeaders()
+        headers = self.headers
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         if key in headers:
@@ -324,7 +329,7 @@ class _Connection(asyncio.BufferedProtocol):
         url = b"".join(self.url) if len(self.url) != 1 else self.url[0]
         self.url = []
         headers, self.headers = self.headers, {}
-        self.head_bytes = 0
+        self.head_bytes = self.header_count = 0
         path, _, query = url.decode("latin-1").partition("?")
         if not path.startswith("/"):  # absolute-form ("http://host/path") or "*"
             with contextlib.suppress(httptools.HttpParserInvalidURLError):
@@ -519,7 +524,10 @@ class _Connection(asyncio.BufferedProtocol):
         elif self.state in (_HEAD, _BODY, _DIRECT):
             limit = self.server.request_timeout
             if now - self.since > limit:
-                self._refuse(408, f"the request was not in whole after {limit:g} s")
+                if self.state == _HEAD:
+                    self._refuse(408, f"the request's head was not in whole after {limit:g} s")
+                else:
+                    self._refuse(408, f"no more of the body came for {limit:g} s")
 
 
 class _TooManyHeaders(httptools.HttpParserError):
