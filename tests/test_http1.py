@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import psutil
 import pytest
 
 from agent.serving import http1
@@ -226,7 +227,7 @@ def test_a_large_body_sent_in_pieces_is_read_into_one_buffer():
             await client.send(piece)
             await asyncio.sleep(0.01)
         status, headers, echoed = await client.response()
-        assert (status, echoed, headers["x-body-type"]) == (200, body, "bytearray")
+        assert (status, echoed, headers["x-body-type"]) == (200, body, "memoryview")
         assert (await client.response())[2] == b"slow done"  # the request after it, intact
         # just under the threshold: bytes, joined from what the parser handed over
         small = os.urandom(http1.DIRECT_BODY_BYTES - 1)
@@ -236,6 +237,34 @@ def test_a_large_body_sent_in_pieces_is_read_into_one_buffer():
         client.close()
 
     serve(test)
+
+
+def test_a_claimed_length_commits_memory_only_as_the_body_arrives():
+    """Eight connections each claim a 256 MiB body (within the limit) and send 100 KB of it: the
+    server holds their buffers, but only what arrived may become resident."""
+    process = psutil.Process()
+
+    async def test(server, connect):
+        before = process.memory_info().rss
+        clients = []
+        for _ in range(8):
+            client = await connect()
+            await client.send(
+                post("/echo", b"").replace(
+                    b"Content-Length: 0", b"Content-Length: %d" % (256 << 20)
+                )
+                + b"x" * 100_000
+            )
+            clients.append(client)
+        await asyncio.sleep(0.5)
+        assert len(server.connections) == 8
+        assert all(c.direct is not None and c.size == 100_000 for c in server.connections)
+        grown = process.memory_info().rss - before
+        assert grown < 64 << 20, f"RSS grew {grown >> 20} MiB for 800 KB received"
+        for client in clients:
+            client.close()
+
+    serve(test, max_body=256 << 20)
 
 
 def test_chunked_bodies_are_joined():

@@ -12,7 +12,8 @@ What it does:
   a `Content-Length` over the limit is refused before any of the body is read, a chunked body as
   soon as it passes the limit;
 - a body with a `Content-Length` of `DIRECT_BODY_BYTES` or more is read from the socket straight
-  into one buffer of its size (no per-read bytes objects, no parser copies, no join);
+  into one buffer of its size (no per-read bytes objects, no parser copies, no join), whose
+  memory is committed only as the body arrives, whatever length the client claims;
 - malformed HTTP (llhttp is strict: no `Content-Length` beside `Transfer-Encoding`, no bare LF,
   no obsolete line folding) gets 400 and the connection closes;
 - a connection idle past `keepalive_timeout` is closed; a request whose head is not in whole
@@ -38,6 +39,7 @@ from http import HTTPStatus
 from typing import Protocol
 
 import httptools
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ LINGER_S = 2.0  # after an error: how long to drain what the client still sends 
 
 class Request:
     """One request as the application sees it. Header names are lower case; repeated headers
-    are joined with ", ". `body` is bytes, or a bytearray for a body read directly."""
+    are joined with ", ". `body` is bytes, or a writable memoryview for a body read directly."""
 
     __slots__ = ("body", "headers", "keep_alive", "method", "path", "query")
 
@@ -60,7 +62,7 @@ class Request:
         self.path = path  # raw, still percent-encoded
         self.query = query
         self.headers = headers
-        self.body: bytes | bytearray = b""
+        self.body: bytes | memoryview = b""
         self.keep_alive = True
 
 
@@ -204,8 +206,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.length: int | None = None
         self.chunks: list[bytes] = []
         self.size = 0
-        self.direct: bytearray | None = None
-        self.direct_view: memoryview | None = None
+        self.direct: memoryview | None = None  # the body's buffer, when read directly
         # requests read and not yet answered, in order; the one in the front is being handled
         self.queue: deque[tuple[Request, tuple[Handler, tuple] | Response]] = deque()
         self.busy = False
@@ -240,7 +241,7 @@ class _Connection(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         state = self.state
         if state == _DIRECT:
-            return self.direct_view[self.size :]
+            return self.direct[self.size :]
         if state == _BODY:
             return self.server.read_view
         # A new request: read little, so that most of a large body goes straight into its
@@ -370,8 +371,10 @@ class _Connection(asyncio.BufferedProtocol):
             if not self.queue and not self.closing:
                 self.transport.write(_CONTINUE)
         if self.length is not None and self.length >= DIRECT_BODY_BYTES:
-            self.direct = bytearray(self.length)
-            self.direct_view = memoryview(self.direct)
+            # Not a bytearray: that is zero-filled, so a client claiming a large length and
+            # sending nothing would make us commit it all. np.empty's pages are only
+            # committed as the body arrives.
+            self.direct = memoryview(np.empty(self.length, np.uint8))
 
     def on_body(self, piece: bytes) -> None:
         if self.state != _BODY:
@@ -379,7 +382,7 @@ class _Connection(asyncio.BufferedProtocol):
         start = self.size
         self.size += len(piece)
         if self.direct is not None:
-            self.direct_view[start : self.size] = piece
+            self.direct[start : self.size] = piece
         elif self.size > self.server.max_body:  # chunked: no length to check up front
             self._refuse(400, self._too_large())
         else:
@@ -398,9 +401,9 @@ class _Connection(asyncio.BufferedProtocol):
 
     # requests
 
-    def _complete(self, body: bytes | bytearray) -> None:
+    def _complete(self, body: bytes | memoryview) -> None:
         request, dispatch = self.request, self.dispatch
-        self.request = self.dispatch = self.direct = self.direct_view = None
+        self.request = self.dispatch = self.direct = None
         self.chunks = []
         request.body = body
         self.queue.append((request, dispatch))
@@ -478,7 +481,7 @@ class _Connection(asyncio.BufferedProtocol):
         """Answer the request being read with `response` (after those before it) and close:
         nothing more is read from this connection."""
         self.state = _DISCARD
-        self.request = self.dispatch = self.direct = self.direct_view = None
+        self.request = self.dispatch = self.direct = None
         self.chunks = []
         self.closing = True
         self.queue.append((Request("", "", "", {}), response))

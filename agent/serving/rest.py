@@ -187,7 +187,7 @@ class RestFrontEnd:
 
 def _json_body(request: Request) -> dict:
     """Optional JSON object body of the repository endpoints."""
-    body = request.body
+    body = bytes(request.body)
     if not body.strip():
         return {}
     try:
