@@ -270,7 +270,6 @@ class _Connection(asyncio.BufferedProtocol):
         except httptools.HttpParserUpgrade:
             # llhttp stops at a request asking to switch protocols (e.g. `Upgrade: h2c`): it
             # was answered as HTTP/1.1; nothing after it is read.
-            self.state = _DISCARD
             self._close_after_queue()
             return
         except httptools.HttpParserError as exc:
