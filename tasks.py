@@ -6,12 +6,12 @@
     python3 tasks.py bench   the serving benchmark (bench/serving.py)
 
 Each creates `.venv` with the project and its test dependencies on first use, and installs the
-Debian packages the tests talk to (Mosquitto, wrk, h2load, systemd-analyze) when run as root.
+Debian packages the tests talk to (Mosquitto, wrk, h2load and nghttp, curl, systemd-analyze) when
+run as root.
 """
 
 from __future__ import annotations
 
-import ctypes.util
 import hashlib
 import os
 import shutil
@@ -28,11 +28,11 @@ STAMP = VENV / ".edgefleet-installed"
 SYSTEM_TOOLS = {
     "mosquitto": "mosquitto",
     "wrk": "wrk",
-    "h2load": "nghttp2-client",
+    "h2load": "nghttp2-client",  # h2load and nghttp: HTTP/2 clients of the gRPC tests and bench
+    "nghttp": "nghttp2-client",
+    "curl": "curl",
     "systemd-analyze": "systemd",
 }
-# shared library -> Debian package: what the agent itself needs (gRPC serving: libnghttp2)
-SYSTEM_LIBRARIES = {"nghttp2": "libnghttp2-14"}
 
 
 def say(msg: str) -> None:
@@ -72,9 +72,7 @@ def apt_install(packages: list[str]) -> None:
 
 
 def ensure_system_tools(tools: dict[str, str] = SYSTEM_TOOLS) -> None:
-    missing = {pkg for tool, pkg in tools.items() if not _have(tool)}
-    missing |= {pkg for lib, pkg in SYSTEM_LIBRARIES.items() if not ctypes.util.find_library(lib)}
-    missing = sorted(missing)
+    missing = sorted({pkg for tool, pkg in tools.items() if not _have(tool)})
     if not missing:
         return
     if os.geteuid() == 0 and shutil.which("apt-get"):
@@ -89,7 +87,6 @@ def _have(tool: str) -> bool:
 
 def demo() -> int:
     ensure_venv()
-    ensure_system_tools({})
     models = ROOT / "demo-models"
     run(PY, "-m", "agent.cli", "sample-models", models)
     http, grpc = "127.0.0.1:8000", "127.0.0.1:8001"

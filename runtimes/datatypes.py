@@ -22,6 +22,8 @@ _TO_NUMPY: dict[str, np.dtype] = {
 }
 _FROM_NUMPY: dict[np.dtype, str] = {v: k for k, v in _TO_NUMPY.items() if k != "BYTES"}
 
+_TO_NUMPY_LE: dict[str, np.dtype] = {k: v.newbyteorder("<") for k, v in _TO_NUMPY.items()}
+
 DATATYPES: frozenset[str] = frozenset(_TO_NUMPY)
 
 
@@ -32,6 +34,9 @@ def to_numpy(datatype: str) -> np.dtype:
 
 def from_numpy(dtype: np.dtype) -> str:
     """The KServe datatype name for a numpy dtype (object and bytes/str arrays are BYTES)."""
+    found = _FROM_NUMPY.get(dtype)  # an array's own dtype: no conversion (per response)
+    if found is not None:
+        return found
     dtype = np.dtype(dtype)
     if dtype.kind in "OSU":
         return "BYTES"
@@ -39,6 +44,11 @@ def from_numpy(dtype: np.dtype) -> str:
         return _FROM_NUMPY[dtype]
     except KeyError:
         raise ValueError(f"numpy dtype {dtype} has no KServe datatype") from None
+
+
+def to_numpy_le(datatype: str) -> np.dtype:
+    """The little-endian numpy dtype of a datatype's raw (binary) encoding; KeyError if unknown."""
+    return _TO_NUMPY_LE[datatype]
 
 
 def element_size(datatype: str) -> int:

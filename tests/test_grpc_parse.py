@@ -1,7 +1,8 @@
 """grpc_codec.parse_request: ModelInferRequest parsed with its tensors left where they arrived.
 
 It must agree with protobuf on every message (same fields, same raw contents, in order) while
-copying no tensor, and turn what protobuf rejects into protobuf's own DecodeError.
+copying no tensor of a message from SCAN_BYTES on, and turn what protobuf rejects into
+protobuf's own DecodeError. Smaller messages go to protobuf whole; both paths are tested.
 """
 
 from __future__ import annotations
@@ -12,8 +13,16 @@ import numpy as np
 import pytest
 from google.protobuf.message import DecodeError
 
+from agent.serving import grpc_codec
 from agent.serving.grpc_codec import decode_request, parse_request
 from protocol import inference_pb2 as pb
+
+
+@pytest.fixture(params=["scan", "whole"])
+def path(request, monkeypatch):
+    """Run the test through the top-level scan, and through protobuf's parse of the whole."""
+    monkeypatch.setattr(grpc_codec, "SCAN_BYTES", 0 if request.param == "scan" else 1 << 30)
+    return request.param
 
 
 def random_request(rng: random.Random) -> pb.ModelInferRequest:
@@ -51,30 +60,34 @@ def interleaved(msg: pb.ModelInferRequest) -> bytes:
 
 
 @pytest.mark.parametrize("seed", range(40))
-def test_agrees_with_protobuf(seed):
+def test_agrees_with_protobuf(seed, path):
     rng = random.Random(seed)
     original = random_request(rng)
     for data in (original.SerializeToString(), interleaved(original)):
         body = bytearray(b"\0" * 5 + data)  # as the gRPC layer holds it: after the prefix
         msg, raw = parse_request(memoryview(body)[5:])
         assert [bytes(r) for r in raw] == list(original.raw_input_contents)
-        assert not msg.raw_input_contents
+        if path == "scan":
+            assert not msg.raw_input_contents
+        msg.ClearField("raw_input_contents")
         msg.raw_input_contents.extend(bytes(r) for r in raw)
         assert msg == original
 
 
-def test_tensors_are_not_copied():
+def test_tensors_of_large_messages_are_not_copied():
+    values = np.arange(grpc_codec.SCAN_BYTES // 4, dtype=np.float32)  # just over SCAN_BYTES
     msg = pb.ModelInferRequest(model_name="m")
-    msg.inputs.add(name="x", datatype="FP32", shape=[1, 4])
-    msg.raw_input_contents.append(np.arange(4, dtype=np.float32).tobytes())
+    msg.inputs.add(name="x", datatype="FP32", shape=[1, len(values)])
+    msg.raw_input_contents.append(values.tobytes())
     body = bytearray(msg.SerializeToString())
+    assert len(body) >= grpc_codec.SCAN_BYTES
     parsed, raw = parse_request(body)
     tensor = decode_request(parsed, raw).inputs[0].data
-    np.testing.assert_array_equal(tensor, np.arange(4, dtype=np.float32).reshape(1, 4))
+    np.testing.assert_array_equal(tensor, values.reshape(1, -1))
     assert np.shares_memory(tensor, np.frombuffer(body, dtype=np.uint8))
 
 
-def test_unknown_fields_survive():
+def test_unknown_fields_survive(path):
     msg = pb.ModelInferRequest(model_name="m", raw_input_contents=[b"abcd"])
     unknown = bytes([0x98, 0x06, 0x2A])  # field 99, varint 42
     parsed, raw = parse_request(unknown + msg.SerializeToString())
@@ -95,7 +108,7 @@ HOSTILE = {
 
 
 @pytest.mark.parametrize("data", HOSTILE.values(), ids=HOSTILE.keys())
-def test_hostile_bytes_get_protobufs_verdict(data):
+def test_hostile_bytes_get_protobufs_verdict(data, path):
     try:
         expected = pb.ModelInferRequest.FromString(data)
     except DecodeError:
@@ -103,5 +116,6 @@ def test_hostile_bytes_get_protobufs_verdict(data):
             parse_request(data)
         return
     msg, raw = parse_request(data)
+    msg.ClearField("raw_input_contents")
     msg.raw_input_contents.extend(bytes(r) for r in raw)
     assert msg == expected

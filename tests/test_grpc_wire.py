@@ -27,8 +27,7 @@ import h2.events
 import numpy as np
 import pytest
 
-from agent.cli import main as agent_main
-from agent.serving import grpc_server, http2
+from agent.serving import grpc_server
 from agent.serving.tensors import InferenceResponse, Tensor
 from protocol import inference_pb2 as pb
 from protocol import inference_pb2_grpc as pb_grpc
@@ -356,9 +355,10 @@ def test_a_connection_cannot_hold_more_than_twice_the_limit(wire, server, expect
     served(wire, expected)
 
 
-def test_oversized_header_list_resets_only_that_stream(wire, expected):
+def test_oversized_header_list_is_resource_exhausted_for_that_call_only(wire, expected):
     reply = wire.call(wire.headers(x_junk=b"j" * 20000), framed(infer_message()))
-    assert reply.reset is not None and reply.status is None
+    assert reply.status == 8, reply.message
+    assert "metadata takes 20" in reply.message and "over the limit of 16384" in reply.message
     served(wire, expected)
 
 
@@ -429,6 +429,50 @@ def test_a_protocol_violation_ends_only_that_connection(server, expected):
 # --- real clients ---------------------------------------------------------------------------
 
 
+def _response_output(frame_bytes: bytes) -> np.ndarray:
+    length = struct.unpack_from(">I", frame_bytes, 1)[0]
+    assert len(frame_bytes) == 5 + length
+    response = pb.ModelInferResponse.FromString(frame_bytes[5:])
+    return np.frombuffer(response.raw_output_contents[0], np.float32)
+
+
+@pytest.fixture
+def request_file(tmp_path) -> str:
+    path = tmp_path / "request.grpc"
+    path.write_bytes(framed(infer_message()))
+    return str(path)
+
+
+def test_nghttp2s_client_is_served(server, expected, request_file):
+    # nghttp: libnghttp2's own client, which opens with PRIORITY frames on idle streams
+    url = f"http://127.0.0.1:{server.port}{INFER.decode()}"
+    grpc_headers = ["-H", "content-type: application/grpc", "-H", "te: trailers"]
+    verbose = subprocess.run(
+        ["nghttp", "-v", "-d", request_file, *grpc_headers, url],
+        capture_output=True, timeout=30,
+    )  # fmt: skip
+    assert verbose.returncode == 0, verbose.stderr
+    assert b"send PRIORITY frame" in verbose.stdout
+    assert b"recv (stream_id=13) grpc-status: 0" in verbose.stdout
+    body = subprocess.run(["nghttp", "-d", request_file, *grpc_headers, url],
+                          capture_output=True, timeout=30)  # fmt: skip
+    np.testing.assert_array_equal(_response_output(body.stdout), expected)
+
+
+def test_curl_is_served(server, expected, request_file, tmp_path):
+    out, headers = tmp_path / "body", tmp_path / "headers"
+    result = subprocess.run(
+        ["curl", "-sS", "--http2-prior-knowledge", "--data-binary", f"@{request_file}",
+         "-H", "content-type: application/grpc", "-H", "te: trailers",
+         "-D", str(headers), "-o", str(out), f"http://127.0.0.1:{server.port}{INFER.decode()}"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert headers.read_text().splitlines()[0].startswith("HTTP/2 200")
+    assert "grpc-status: 0" in headers.read_text()  # curl writes the trailers there too
+    np.testing.assert_array_equal(_response_output(out.read_bytes()), expected)
+
+
 def test_non_ascii_status_message_reaches_grpc_clients_intact(server):
     with grpc.insecure_channel(server.url) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -486,19 +530,6 @@ def test_stop_lets_calls_in_flight_finish_then_refuses_connections(sample_repo):
     assert results and results[0].outputs[0].name == "output"
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", slow.port), timeout=5)
-
-
-def test_missing_libnghttp2_is_a_clear_error(monkeypatch, tmp_path, sample_repo, capsys):
-    import ctypes.util
-
-    monkeypatch.setattr(http2, "_library", None)
-    monkeypatch.setattr(ctypes.util, "find_library", lambda name: str(tmp_path / "nope.so"))
-    with pytest.raises(http2.Http2Unavailable, match="apt-get install libnghttp2-14"):
-        http2.library()
-    assert agent_main(["serve", "--models", str(sample_repo), "--grpc", "127.0.0.1:0"]) == 1
-    error = capsys.readouterr().err
-    assert "needs libnghttp2 (Debian/Ubuntu: apt-get install libnghttp2-14)" in error
-    assert "or serve REST only with --grpc off" in error
 
 
 def test_percent_encoding_of_status_messages():

@@ -72,13 +72,6 @@ def run(args: argparse.Namespace) -> int:
                 split_address(address)
             except ValueError as exc:
                 raise UserError(str(exc)) from None
-    if grpc:
-        from agent.serving.http2 import Http2Unavailable, library
-
-        try:
-            library()
-        except Http2Unavailable as exc:
-            raise UserError(f"{exc}; or serve REST only with --grpc off") from None
     if not 1 <= args.max_body_mb <= 4096:
         raise UserError("--max-body-mb must be between 1 and 4096")
     configure_logging(args.log_level)

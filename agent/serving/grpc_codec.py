@@ -52,19 +52,25 @@ _OutputTensor = pb.ModelInferResponse.InferOutputTensor
 # --- requests -------------------------------------------------------------------------------
 
 
+# Below this size a message is parsed by protobuf whole: copying its tensors costs less than
+# scanning its fields in Python (1.1 against 2.4 µs for the sample MLP's 300 bytes).
+SCAN_BYTES = 16 << 10
 _RAW_INPUT_CONTENTS = pb.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
 
 
 def parse_request(data: bytes | bytearray | memoryview) -> tuple[pb.ModelInferRequest, list]:
     """Parse a serialized ModelInferRequest, leaving its raw_input_contents in `data`.
 
-    Returns (the message without raw_input_contents, one zero-copy view of `data` per
-    raw_input_contents entry, in order). Protobuf would copy each tensor twice (into the
-    message, then out of it); here only the small rest of the message is parsed, and the
-    tensors are viewed where they arrived. Anything the top-level scan cannot follow is left to
-    protobuf, whose DecodeError is the caller's to report.
+    Returns (the message, one entry per raw_input_contents, in order). Protobuf would copy
+    each tensor twice (into the message, then out of it); from SCAN_BYTES on, only the small
+    rest of the message is parsed and the entries are zero-copy views of `data`, where the
+    tensors arrived. Anything the top-level scan cannot follow is left to protobuf, whose
+    DecodeError is the caller's to report.
     """
     view = memoryview(data)
+    if len(view) < SCAN_BYTES:
+        msg = pb.ModelInferRequest.FromString(view)
+        return msg, list(msg.raw_input_contents)
     try:
         rest, raw = _split_field(view, _RAW_INPUT_CONTENTS)
     except ValueError:

@@ -353,8 +353,15 @@ class GrpcProtocol:
             "(or the connection holds too many large requests at once)"
         )
         self._fail(connection, request, Status.RESOURCE_EXHAUSTED, message)
-        # Then stop the rest of the upload, "without error" (RFC 9113 8.1), once the answer is out.
-        connection.reset_later(request, http2.NO_ERROR)
+
+    def headers_too_large(
+        self, connection: http2.Connection, request: http2.Request, size: int
+    ) -> None:
+        message = (
+            f"the request's metadata takes {size} bytes, over the limit of "
+            f"{http2.MAX_HEADER_BYTES} (counted as HTTP/2 does: 32 per entry plus names and values)"
+        )
+        self._fail(connection, request, Status.RESOURCE_EXHAUSTED, message)
 
     def _fail(self, connection, request, status: Status, message: str) -> None:
         """A Trailers-Only response: the status in the only HEADERS frame."""
@@ -437,7 +444,6 @@ async def start_grpc_server(
 
     Messages beyond `max_message_bytes` are refused with RESOURCE_EXHAUSTED.
     """
-    http2.library()  # fail now, with how to install it, if libnghttp2 is missing
     try:
         sock = bind(address)
     except (OSError, ValueError) as exc:

@@ -17,7 +17,7 @@ import orjson
 from agent.serving.errors import InvalidInput
 from agent.serving.model import check_shape
 from agent.serving.tensors import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
-from runtimes.datatypes import DATATYPES, to_numpy
+from runtimes.datatypes import DATATYPES, to_numpy, to_numpy_le
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -131,7 +131,7 @@ def decode_raw(name: str, datatype: str, shape: tuple[int, ...], chunk) -> np.nd
     count = math.prod(shape)
     if datatype == "BYTES":
         return _decode_bytes_elements(name, bytes(chunk), count).reshape(shape)
-    dtype = to_numpy(datatype).newbyteorder("<")
+    dtype = to_numpy_le(datatype)
     expected = count * dtype.itemsize
     if len(chunk) != expected:
         raise InvalidInput(
