@@ -165,8 +165,9 @@ class DataPlane:
             m.failure(_reason(exc))
             raise
         timeout = _timeout_s(request, model.config.timeout_ms)
-        loop = asyncio.get_running_loop()
-        timer = loop.call_later(timeout, _expire, future, model.name, timeout)
+        # the scheduler's loop is the running one (asyncio.get_running_loop costs a getpid()
+        # system call per request on Python 3.11)
+        timer = model.scheduler.loop.call_later(timeout, _expire, future, model.name, timeout)
         try:
             outcome: Outcome = await future
         except ServingError as exc:

@@ -5,14 +5,14 @@ settings) and hands whole requests (headers + body) to a handler; it sends whole
 (headers, body, trailers) back as frames. It holds no gRPC knowledge: grpc_server.py does.
 
 Why its own: gRPC's unary calls use a small part of HTTP/2, and that part is cheap in Python
-when it is written for it. Per call the server here parses two frames, finds the request's
-header block in a per-connection cache (a client repeats the same block while its HPACK table
-does not change, so `hpack` decodes only the first), and writes one prepared run of frames.
-On the 2-core reference machine this took the event loop's share of an MLP call from ~90 µs
-(libnghttp2 through cffi: a dozen C-to-Python callbacks per call) to ~45 µs, and a request
-body's frames are copied once each, straight into the request's buffer; a frame that still
-has 64 KiB or more to come is read by the kernel into that buffer directly. The agent needs
-no system library and no compiler for it.
+when it is written for it. Per call the server parses two frames (a whole frame in one read is
+handled in place, with no state kept), finds the header block in a per-connection cache
+(http2_headers.py) and writes headers, body and trailers in one system call. On the 2-core
+reference machine, A/B against the same front end on libnghttp2 through cffi (a dozen
+C-to-Python callbacks per call), at 32 clients: ~101 -> ~69 µs of the event loop per MLP call,
+~1.45x the calls per second (bench/README.md). A request body's frames are copied once each,
+straight into the request's buffer; when 64 KiB or more of a frame is still to come, the
+kernel reads it into that buffer directly. The agent needs no system library for it.
 
 Everything runs on the event loop thread. What a client may do is bounded while it arrives:
 - frames of at most MAX_FRAME_BYTES (our SETTINGS_MAX_FRAME_SIZE);
@@ -42,15 +42,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import hpack
 import numpy as np
-from hpack.table import HeaderTable
+
+from agent.serving.http2_headers import HeaderBlockError, HeaderDecoder, Headers, encode_headers
 
 log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 16 * 1024  # a request's header list, counted as RFC 9113 does
 MAX_HEADER_BLOCK = 64 * 1024  # a compressed header block, CONTINUATIONs included
-MAX_DECODED_HEADERS = 64 * 1024  # what a header block may inflate to (HPACK bombs)
 MAX_SETTINGS = 32  # entries in one SETTINGS frame
 STREAM_WINDOW = 1 << 20  # what a client may send on one stream before we acknowledge it
 CONNECTION_WINDOW = 16 << 20
@@ -59,8 +58,6 @@ READ_BUFFER_BYTES = 256 << 10  # most the event loop reads at once (uvloop's own
 DIRECT_READ_BYTES = 64 << 10  # a DATA payload with this much to come is read into its request
 RESET_BURST, RESET_RATE = 1000, 33.0  # client stream resets: at once, then per second
 SMALL_BODY = 64 << 10  # smaller bodies go to a bytearray (zero-filled, cheaper to make)
-HEADER_CACHE_SIZE = 64  # header blocks remembered per connection
-ENCODED_CACHE_SIZE = 256  # response header lists kept encoded
 JOIN_BYTES = 64 << 10  # output up to this size is joined into one write
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -108,8 +105,6 @@ NO_ERROR, CANCEL = ErrorCode.NO_ERROR, ErrorCode.CANCEL
 _FRAME_HEADER = struct.Struct(">BHBBL")  # 24-bit length as 8 + 16 bits, type, flags, stream
 _SETTING = struct.Struct(">HL")
 _U32 = struct.Struct(">L")
-
-Headers = list[tuple[bytes, bytes]]
 
 
 class ProtocolError(Exception):
@@ -230,152 +225,6 @@ class Handler(Protocol):
         """Answer a request whose header list (`size` bytes) is over MAX_HEADER_BYTES."""
 
 
-# --- HPACK ----------------------------------------------------------------------------------
-
-
-def _hpack_int(value: int, prefix_bits: int, first: int) -> bytes:
-    limit = (1 << prefix_bits) - 1
-    if value < limit:
-        return bytes((first | value,))
-    out = bytearray((first | limit,))
-    value -= limit
-    while value >= 128:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-_STATIC = HeaderTable.STATIC_TABLE
-_STATIC_FIELD = {entry: i for i, entry in reversed(list(enumerate(_STATIC, 1)))}
-_STATIC_NAME = {name: i for i, (name, _) in reversed(list(enumerate(_STATIC, 1)))}
-_encoded: dict[tuple, bytes] = {}
-
-
-def encode_headers(headers: Headers) -> bytes:
-    """An HPACK header block that uses no dynamic table: static indexes and literals without
-    indexing, no Huffman. Our responses repeat a few header lists, so those are kept encoded.
-    """
-    key = tuple(headers)
-    block = _encoded.get(key)
-    if block is not None:
-        return block
-    out = bytearray()
-    for name, value in headers:
-        index = _STATIC_FIELD.get((name, value))
-        if index:
-            out += _hpack_int(index, 7, 0x80)
-            continue
-        name_index = _STATIC_NAME.get(name, 0)
-        out += _hpack_int(name_index, 4, 0x00)
-        if not name_index:
-            out += _hpack_int(len(name), 7, 0x00) + name
-        out += _hpack_int(len(value), 7, 0x00) + value
-    block = bytes(out)
-    if len(_encoded) < ENCODED_CACHE_SIZE:
-        _encoded[key] = block
-    return block
-
-
-class HeaderBlock:
-    """A decoded header block: its fields, their RFC 9113 size, and (worked out once, as a
-    cached block may stand for many requests) the request headers they make, or what makes
-    them malformed. The headers dict is shared by every request with this block: read-only."""
-
-    __slots__ = ("_request", "fields", "size")
-
-    def __init__(self, fields: tuple[tuple[bytes, bytes], ...]):
-        self.fields = fields
-        self.size = sum(len(n) + len(v) + 32 for n, v in fields)
-        self._request: dict[bytes, bytes] | str | None = None
-
-    def request_headers(self) -> dict[bytes, bytes] | str:
-        if self._request is None:
-            self._request = request_headers(self.fields)
-        return self._request
-
-
-class _HeaderDecoder:
-    """hpack's decoder behind a cache of whole blocks.
-
-    A block decodes to the same headers as long as the decoder's dynamic table is the same; a
-    client repeats its blocks (all references to the table) from the second call on. A block
-    that changes the table clears the cache.
-    """
-
-    def __init__(self):
-        self._decoder = hpack.Decoder(max_header_list_size=MAX_DECODED_HEADERS)
-        self._table = self._decoder.header_table
-        self._cache: dict[bytes, HeaderBlock] = {}
-
-    def decode(self, block: bytes) -> HeaderBlock:
-        """The block's headers; ProtocolError(COMPRESSION_ERROR) if it is broken."""
-        hit = self._cache.get(block)
-        if hit is not None:
-            return hit
-        entries = self._table.dynamic_entries
-        first, count, maxsize = entries[0] if entries else None, len(entries), self._table.maxsize
-        try:
-            fields = tuple((bytes(n), bytes(v)) for n, v in self._decoder.decode(block, raw=True))
-        except hpack.OversizedHeaderListError:
-            raise ProtocolError(
-                ErrorCode.ENHANCE_YOUR_CALM,
-                f"a header block inflates beyond {MAX_DECODED_HEADERS} bytes",
-            ) from None
-        except hpack.HPACKError as exc:
-            raise ProtocolError(ErrorCode.COMPRESSION_ERROR, f"bad header block: {exc}") from None
-        result = HeaderBlock(fields)
-        changed = (
-            len(entries) != count
-            or (entries[0] if entries else None) is not first
-            or self._table.maxsize != maxsize
-        )
-        if changed:
-            self._cache.clear()
-        elif len(self._cache) < HEADER_CACHE_SIZE:
-            self._cache[block] = result
-        return result
-
-
-_PSEUDO_REQUEST = frozenset((b":method", b":scheme", b":path", b":authority"))
-_CONNECTION_SPECIFIC = frozenset(
-    (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade")
-)
-_BAD_NAME_BYTES = frozenset(b"\x00\r\n :") | frozenset(range(0x41, 0x5B))  # and upper case
-_BAD_VALUE_BYTES = frozenset(b"\x00\r\n")
-
-
-def request_headers(fields) -> dict[bytes, bytes] | str:
-    """A request's header fields as a dict, or what makes them malformed (RFC 9113 8.2, 8.3)."""
-    headers: dict[bytes, bytes] = {}
-    regular = False
-    for name, value in fields:
-        if not _BAD_VALUE_BYTES.isdisjoint(value):
-            return f"header {name!r} has a NUL, CR or LF in its value"
-        if name[:1] == b":":
-            if regular:
-                return f"pseudo-header {name!r} after a regular header"
-            if name not in _PSEUDO_REQUEST:
-                return f"{name!r} is not a request pseudo-header"
-            if name in headers:
-                return f"pseudo-header {name!r} repeated"
-            headers[name] = value
-            continue
-        regular = True
-        if not name or not _BAD_NAME_BYTES.isdisjoint(name):
-            return f"header name {name!r} is empty or has upper case or forbidden characters"
-        if name in _CONNECTION_SPECIFIC:
-            return f"connection-specific header {name!r} is not allowed in HTTP/2"
-        if name == b"te" and value != b"trailers":
-            return "te may only be 'trailers'"
-        previous = headers.get(name)
-        headers[name] = value if previous is None else previous + b", " + value
-    for required in (b":method", b":scheme", b":path"):
-        if not headers.get(required):
-            return f"pseudo-header {required.decode()} is missing or empty"
-    return headers
-
-
 def _content_length(value: bytes | None) -> int | None:
     if value is None:
         return None
@@ -422,7 +271,7 @@ class Connection(asyncio.BufferedProtocol):
         self._flush_scheduled = False
         self._closing = False
         self._complete: list[Request] = []
-        self._decoder = _HeaderDecoder()
+        self._decoder = HeaderDecoder()
         # receiving
         self._preface = b""  # the part of the client preface seen so far
         self._settings_seen = False
@@ -768,7 +617,11 @@ class Connection(asyncio.BufferedProtocol):
             self._header_block(stream, first_flags, bytes(block))
 
     def _header_block(self, stream: int, flags: int, block: bytes) -> None:
-        decoded = self._decoder.decode(block)
+        try:
+            decoded = self._decoder.decode(block)
+        except HeaderBlockError as exc:  # HPACK state is lost with it: the connection ends
+            code = ErrorCode.ENHANCE_YOUR_CALM if exc.too_large else ErrorCode.COMPRESSION_ERROR
+            raise ProtocolError(code, str(exc)) from None
         request = self.requests.get(stream)
         if request is not None:  # trailers
             if request.ended:

@@ -89,6 +89,11 @@ class Scheduler:
     def pending(self) -> int:
         return self._pending
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop its results come back on."""
+        return self._loop
+
     def submit(self, inputs: Arrays, rows: int) -> asyncio.Future:
         """Queue one request; the future resolves to an Outcome or a ServingError."""
         if self._closed:
