@@ -68,6 +68,15 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+def main_thread_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process's main thread: a Python server's event loop."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for thread in psutil.Process(pid).threads():
+            if thread.id == pid:
+                return thread.user_time + thread.system_time
+    return 0.0
+
+
 def children_cpu_seconds() -> float:
     """CPU time of this process's finished (waited-for) children, e.g. a load generator."""
     usage = os.times()
@@ -94,6 +103,7 @@ class CpuUse:
     loadgen: float
     this_process: float
     foreign: float
+    server_main_thread_s: float  # CPU seconds of the server's main thread during the measurement
 
 
 class CpuMeter:
@@ -105,7 +115,7 @@ class CpuMeter:
         self._pid = server_pid
         self._start = self._sample()
 
-    def _sample(self) -> tuple[float, float, float, float, float]:
+    def _sample(self) -> tuple[float, float, float, float, float, float]:
         server = tree_cpu_seconds(self._pid) if self._pid else 0.0
         return (
             time.monotonic(),
@@ -113,13 +123,15 @@ class CpuMeter:
             children_cpu_seconds(),
             own_cpu_seconds(),
             machine_busy_seconds(),
+            main_thread_cpu_seconds(self._pid) if self._pid else 0.0,
         )
 
     def stop(self) -> CpuUse:
         end = self._sample()
-        wall, server, loadgen, own, busy = (b - a for a, b in zip(self._start, end, strict=True))
+        deltas = (b - a for a, b in zip(self._start, end, strict=True))
+        wall, server, loadgen, own, busy, main = deltas
         foreign = max(0.0, busy - server - loadgen - own)
-        return CpuUse(server / wall, loadgen / wall, own / wall, foreign / wall)
+        return CpuUse(server / wall, loadgen / wall, own / wall, foreign / wall, main)
 
 
 class ServerFailed(RuntimeError):

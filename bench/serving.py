@@ -444,6 +444,7 @@ class LoadResult:
     server_cores: float  # CPU the server used, in cores
     loadgen_cores: float  # CPU the load generator used
     foreign_cores: float  # CPU everything else on the machine used: noise
+    loop_us: float  # the server's main thread (its event loop) CPU per request, in µs
     agent: dict[str, float] | None = None  # the agent's own account, see agent_breakdown()
 
     @property
@@ -478,6 +479,7 @@ def run_load(target: Target, clients: int, duration_s: int, workdir: Path) -> Lo
         cpu.server,
         cpu.loadgen,
         cpu.foreign,
+        cpu.server_main_thread_s * 1e6 / max(counts.requests, 1),
         breakdown,
     )
 
@@ -651,7 +653,9 @@ class RawSession:
             samples.append((time.perf_counter_ns() - began) / 1000)
         elapsed, cpu = time.perf_counter() - start, meter.stop()
         p50, p99 = percentile(samples, 50), percentile(samples, 99)
-        return LoadResult(1, len(samples), elapsed, 0, p50, p99, cpu.this_process, 0.0, cpu.foreign)
+        return LoadResult(
+            1, len(samples), elapsed, 0, p50, p99, cpu.this_process, 0.0, cpu.foreign, 0.0
+        )
 
     def close(self) -> None:
         self.session.close()
@@ -673,6 +677,8 @@ class Measurement:
             text += f", p50 {run.p50_us:,.0f} µs p99 {run.p99_us:,.0f} µs"
         text += f" (cores: server {run.server_cores:.2f}, load generator"
         text += f" {run.loadgen_cores:.2f}, other processes {run.foreign_cores:.2f})"
+        if run.loop_us:
+            text += f" [event loop {run.loop_us:,.1f} µs/request]"
         if run.agent:
             a = run.agent
             text += f" [data plane {a['dataplane_us']:,.0f} µs, queue {a['queue_us']:,.0f} µs,"
@@ -877,15 +883,20 @@ def setup_label(server: str, protocol: str) -> str:
 
 
 def format_table(results: Results) -> str:
-    """One row per setup; `other` is the median CPU (cores) other processes used meanwhile."""
+    """One row per setup; `loop µs` is the server's main thread (its event loop) CPU per
+    request at the most clients, `other` the CPU (cores) other processes used meanwhile."""
+    most = max(CLIENTS)
     header = f"{'setup':<32} {'model':<5} {'p50 µs':>8} {'p99 µs':>8}"
-    header += "".join(f" {f'req/s@{c}':>9}" for c in CLIENTS) + "  errors  other"
+    header += "".join(f" {f'req/s@{c}':>9}" for c in CLIENTS)
+    header += f" {f'loop µs@{most}':>11}  errors  other"
     lines = [header, "-" * len(header)]
     for f in results.figures:
         cells = [_cell(f.p50_us), _cell(f.p99_us)]
         cells += [_cell(f.throughput.get(str(c))) for c in CLIENTS]
         row = f"{setup_label(f.server, f.protocol):<32} {f.model:<5} {cells[0]:>8} {cells[1]:>8}"
         row += "".join(f" {c:>9}" for c in cells[2:])
+        loop = [r["loop_us"] for r in f.runs if r["clients"] == most and r["loop_us"]]
+        row += f" {_cell(statistics.median(loop) if loop else None):>11}"
         errors = "" if f.server == "onnxruntime" else f.errors
         other = statistics.median(run["foreign_cores"] for run in f.runs)
         lines.append(row + f"  {errors:>6}  {other:5.2f}")

@@ -366,6 +366,26 @@ async def test_a_large_frame_is_read_straight_into_its_request(client):
     assert sum(targets) >= 500_000  # most of the 600 KB went in place, not through a copy
 
 
+async def test_announced_sizes_commit_memory_only_as_bodies_arrive(client):
+    # four calls announce 200 MiB each and send 64 KiB: their buffers are allocated at the
+    # announced size (so the rest can be read in place), but pages are used only as bytes come
+    import psutil
+
+    client.handler.max_body = 256 << 20
+    process = psutil.Process()
+    before = process.memory_info().rss
+    for _ in range(4):
+        stream = client.stream
+        client.stream += 2
+        block = client.encoder.encode(REQUEST)
+        head = (200 << 20).to_bytes(4, "big") + bytes(65532)
+        client.send(frame(HEADERS, END_HEADERS, stream, block) + frame(DATA, 0, stream, head))
+    grown = process.memory_info().rss - before
+    held = [r for r in client.connection.requests.values() if r.buffer is not None]
+    assert len(held) == 4 and all(len(r.buffer) == 200 << 20 for r in held)
+    assert grown < 64 << 20, f"RSS grew by {grown >> 20} MiB for 800 MiB announced"
+
+
 async def test_header_blocks_are_decoded_once_while_the_table_is_unchanged(client, monkeypatch):
     calls = []
     decoder = client.connection._decoder._decoder
