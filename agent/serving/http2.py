@@ -409,10 +409,23 @@ class Connection(asyncio.BufferedProtocol):
     def _whole_frame(self, type_: int, flags: int, stream: int, payload: memoryview) -> None:
         try:
             if type_ == DATA and not flags & PADDED:
-                target = self._data_start(len(payload), flags, stream)
-                if target is not None:
-                    self._data_bytes(target, payload)
-                    self._data_end(target, flags)
+                request = self._data_start(len(payload), flags, stream)
+                if request is None:
+                    return
+                n, buffer = len(payload), request.buffer
+                if (  # the usual case, inline: more of a body whose buffer is ready
+                    buffer is not None
+                    and request.size + n <= len(buffer)
+                    and self.buffered + n <= 2 * self.handler.max_body
+                    and not request.refused
+                ):
+                    buffer[request.size : request.size + n] = payload
+                    request.size += n
+                    self.buffered += n
+                else:
+                    self._data_bytes(request, payload)
+                if flags & END_STREAM:
+                    self._request_ended(request)
             else:
                 self._dispatch(type_, flags, stream, payload)
         except StreamError as exc:
