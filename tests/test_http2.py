@@ -595,6 +595,18 @@ async def test_data_on_a_closed_stream_ends_the_connection(client):
     assert (last, error) == (1, ErrorCode.STREAM_CLOSED)
 
 
+async def test_data_after_the_end_of_a_request_resets_it_and_cancels_its_call(client):
+    client.handler.release.clear()
+    client.send(client.request_frames(body_of(8)))
+    await settle()
+    client.send(frame(DATA, 0, 1, b"more"))
+    assert client.responses()[1]["reset"] == ErrorCode.STREAM_CLOSED
+    await settle()
+    assert client.handler.cancelled == 1 and not client.connection.requests
+    client.handler.release.set()
+    assert (await exchange(client, body_of(8)))["body"] == body_of(8)
+
+
 async def test_frames_on_a_stream_we_reset_are_ignored(client):
     client.send(client.request_frames(body_of(8), headers=[*REQUEST, (b"Bad", b"1")]))
     assert client.responses()[1]["reset"] == ErrorCode.PROTOCOL_ERROR

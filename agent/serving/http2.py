@@ -346,7 +346,7 @@ class Connection(asyncio.BufferedProtocol):
             self._flush()
 
     def eof_received(self) -> bool:
-        return False  # close: a client that stops sending can take no more answers in HTTP/2
+        return False  # close: HTTP/2 clients do not half-close; one that does is done with us
 
     def pause_writing(self) -> None:
         # The client does not read: stop reading from it, so nothing it asks for piles up here.
@@ -373,7 +373,7 @@ class Connection(asyncio.BufferedProtocol):
         i, n = 0, len(view)
         if len(self._preface) < len(PREFACE):
             i = self._take_preface(view)
-        while i < n:
+        while i < n and not self._closing:
             if self._left:  # the rest of a frame begun in an earlier read
                 take = min(self._left, n - i)
                 chunk = view[i : i + take]
@@ -923,6 +923,9 @@ class Connection(asyncio.BufferedProtocol):
         request = self.requests.get(stream)
         if request is not None:
             self._forget(request)
+            task = request.task
+            if task is not None and not task.done() and task is not asyncio.current_task():
+                task.cancel()  # nobody will take its answer
         self._out.append(_frame(RST_STREAM, 0, stream, _U32.pack(error_code)))
         self._reset_by_us[stream] = None
         if len(self._reset_by_us) > 256:
