@@ -27,7 +27,7 @@ import h2.events
 import numpy as np
 import pytest
 
-from agent.serving import grpc_server
+from agent.serving import grpc_server, http2
 from agent.serving.tensors import InferenceResponse, Tensor
 from protocol import inference_pb2 as pb
 from protocol import inference_pb2_grpc as pb_grpc
@@ -374,6 +374,21 @@ def test_expired_grpc_timeout_is_deadline_exceeded_and_frees_the_queue(wire, ser
     assert reply.status == 4 and "deadline of 1e-09 s exceeded" in reply.message
     _wait_idle(server)
     still_serves(server, expected)
+
+
+def test_a_stalled_upload_is_deadline_exceeded(server, expected, monkeypatch):
+    monkeypatch.setattr(http2, "BODY_STALL_S", 1.5)
+    w = Wire(server.port)
+    try:
+        started = time.monotonic()
+        stream = w.start(w.headers(), framed(infer_message())[:100], end=False)
+        reply = w.wait(stream)
+        assert reply.status == 4 and "no more of the request came for 1.5 s" in reply.message
+        assert time.monotonic() - started < 5
+        _wait_idle(server)
+        served(w, expected)
+    finally:
+        w.close()
 
 
 def test_client_resets_mid_upload_and_mid_call(wire, server, expected):

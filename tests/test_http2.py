@@ -111,6 +111,9 @@ class Echo:
     def headers_too_large(self, connection, request, size: int) -> None:
         connection.respond(request, [(b":status", b"431")], b"", [])
 
+    def body_stalled(self, connection, request, seconds: float) -> None:
+        connection.respond(request, [(b":status", b"408")], b"", [])
+
 
 def body_of(size: int) -> bytes:
     return size.to_bytes(4, "big") + bytes(i % 251 for i in range(size - 4))
@@ -683,6 +686,43 @@ async def test_goaway_from_the_client_closes_once_calls_finish(client):
     client.handler.release.set()
     await settle()
     assert client.responses()[1]["ended"] and client.transport.closed
+
+
+async def test_a_client_that_never_completes_the_handshake_is_disconnected():
+    transport = Transport()
+    connection = http2.Connection(Echo(), 8, lambda c: None, http2.ReadBuffer())
+    connection.connection_made(transport)
+    start = asyncio.get_running_loop().time()
+    Client(connection, transport).send(http2.PREFACE)  # and then no SETTINGS
+    connection.check_time(start + http2.HANDSHAKE_TIMEOUT_S - 1)
+    assert not transport.closed
+    connection.check_time(start + http2.HANDSHAKE_TIMEOUT_S + 1)
+    assert transport.closed
+
+
+async def test_a_stalled_body_is_answered_and_dropped_and_progress_keeps_it(client):
+    block = client.encoder.encode(REQUEST)
+    body = body_of(50_000)
+    client.send(frame(HEADERS, END_HEADERS, 1, block) + frame(DATA, 0, 1, body[:20_000]))
+    stall = http2.BODY_STALL_S
+    client.connection.check_time(0.0)
+    client.connection.check_time(stall - 1)
+    client.send(frame(DATA, 0, 1, body[20_000:30_000]))  # progress: the clock starts again
+    client.connection.check_time(stall + 1)
+    assert 1 in client.connection.requests
+    client.connection.check_time(2 * stall + 2)
+    reply = client.responses()[1]
+    assert reply["headers"][b":status"] == b"408" and reply["reset"] == ErrorCode.NO_ERROR
+    assert client.connection.buffered == 0 and not client.connection.requests
+    client.send(frame(DATA, END_STREAM, 1, body[30_000:]))  # the rest, late: ignored
+    client.stream = 3
+    assert (await exchange(client, body_of(8)))["body"] == body_of(8)
+
+
+async def test_idle_connections_stay_open(client):
+    await exchange(client, body_of(8))
+    client.connection.check_time(asyncio.get_running_loop().time() + 10_000)
+    assert not client.transport.closed
 
 
 async def test_shutdown_notice_then_goaway_names_the_last_stream(client):

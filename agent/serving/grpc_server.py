@@ -25,6 +25,7 @@ resets its stream or goes away cancels its call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import socket
@@ -363,6 +364,12 @@ class GrpcProtocol:
         )
         self._fail(connection, request, Status.RESOURCE_EXHAUSTED, message)
 
+    def body_stalled(
+        self, connection: http2.Connection, request: http2.Request, seconds: float
+    ) -> None:
+        message = f"no more of the request came for {seconds:g} s; send the message whole"
+        self._fail(connection, request, Status.DEADLINE_EXCEEDED, message)
+
     def _fail(self, connection, request, status: Status, message: str) -> None:
         """A Trailers-Only response: the status in the only HEADERS frame."""
         headers = [
@@ -408,10 +415,21 @@ class GrpcServer:
         self._connections: set[http2.Connection] = set()
         self._server: asyncio.Server | None = None
         self._read_buffer = http2.ReadBuffer()
+        self._sweeper: asyncio.Task | None = None
 
     async def listen(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._connect, sock=sock)
+        self._sweeper = asyncio.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Once a second: handshakes and request bodies past their time (http2.check_time)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(1.0)
+            now = loop.time()
+            for connection in list(self._connections):
+                connection.check_time(now)
 
     def _connect(self) -> http2.Connection:
         connection = http2.Connection(
@@ -431,6 +449,10 @@ class GrpcServer:
             await asyncio.sleep(0.02)
         for connection in list(self._connections):
             connection.goaway()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         if self._server is not None:
             await self._server.wait_closed()
 

@@ -25,7 +25,10 @@ Everything runs on the event loop thread. What a client may do is bounded while 
 - RESET_BURST stream resets by the client at once, refilled at RESET_RATE per second (the
   "rapid reset" attack), and SETTINGS frames of at most MAX_SETTINGS entries;
 - nothing more is read from a client that does not read what it is sent (write backpressure
-  pauses reading), so floods of PINGs or SETTINGS cannot queue answers without bound.
+  pauses reading), so floods of PINGs or SETTINGS cannot queue answers without bound;
+- HANDSHAKE_TIMEOUT_S for the client's preface and SETTINGS, and BODY_STALL_S for a request
+  body that gets no further (`check_time`, called once a second). Idle connections stay open,
+  as gRPC clients expect.
 A protocol violation ends the connection with GOAWAY and the RFC's error code; a stream-level
 one resets the stream. Both say what was wrong (GOAWAY debug data, logged at debug level).
 """
@@ -57,6 +60,8 @@ MAX_FRAME_BYTES = 1 << 20
 READ_BUFFER_BYTES = 256 << 10  # most the event loop reads at once (uvloop's own read size)
 DIRECT_READ_BYTES = 64 << 10  # a DATA payload with this much to come is read into its request
 RESET_BURST, RESET_RATE = 1000, 33.0  # client stream resets: at once, then per second
+HANDSHAKE_TIMEOUT_S = 10.0  # for the client's preface and SETTINGS
+BODY_STALL_S = 60.0  # a request body that gets no further for this long is answered and dropped
 SMALL_BODY = 64 << 10  # smaller bodies go to a bytearray (zero-filled, cheaper to make)
 JOIN_BYTES = 64 << 10  # output up to this size is joined into one write
 
@@ -159,6 +164,8 @@ class Request:
     recv_unacked: int = 0  # body bytes taken since the last stream WINDOW_UPDATE
     send_window: int = _DEFAULT_WINDOW
     outgoing: _Outgoing | None = None  # response data waiting for flow-control credit
+    swept_size: int = -1  # body size at the last check_time, and since when it is so
+    swept_since: float = 0.0
 
     @property
     def body(self) -> bytes | memoryview:
@@ -223,6 +230,9 @@ class Handler(Protocol):
 
     def headers_too_large(self, connection: Connection, request: Request, size: int) -> None:
         """Answer a request whose header list (`size` bytes) is over MAX_HEADER_BYTES."""
+
+    def body_stalled(self, connection: Connection, request: Request, seconds: float) -> None:
+        """Answer a request whose body got no further for `seconds`; it is then dropped."""
 
 
 def _content_length(value: bytes | None) -> int | None:
@@ -289,6 +299,7 @@ class Connection(asyncio.BufferedProtocol):
         self._reset_tokens = float(RESET_BURST)
         self._reset_time = time.monotonic()
         self._peer_going = False  # the client sent GOAWAY
+        self._opened = 0.0  # loop time of connection_made
         # sending
         self._send_window = _DEFAULT_WINDOW
         self._peer_initial_window = _DEFAULT_WINDOW
@@ -301,6 +312,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def connection_made(self, transport) -> None:
         self._transport = transport
+        self._opened = self._loop.time()
         settings = b"".join(
             _SETTING.pack(key, value)
             for key, value in (
@@ -581,12 +593,41 @@ class Connection(asyncio.BufferedProtocol):
             self._frame_end()
 
     def _refuse_body(self, request: Request, limit: int) -> None:
-        request.refused = True
-        self.buffered -= request.size
-        request.chunks, request.buffer, request.size = [], None, 0
+        self._drop_body(request)
         self.handler.too_large(self, request, limit)
         # Then stop the rest of the upload, "without error" (RFC 9113 8.1).
         self.reset(request, NO_ERROR)
+
+    def _drop_body(self, request: Request) -> None:
+        request.refused = True
+        self.buffered -= request.size
+        request.chunks, request.buffer, request.size = [], None, 0
+
+    def check_time(self, now: float) -> None:
+        """Called about once a second (GrpcServer's sweep): end what is past its time.
+
+        A client that has not sent its preface and SETTINGS within HANDSHAKE_TIMEOUT_S is
+        disconnected; a request whose body gets no further for BODY_STALL_S is answered by the
+        handler's `body_stalled`, its upload reset and its buffer freed. Idle connections stay:
+        gRPC clients keep their channels open between calls."""
+        if self._closing:
+            return
+        if not self._settings_seen:
+            if now - self._opened > HANDSHAKE_TIMEOUT_S:
+                message = f"no HTTP/2 preface and SETTINGS within {HANDSHAKE_TIMEOUT_S:g} s"
+                self._fail(ErrorCode.SETTINGS_TIMEOUT, message)
+            return
+        for request in list(self.requests.values()):
+            if request.ended or request.refused or request.answered:
+                continue
+            if request.size != request.swept_size:  # progress since the last look
+                request.swept_size, request.swept_since = request.size, now
+            elif now - request.swept_since >= BODY_STALL_S:
+                self._drop_body(request)
+                self.handler.body_stalled(self, request, BODY_STALL_S)
+                self.reset(request, NO_ERROR)
+        if self._out:
+            self._flush()
 
     def _data_end(self, request: Request, flags: int) -> None:
         if flags & END_STREAM:
