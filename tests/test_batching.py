@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from agent.serving.config import ModelConfig
-from agent.serving.errors import InferenceFailed, QueueFull
+from agent.serving.errors import InferenceFailed, QueueFull, RequestTimeout
 from agent.serving.metrics import Metrics
 from agent.serving.scheduler import Scheduler
 from runtimes import load
@@ -81,6 +81,25 @@ class _Gate:
         return {"output": x * 2}
 
 
+def _submit(scheduler: Scheduler, inputs: dict, timeout: float | None = None) -> asyncio.Future:
+    """The job's answer as a future."""
+    future = asyncio.get_running_loop().create_future()
+
+    def done(outcome, error):
+        future.set_result(outcome) if error is None else future.set_exception(error)
+
+    scheduler.submit(inputs, 1, done, timeout)
+    return future
+
+
+async def _drained(scheduler: Scheduler) -> None:
+    for _ in range(500):
+        if scheduler.pending == 0:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{scheduler.pending} requests still pending")
+
+
 def _scheduler(gate: _Gate, **config) -> Scheduler:
     metrics = Metrics().for_model("gate", "1")
     return Scheduler("gate", gate.infer, ModelConfig(**config), metrics, asyncio.get_running_loop())
@@ -90,13 +109,13 @@ async def test_full_queue_refuses_with_queue_full():
     gate = _Gate()
     scheduler = _scheduler(gate, max_queue_size=3)
     x = np.ones((1, 4), np.float32)
-    futures = [scheduler.submit({"input": x}, 1) for _ in range(3)]
+    futures = [_submit(scheduler, {"input": x}) for _ in range(3)]
     with pytest.raises(QueueFull, match="max_queue_size 3"):
-        scheduler.submit({"input": x}, 1)
+        _submit(scheduler, {"input": x})
     gate.open.set()
     outcomes = await asyncio.gather(*futures)
     assert all((o.outputs["output"] == 2).all() for o in outcomes)
-    scheduler.submit({"input": x}, 1)  # room again once the queue drained
+    _submit(scheduler, {"input": x})  # room again once the queue drained
     await scheduler.close()
 
 
@@ -104,9 +123,9 @@ async def test_batches_respect_max_size_and_preferred_sizes():
     gate = _Gate()
     scheduler = _scheduler(gate, max_batch_size=4, max_queue_size=64)
     x = np.arange(4, dtype=np.float32).reshape(1, 4)
-    first = scheduler.submit({"input": x}, 1)  # holds the worker at the gate
+    first = _submit(scheduler, {"input": x})  # holds the worker at the gate
     await asyncio.sleep(0.05)
-    rest = [scheduler.submit({"input": x + i}, 1) for i in range(9)]
+    rest = [_submit(scheduler, {"input": x + i}) for i in range(9)]
     gate.open.set()
     outcomes = await asyncio.gather(first, *rest)
     assert max(gate.batches) <= 4 and sum(gate.batches) == 10
@@ -119,10 +138,10 @@ async def test_batches_respect_max_size_and_preferred_sizes():
 async def test_incompatible_shapes_do_not_share_a_batch():
     gate = _Gate()
     scheduler = _scheduler(gate, max_batch_size=8)
-    held = scheduler.submit({"input": np.ones((1, 4), np.float32)}, 1)
+    held = _submit(scheduler, {"input": np.ones((1, 4), np.float32)})
     await asyncio.sleep(0.05)
-    a = scheduler.submit({"input": np.ones((1, 4), np.float32)}, 1)
-    b = scheduler.submit({"input": np.ones((1, 5), np.float32)}, 1)
+    a = _submit(scheduler, {"input": np.ones((1, 4), np.float32)})
+    b = _submit(scheduler, {"input": np.ones((1, 5), np.float32)})
     gate.open.set()
     oa, ob, _ = await asyncio.gather(a, b, held)
     assert oa.outputs["output"].shape == (1, 4) and ob.outputs["output"].shape == (1, 5)
@@ -134,11 +153,85 @@ async def test_queue_delay_waits_for_more_requests():
     gate.open.set()
     scheduler = _scheduler(gate, max_batch_size=8, max_queue_delay_us=200_000)
     x = np.ones((1, 4), np.float32)
-    first = scheduler.submit({"input": x}, 1)
+    first = _submit(scheduler, {"input": x})
     await asyncio.sleep(0.02)  # well inside the 200 ms window
-    second = scheduler.submit({"input": x}, 1)
+    second = _submit(scheduler, {"input": x})
     await asyncio.gather(first, second)
     assert gate.batches == [2]
+    await scheduler.close()
+
+
+async def test_deadlines_expire_in_order_on_one_timer():
+    """One timer per model: a shorter deadline submitted later still expires first, a longer one
+    than the model's is cut to the model's, and the worker drops what expired."""
+    gate = _Gate()  # closed: nothing finishes until the end
+    scheduler = _scheduler(gate, max_batch_size=8, timeout_ms=300)
+    x = np.ones((1, 4), np.float32)
+    first = _submit(scheduler, {"input": x})  # the model's 0.3 s
+    short = _submit(scheduler, {"input": x}, timeout=0.03)
+    capped = _submit(scheduler, {"input": x}, timeout=60.0)
+    with pytest.raises(RequestTimeout, match=r"within 0\.03 s"):
+        await short
+    assert not first.done() and not capped.done()
+    for future in (first, capped):
+        with pytest.raises(RequestTimeout, match=r"within 0\.3 s"):
+            await future
+    assert not scheduler._deadlines, "expired requests left in the deadline queues"
+    gate.open.set()
+    await _drained(scheduler)
+    assert sum(gate.batches) <= 3  # at most what was already running or queued
+    await scheduler.close()
+
+
+async def test_answered_requests_leave_no_deadline_behind():
+    gate = _Gate()
+    gate.open.set()
+    scheduler = _scheduler(gate, max_batch_size=8)
+    x = np.ones((1, 4), np.float32)
+    for _ in range(5):
+        await asyncio.gather(*[_submit(scheduler, {"input": x}) for _ in range(40)])
+        await asyncio.gather(*[_submit(scheduler, {"input": x}, timeout=5.0) for _ in range(40)])
+    waiting = sum(len(jobs) for jobs in scheduler._deadlines.values())
+    assert waiting == 0, f"{waiting} answered requests still held for their deadlines"
+    await scheduler.close()
+
+
+async def test_a_cancelled_request_is_not_answered_and_frees_its_place():
+    gate = _Gate()
+    scheduler = _scheduler(gate, max_batch_size=8, max_queue_size=2)
+    x = np.ones((1, 4), np.float32)
+    first = _submit(scheduler, {"input": x})
+    await asyncio.sleep(0.05)  # the worker holds it at the gate
+    answers = []
+    job = scheduler.submit({"input": x}, 1, lambda *answer: answers.append(answer))
+    with pytest.raises(QueueFull):
+        _submit(scheduler, {"input": x})
+    job.cancel()
+    gate.open.set()
+    await first
+    await _drained(scheduler)
+    assert answers == []
+    assert sum(gate.batches) == 1  # the cancelled one never ran
+    await _submit(scheduler, {"input": x})
+    await scheduler.close()
+
+
+async def test_a_failing_answer_callback_costs_the_batch_nothing(caplog):
+    gate = _Gate()
+    scheduler = _scheduler(gate, max_batch_size=8)
+    x = np.ones((1, 4), np.float32)
+    held = _submit(scheduler, {"input": x})
+    await asyncio.sleep(0.05)
+
+    def broken(outcome, error):
+        raise RuntimeError("a bug in a front end")
+
+    scheduler.submit({"input": x}, 1, broken)
+    after = _submit(scheduler, {"input": x + 1})
+    gate.open.set()
+    await held
+    np.testing.assert_array_equal((await after).outputs["output"], (x + 1) * 2)
+    assert "answering a request failed" in caplog.text
     await scheduler.close()
 
 
@@ -211,7 +304,7 @@ async def test_runtime_error_is_reported_not_crashing():
         asyncio.get_running_loop(),
     )
     with pytest.raises(InferenceFailed, match="kernel exploded"):
-        await scheduler.submit({"input": np.ones((1, 2))}, 1)
+        await _submit(scheduler, {"input": np.ones((1, 2))})
     await scheduler.close()
 
 

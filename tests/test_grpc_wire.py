@@ -28,6 +28,9 @@ import numpy as np
 import pytest
 
 from agent.serving import grpc_server, http2
+from agent.serving.config import ModelConfig
+from agent.serving.metrics import Metrics
+from agent.serving.scheduler import Scheduler
 from agent.serving.tensors import InferenceResponse, Tensor
 from protocol import inference_pb2 as pb
 from protocol import inference_pb2_grpc as pb_grpc
@@ -371,7 +374,7 @@ def test_malformed_grpc_timeout_is_invalid_argument(wire, value):
 
 def test_expired_grpc_timeout_is_deadline_exceeded_and_frees_the_queue(wire, server, expected):
     reply = wire.call(wire.headers(grpc_timeout=b"1n"), framed(infer_message()))
-    assert reply.status == 4 and "deadline of 1e-09 s exceeded" in reply.message
+    assert reply.status == 4 and "no result within 1e-09 s" in reply.message
     _wait_idle(server)
     still_serves(server, expected)
 
@@ -398,6 +401,37 @@ def test_client_resets_mid_upload_and_mid_call(wire, server, expected):
     for stream in started:
         wire.reset(stream)  # some are queued, some running, some answered already
     _wait_idle(server)
+    served(wire, expected)
+
+
+def test_a_reset_call_waiting_in_the_queue_never_runs(wire, server, expected):
+    scheduler = server.dataplane.model("mlp").scheduler
+    real_infer, gate, rows = scheduler._infer, threading.Event(), []
+
+    def gated(inputs):
+        gate.wait(10)
+        rows.append(len(inputs["input"]))
+        return real_infer(inputs)
+
+    scheduler._infer = gated
+    try:
+        running = wire.start(wire.headers(), framed(infer_message()))
+        deadline = time.monotonic() + 10
+        while server.dataplane.idle():  # the worker holds it at the gate
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.05)
+        queued = wire.start(wire.headers(), framed(infer_message()))
+        time.sleep(0.05)
+        wire.reset(queued)
+        time.sleep(0.05)
+        gate.set()
+        np.testing.assert_array_equal(wire.wait(running).output(), expected)
+        _wait_idle(server)
+    finally:
+        gate.set()
+        scheduler._infer = real_infer
+    assert sum(rows) == 1, f"the reset call ran too: rows {rows}"
     served(wire, expected)
 
 
@@ -498,20 +532,36 @@ def test_non_ascii_status_message_reaches_grpc_clients_intact(server):
 
 
 class SlowDataPlane:
-    """Answers ModelInfer after `delay` s, to have a call in flight."""
+    """Its one model takes `delay` s per run (on a real scheduler), to have a call in flight."""
 
     def __init__(self, delay: float):
         self.delay = delay
         self.started = threading.Event()
+        self._scheduler: Scheduler | None = None
 
     def live(self) -> bool:
         return True
 
-    async def infer(self, request) -> InferenceResponse:
+    def _run(self, inputs):
         self.started.set()
-        await asyncio.sleep(self.delay)
-        out = np.ones((1, 10), np.float32)
-        return InferenceResponse("mlp", "1", [Tensor("output", "FP32", out.shape, out)])
+        time.sleep(self.delay)
+        return {"output": np.ones((1, 10), np.float32)}
+
+    def submit(self, request, done, timeout=None):
+        if self._scheduler is None:
+            metrics = Metrics().for_model("mlp", "1")
+            loop = asyncio.get_running_loop()
+            self._scheduler = Scheduler("mlp", self._run, ModelConfig(), metrics, loop)
+
+        def answered(outcome, error):
+            if error is not None:
+                done(None, error)
+                return
+            out = outcome.outputs["output"]
+            done(InferenceResponse("mlp", "1", [Tensor("output", "FP32", out.shape, out)]), None)
+
+        inputs = {t.name: t.data for t in request.inputs}
+        return self._scheduler.submit(inputs, 1, answered, timeout)
 
 
 def test_grpc_client_deadline_is_deadline_exceeded(sample_repo):

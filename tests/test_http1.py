@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import socket
+import struct
 import subprocess
 import sys
 
@@ -30,22 +33,25 @@ class EchoApp:
             return self.boom, ()
         return Response(404, b"no such path", "text/plain")
 
-    async def respond(self, request: Request, handler, args) -> Response:
-        return await handler(request, *args)
+    def respond(self, request: Request, handler, args, reply) -> Response | None:
+        return handler(request, reply, *args)
 
     def error(self, status: int, message: str) -> Response:
         return Response(status, json.dumps({"error": message}).encode(), "application/json")
 
-    async def echo(self, request: Request) -> Response:
+    def echo(self, request: Request, reply) -> Response:
         headers = {"X-Method": request.method, "X-Query": request.query}
         headers["X-Body-Type"] = type(request.body).__name__
         return Response(200, bytes(request.body), "application/octet-stream", headers)
 
-    async def slow(self, request: Request) -> Response:
-        await asyncio.sleep(float(request.query or 0.3))
-        return Response(200, b"slow done", "text/plain")
+    def slow(self, request: Request, reply) -> None:
+        """Answers later, through `reply`."""
+        delay = float(request.query or 0.3)
+        asyncio.get_running_loop().call_later(
+            delay, reply, Response(200, b"slow done", "text/plain")
+        )
 
-    async def boom(self, request: Request) -> Response:
+    def boom(self, request: Request, reply) -> Response:
         raise RuntimeError("a bug in a handler")
 
 
@@ -158,6 +164,25 @@ def test_a_client_that_does_not_read_is_paused_not_buffered():
         client.close()
 
     serve(test)
+
+
+def test_a_reply_after_the_client_left_is_dropped(caplog):
+    async def test(server, connect):
+        gone = await connect()
+        await gone.send(b"GET /slow?0.2 HTTP/1.1\r\nHost: t\r\n\r\n")
+        await asyncio.sleep(0.05)
+        sock = gone.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        gone.writer.transport.abort()  # a reset: the server loses the connection at once
+        await asyncio.sleep(0.4)  # its reply comes after the connection was lost
+        client = await connect()
+        await client.send(post("/echo", b"still here"))
+        assert (await client.response())[2] == b"still here"
+        client.close()
+
+    serve(test)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, errors[0].getMessage()
 
 
 def test_http10_closes_after_the_response_unless_asked_to_keep_alive():

@@ -93,8 +93,11 @@ class Echo:
         size = int.from_bytes(head[:4], "big")  # bodies here start with their own length
         return size if size >= 4 else None
 
-    async def handle(self, connection, request) -> None:
+    def handle(self, connection, request) -> asyncio.Task:
         self.requests.append(request)
+        return asyncio.get_running_loop().create_task(self._answer(connection, request))
+
+    async def _answer(self, connection, request) -> None:
         try:
             await self.release.wait()
         except asyncio.CancelledError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,13 +21,12 @@ from agent.serving.errors import (
     ModelLoadFailed,
     ModelNotFound,
     ModelNotReady,
-    RequestTimeout,
     ServingError,
 )
 from agent.serving.metrics import Metrics
 from agent.serving.model import ModelIncompatible, ModelMetadata, ServedModel
 from agent.serving.repository import ModelRepository, ModelVersionSource, RepositoryError
-from agent.serving.scheduler import Outcome, Scheduler
+from agent.serving.scheduler import Job, Outcome, Scheduler
 from agent.serving.tensors import InferenceRequest, InferenceResponse, Tensor
 from runtimes import load as load_session
 from runtimes.base import RuntimeAdapterError, Session
@@ -36,6 +36,9 @@ if TYPE_CHECKING:
     from agent.selection import Selector
 
 log = logging.getLogger(__name__)
+
+# What `DataPlane.submit` calls with the answer: (response, None) or (None, error).
+Answer = Callable[[InferenceResponse | None, ServingError | None], None]
 
 EXTENSIONS = ("binary_tensor_data", "model_repository", "metrics")
 
@@ -153,34 +156,49 @@ class DataPlane:
     def _all_loaded(self):
         return (m for versions in self._models.values() for m in versions.values())
 
-    async def infer(self, request: InferenceRequest) -> InferenceResponse:
+    def submit(self, request: InferenceRequest, done: Answer, timeout: float | None = None) -> Job:
+        """Validate `request` and queue it on its model; `done(response, None)` or
+        `done(None, error)` is called once, on the loop, unless the returned job is cancelled
+        first. Input refused outright raises the ServingError at once. `timeout` (s) may
+        shorten the model's own, as may the request's `timeout` parameter (µs, as Triton)."""
         self.requests_seen += 1
         start = time.perf_counter_ns()
         model = self.model(request.model_name, request.model_version)
         m = model.metrics
         try:
             inputs, rows = model.validate(request)
-            future = model.scheduler.submit(inputs, rows)
+            limit = _timeout_s(request)
+            if timeout is not None and (limit is None or timeout < limit):
+                limit = timeout
+
+            def finished(outcome: Outcome | None, error: ServingError | None) -> None:
+                if error is not None:
+                    m.failure(_reason(error))
+                    done(None, error)
+                    return
+                outputs = _select_outputs(model, request, outcome.outputs)
+                m.succeeded(time.perf_counter_ns() - start, outcome.queue_ns)
+                response = InferenceResponse(model.name, model.version, outputs, request.id)
+                done(response, None)
+
+            return model.scheduler.submit(inputs, rows, finished, limit)
         except ServingError as exc:
             m.failure(_reason(exc))
             raise
-        timeout = _timeout_s(request, model.config.timeout_ms)
-        # the scheduler's loop is the running one (asyncio.get_running_loop costs a getpid()
-        # system call per request on Python 3.11)
-        timer = model.scheduler.loop.call_later(timeout, _expire, future, model.name, timeout)
+
+    async def infer(self, request: InferenceRequest) -> InferenceResponse:
+        """`submit` for a caller that awaits; cancelling the wait cancels the request."""
+        future = asyncio.get_running_loop().create_future()
+
+        def done(response: InferenceResponse | None, error: ServingError | None) -> None:
+            if not future.done():
+                future.set_result(response) if error is None else future.set_exception(error)
+
+        job = self.submit(request, done)
         try:
-            outcome: Outcome = await future
-        except ServingError as exc:
-            m.failure(_reason(exc))
-            raise
+            return await future
         finally:
-            timer.cancel()
-        outputs = _select_outputs(model, request, outcome.outputs)
-        elapsed_ns = time.perf_counter_ns() - start
-        m.succeeded(elapsed_ns, outcome.queue_ns)
-        return InferenceResponse(
-            model_name=model.name, model_version=model.version, outputs=outputs, id=request.id
-        )
+            job.cancel()
 
     def count_rejected(self, name: str, version: str | None, error: ServingError) -> None:
         """Count a request a front end refused before it reached `infer` (it would not decode)."""
@@ -339,19 +357,14 @@ async def _retire(model: ServedModel) -> None:
     model.session.close()
 
 
-def _expire(future: asyncio.Future, name: str, timeout: float) -> None:
-    if not future.done():
-        future.set_exception(RequestTimeout(f"model {name}: no result within {timeout:g} s"))
-
-
-def _timeout_s(request: InferenceRequest, default_ms: int) -> float:
-    """Clients may shorten the deadline with the `timeout` parameter (microseconds, as Triton)."""
+def _timeout_s(request: InferenceRequest) -> float | None:
+    """The request's `timeout` parameter (microseconds, as Triton) in seconds, if it has one."""
     value = request.parameters.get("timeout")
     if value is None:
-        return default_ms / 1000
+        return None
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise InvalidInput("parameter 'timeout' must be a positive integer (microseconds)")
-    return min(value / 1e6, default_ms / 1000)
+    return value / 1e6
 
 
 def _select_outputs(model: ServedModel, request: InferenceRequest, arrays) -> list[Tensor]:

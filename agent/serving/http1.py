@@ -34,7 +34,7 @@ import email.utils
 import logging
 import socket
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Protocol
 
@@ -82,7 +82,9 @@ class Response:
         self.headers = headers
 
 
-Handler = Callable[..., Awaitable[Response]]
+Reply = Callable[[Response], None]
+# A handler answers at once with a Response, or returns None and calls reply(response) later.
+Handler = Callable[..., Response | None]
 
 
 class Application(Protocol):
@@ -90,8 +92,11 @@ class Application(Protocol):
         """With the head in (no body yet): the handler to run and its extra arguments, or a
         response that refuses the request at once."""
 
-    async def respond(self, request: Request, handler: Handler, args: tuple) -> Response:
-        """Run the handler on the complete request."""
+    def respond(
+        self, request: Request, handler: Handler, args: tuple, reply: Reply
+    ) -> Response | None:
+        """Run the handler on the complete request: its response, or None if it will call
+        `reply` later (once, from the event loop)."""
 
     def error(self, status: int, message: str) -> Response:
         """The response for a problem found by the server itself (malformed HTTP, limits)."""
@@ -209,9 +214,10 @@ class _Connection(asyncio.BufferedProtocol):
         self.direct: memoryview | None = None  # the body's buffer, when read directly
         # requests read and not yet answered, in order; the one in the front is being handled
         self.queue: deque[tuple[Request, tuple[Handler, tuple] | Response]] = deque()
-        self.busy = False
+        self.busy = False  # answering the queue
+        self.waiting = False  # for the reply to the request in the front of the queue
         self.closing = False  # no more requests: close once the queue is answered
-        self.write_paused: asyncio.Future | None = None
+        self.write_paused = False
         self.linger: asyncio.TimerHandle | None = None
         self.eof = False  # the client has shut its side
 
@@ -227,16 +233,14 @@ class _Connection(asyncio.BufferedProtocol):
         self.queue.clear()
         if self.linger is not None:
             self.linger.cancel()
-        if self.write_paused is not None and not self.write_paused.done():
-            self.write_paused.set_result(None)
 
     def pause_writing(self) -> None:
-        if self.write_paused is None or self.write_paused.done():
-            self.write_paused = self.loop.create_future()
+        self.write_paused = True
 
     def resume_writing(self) -> None:
-        if self.write_paused is not None and not self.write_paused.done():
-            self.write_paused.set_result(None)
+        self.write_paused = False
+        if self.busy and not self.waiting:
+            self._answer()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         state = self.state
@@ -413,33 +417,50 @@ class _Connection(asyncio.BufferedProtocol):
             self.transport.pause_reading()  # pipelined: answer what is queued first
         else:
             self.busy = True
-            self.loop.create_task(self._answer())
+            self._answer()
 
-    async def _answer(self) -> None:
-        """Answer queued requests in order until the queue is empty."""
+    def _answer(self) -> None:
+        """Answer queued requests in order, until one waits for its reply, the client stops
+        reading (resume_writing goes on) or the queue is empty."""
         queue, app = self.queue, self.app
+        if self.waiting:
+            return
         while queue:
+            if self.write_paused:
+                return  # resume_writing goes on
             request, dispatch = queue[0]
             if isinstance(dispatch, Response):
                 response = dispatch
             else:
+                self.waiting = True
                 try:
-                    response = await app.respond(request, dispatch[0], dispatch[1])
+                    response = app.respond(request, dispatch[0], dispatch[1], self._reply)
                 except Exception:
                     log.exception("unhandled error answering %s %s", request.method, request.path)
                     response = app.error(500, "internal error")
-            if not queue:
-                return  # the connection was lost meanwhile
-            queue.popleft()
-            self._write(response, request.method == "HEAD", self.closing and not queue)
-            if self.write_paused is not None and not self.write_paused.done():
-                await self.write_paused
+                if response is None:
+                    return  # _reply goes on
+                self.waiting = False
+            self._send(response)
+        if self.write_paused:
+            return  # read nothing more until the client reads what we wrote
         self.busy = False
         if self.closing:
             self._shut()
         elif self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
             self.since = self.loop.time()
+
+    def _reply(self, response: Response) -> None:
+        if not self.waiting or not self.queue:
+            return  # the connection was lost meanwhile
+        self.waiting = False
+        self._send(response)
+        self._answer()
+
+    def _send(self, response: Response) -> None:
+        request, _ = self.queue.popleft()
+        self._write(response, request.method == "HEAD", self.closing and not self.queue)
 
     def _write(self, response: Response, head_only: bool, close: bool) -> None:
         transport = self.transport
@@ -486,7 +507,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.queue.append((Request("", "", "", {}), response))
         if not self.busy:
             self.busy = True
-            self.loop.create_task(self._answer())
+            self.loop.call_soon(self._answer)  # not from inside the parser's callbacks
 
     def _close_after_queue(self) -> None:
         self.closing = True

@@ -155,7 +155,7 @@ class Request:
     buffer: memoryview | None = None
     sized: bool = False  # the handler was asked for the body's size
     refused: bool = False  # answered early (too large): further data is dropped
-    task: asyncio.Task | None = None
+    call: Call | None = None  # what answers it, to cancel when nobody will take the answer
     # stream state
     ended: bool = False  # the client's END_STREAM came
     answered: bool = False  # our END_STREAM is queued
@@ -213,6 +213,12 @@ class _Outgoing:
     offset: int = 0
 
 
+class Call(Protocol):
+    """A request's answer in the making: an asyncio task, or a job queued on a model."""
+
+    def cancel(self) -> object: ...
+
+
 class Handler(Protocol):
     """What a connection calls; grpc_server.py's GrpcProtocol is the one implementation."""
 
@@ -222,8 +228,9 @@ class Handler(Protocol):
     def body_size(self, head: bytes) -> int | None:
         """The whole body's size, told from its first `head_bytes` bytes; None if unknown."""
 
-    async def handle(self, connection: Connection, request: Request) -> None:
-        """Answer a complete request (with connection.respond)."""
+    def handle(self, connection: Connection, request: Request) -> Call | None:
+        """Answer a complete request with connection.respond, now or later; what answers it
+        later (a task, a queued inference) is returned, to be cancelled if the stream goes."""
 
     def too_large(self, connection: Connection, request: Request, limit: int) -> None:
         """Answer a request whose body passed `limit`; its further data is dropped."""
@@ -353,7 +360,7 @@ class Connection(asyncio.BufferedProtocol):
             ready, self._complete = self._complete, []
             for request in ready:
                 if self.requests.get(request.stream_id) is request and not request.refused:
-                    request.task = self._loop.create_task(self.handler.handle(self, request))
+                    request.call = self.handler.handle(self, request)
         if self._out:
             self._flush()
 
@@ -372,8 +379,8 @@ class Connection(asyncio.BufferedProtocol):
     def connection_lost(self, exc) -> None:
         self._closing = True
         for request in self.requests.values():
-            if request.task is not None and not request.task.done():
-                request.task.cancel()
+            if request.call is not None:
+                request.call.cancel()
         self.requests.clear()
         self._blocked.clear()
         self._out.clear()
@@ -843,8 +850,8 @@ class Connection(asyncio.BufferedProtocol):
         if self._reset_tokens < 0:
             raise ProtocolError(ErrorCode.ENHANCE_YOUR_CALM, "too many stream resets")
         self._forget(request)
-        if request.task is not None and not request.task.done():
-            request.task.cancel()  # the client gave up on it
+        if request.call is not None:
+            request.call.cancel()  # the client gave up on it
 
     def _on_priority(self, stream: int, payload: memoryview) -> None:
         if stream == 0:
@@ -964,9 +971,9 @@ class Connection(asyncio.BufferedProtocol):
         request = self.requests.get(stream)
         if request is not None:
             self._forget(request)
-            task = request.task
-            if task is not None and not task.done() and task is not asyncio.current_task():
-                task.cancel()  # nobody will take its answer
+            call = request.call
+            if call is not None and call is not asyncio.current_task():
+                call.cancel()  # nobody will take its answer
         self._out.append(_frame(RST_STREAM, 0, stream, _U32.pack(error_code)))
         self._reset_by_us[stream] = None
         if len(self._reset_by_us) > 256:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Coroutine
+from typing import Any
 from urllib.parse import unquote
 
 import orjson
@@ -11,7 +14,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from agent.serving import rest_codec
 from agent.serving.dataplane import DataPlane
 from agent.serving.errors import InvalidInput, ServingError
-from agent.serving.http1 import Handler, HttpServer, Request, Response
+from agent.serving.http1 import Handler, HttpServer, Reply, Request, Response
+from agent.serving.tensors import InferenceResponse
 from runtimes.base import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -29,6 +33,14 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return Response(status, rest_codec.error_body(message), _JSON, headers)
 
 
+def _infer_response(response: InferenceResponse, parameters: dict) -> Response:
+    payload, header_length = rest_codec.encode_response(response, parameters)
+    if header_length is None:
+        return Response(200, payload, _JSON)
+    headers = {rest_codec.HEADER_LENGTH: str(header_length)}
+    return Response(200, payload, "application/octet-stream", headers)
+
+
 def _specs(specs: list[TensorSpec]) -> list[dict]:
     return [{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in specs]
 
@@ -44,6 +56,7 @@ class RestFrontEnd:
     def __init__(self, dataplane: DataPlane, max_body: int = DEFAULT_MAX_BODY):
         self.dataplane = dataplane
         self.max_body = max_body
+        self._tasks: set[asyncio.Task] = set()
         self._static = {
             ("v2", "health", "live"): ("GET", self.live),
             ("v2", "health", "ready"): ("GET", self.ready),
@@ -72,9 +85,11 @@ class RestFrontEnd:
             return _error(405, message, {"Allow": allow})
         return handler, args
 
-    async def respond(self, request: Request, handler: Handler, args: tuple) -> Response:
+    def respond(
+        self, request: Request, handler: Handler, args: tuple, reply: Reply
+    ) -> Response | None:
         try:
-            return await handler(request, *args)
+            return handler(request, reply, *args)
         except ServingError as exc:
             return _error(exc.http_status, str(exc))
 
@@ -119,16 +134,18 @@ class RestFrontEnd:
             return "GET", self.model_metadata, (name, version)
         return None
 
-    async def live(self, request: Request) -> Response:
+    def live(self, request: Request, reply: Reply) -> Response:
         return Response(200 if self.dataplane.live() else 503)
 
-    async def ready(self, request: Request) -> Response:
+    def ready(self, request: Request, reply: Reply) -> Response:
         return Response(200 if self.dataplane.ready() else 503)
 
-    async def server_metadata(self, request: Request) -> Response:
+    def server_metadata(self, request: Request, reply: Reply) -> Response:
         return _json(self.dataplane.server_metadata())
 
-    async def model_metadata(self, request: Request, name: str, version: str | None) -> Response:
+    def model_metadata(
+        self, request: Request, reply: Reply, name: str, version: str | None
+    ) -> Response:
         md = self.dataplane.model_metadata(name, version)
         return _json(
             {
@@ -140,11 +157,13 @@ class RestFrontEnd:
             }
         )
 
-    async def model_ready(self, request: Request, name: str, version: str | None) -> Response:
+    def model_ready(
+        self, request: Request, reply: Reply, name: str, version: str | None
+    ) -> Response:
         ready = self.dataplane.model_ready(name, version)
         return Response(200 if ready else 503)
 
-    async def infer(self, request: Request, name: str, version: str | None) -> Response:
+    def infer(self, request: Request, reply: Reply, name: str, version: str | None) -> None:
         try:
             infer_request = rest_codec.decode_request(
                 request.body, request.headers.get(_INFERENCE_HEADER), name, version
@@ -152,14 +171,21 @@ class RestFrontEnd:
         except InvalidInput as exc:
             self.dataplane.count_rejected(name, version, exc)
             raise
-        response = await self.dataplane.infer(infer_request)
-        payload, header_length = rest_codec.encode_response(response, infer_request.parameters)
-        if header_length is None:
-            return Response(200, payload, _JSON)
-        headers = {rest_codec.HEADER_LENGTH: str(header_length)}
-        return Response(200, payload, "application/octet-stream", headers)
+        parameters = infer_request.parameters
 
-    async def repository_index(self, request: Request) -> Response:
+        def done(response: InferenceResponse | None, error: ServingError | None) -> None:
+            if error is not None:
+                reply(_error(error.http_status, str(error)))
+                return
+            try:
+                reply(_infer_response(response, parameters))
+            except Exception:  # a bug, not bad input: answer, keep serving
+                log.exception("encoding the response of model %s failed", name)
+                reply(_error(500, "internal error encoding the response"))
+
+        self.dataplane.submit(infer_request, done)
+
+    def repository_index(self, request: Request, reply: Reply) -> Response:
         doc = _json_body(request)
         ready_only = bool(doc.get("ready", False))
         entries = self.dataplane.repository_index(ready_only=ready_only)
@@ -170,17 +196,34 @@ class RestFrontEnd:
             ]
         )
 
-    async def load(self, request: Request, name: str) -> Response:
+    def load(self, request: Request, reply: Reply, name: str) -> None:
         _json_body(request)
-        await self.dataplane.load_model(name)
-        return Response(200)
+        self._in_background(self.dataplane.load_model(name), reply)
 
-    async def unload(self, request: Request, name: str) -> Response:
+    def unload(self, request: Request, reply: Reply, name: str) -> None:
         _json_body(request)
-        await self.dataplane.unload_model(name)
-        return Response(200)
+        self._in_background(self.dataplane.unload_model(name), reply)
 
-    async def metrics(self, request: Request) -> Response:
+    def _in_background(self, work: Coroutine[Any, Any, None], reply: Reply) -> None:
+        """Run `work` as a task; reply 200 when it ends, or with the error it raised."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)  # the loop holds tasks weakly
+
+        def finished(task: asyncio.Task) -> None:
+            self._tasks.discard(task)
+            try:
+                task.result()
+            except ServingError as exc:
+                reply(_error(exc.http_status, str(exc)))
+            except (Exception, asyncio.CancelledError) as exc:
+                log.error("%s failed", work.__qualname__, exc_info=exc)
+                reply(_error(500, f"internal error: {type(exc).__name__}"))
+            else:
+                reply(Response(200))
+
+        task.add_done_callback(finished)
+
+    def metrics(self, request: Request, reply: Reply) -> Response:
         body = generate_latest(self.dataplane.metrics.registry)
         return Response(200, body, CONTENT_TYPE_LATEST)
 
