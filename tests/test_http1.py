@@ -42,6 +42,7 @@ class EchoApp:
     def echo(self, request: Request, reply) -> Response:
         headers = {"X-Method": request.method, "X-Query": request.query}
         headers["X-Body-Type"] = type(request.body).__name__
+        headers["X-Header-Names"] = ",".join(sorted(request.headers))
         return Response(200, bytes(request.body), "application/octet-stream", headers)
 
     def slow(self, request: Request, reply) -> None:
@@ -183,6 +184,21 @@ def test_a_reply_after_the_client_left_is_dropped(caplog):
     serve(test)
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, errors[0].getMessage()
+
+
+def test_header_names_are_lower_case_and_remembering_them_is_bounded():
+    async def test(server, connect):
+        client = await connect()
+        for i in range(http1.MAX_KNOWN_HEADER_NAMES + 100):
+            extra = b"X-Made-Up-%d: v\r\nCONTENT-type: text/plain\r\n" % i
+            await client.send(post("/echo", b"x", extra))
+            status, headers, _ = await client.response()
+            names = headers["x-header-names"].split(",")
+            assert status == 200 and f"x-made-up-{i}" in names and "content-type" in names
+        assert len(http1._HEADER_NAMES) <= http1.MAX_KNOWN_HEADER_NAMES
+        client.close()
+
+    serve(test)
 
 
 def test_http10_closes_after_the_response_unless_asked_to_keep_alive():

@@ -333,3 +333,20 @@ def test_a_chunked_body_over_the_limit_is_refused(agent):
 
     status, doc = asyncio.run(send())
     assert status == 400 and "exceeds the limit" in doc["error"]
+
+
+def test_routing_memory_is_bounded_under_many_distinct_paths():
+    """The router remembers paths it has routed; a client inventing paths cannot grow that."""
+    from agent.serving.http1 import Request, Response
+    from agent.serving.rest import MAX_KNOWN_ROUTES, RestFrontEnd
+
+    front = RestFrontEnd(dataplane=None)
+    for i in range(MAX_KNOWN_ROUTES + 500):
+        handler, args = front.route(Request("POST", f"/v2/models/m{i}/versions/{i}/infer", "", {}))
+        assert (handler, args) == (front.infer, (f"m{i}", str(i)))
+        refused = front.route(Request("GET", f"/v2/nowhere/{i}", "", {}))
+        assert isinstance(refused, Response) and refused.status == 404
+    assert len(front._routes) == MAX_KNOWN_ROUTES
+    # remembered or not, a path routes the same: the method is still checked every time
+    for path in ("/v2/models/m0/versions/0/infer", f"/v2/models/m{MAX_KNOWN_ROUTES + 1}/ready"):
+        assert front.route(Request("DELETE", path, "", {})).status == 405

@@ -176,7 +176,7 @@ class DataPlane:
                     m.failure(_reason(error))
                     done(None, error)
                     return
-                outputs = _select_outputs(model, request, outcome.outputs)
+                outputs = _select_outputs(model, request, outcome.arrays, outcome.span)
                 m.succeeded(time.perf_counter_ns() - start, outcome.queue_ns)
                 response = InferenceResponse(model.name, model.version, outputs, request.id)
                 done(response, None)
@@ -367,15 +367,22 @@ def _timeout_s(request: InferenceRequest) -> float | None:
     return value / 1e6
 
 
-def _select_outputs(model: ServedModel, request: InferenceRequest, arrays) -> list[Tensor]:
-    names = [o.name for o in request.outputs] if request.outputs else list(model.outputs)
-    parameters = {o.name: o.parameters for o in request.outputs or ()}
+def _select_outputs(
+    model: ServedModel, request: InferenceRequest, arrays, span: slice | None
+) -> list[Tensor]:
+    """The requested outputs (all by default) as tensors, cut to the request's `span` of rows
+    of a batch's arrays."""
+    if request.outputs is None:
+        tensors = []
+        for name in model.outputs:
+            array = arrays[name] if span is None else arrays[name][span]
+            tensors.append(Tensor(name, from_numpy(array.dtype), array.shape, array, {}))
+        return tensors
     tensors = []
-    for name in names:
-        array = arrays[name]
-        tensors.append(
-            Tensor(name, from_numpy(array.dtype), array.shape, array, parameters.get(name, {}))
-        )
+    for out in request.outputs:
+        name = out.name
+        array = arrays[name] if span is None else arrays[name][span]
+        tensors.append(Tensor(name, from_numpy(array.dtype), array.shape, array, out.parameters))
     return tensors
 
 

@@ -112,6 +112,15 @@ def _status_line(status: int) -> bytes:
 _STATUS_LINES = {status: _status_line(status) for status in _REASONS}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
+# Header names as received -> their lower-case text: decoding and lowering each name of each
+# request cost more than looking it up. Bounded: names beyond it are decoded every time.
+_HEADER_NAMES: dict[bytes, str] = {}
+_CONTENT_TYPE_LINES = {
+    t: b"Content-Type: %s\r\n" % t.encode()
+    for t in ("application/json", "application/octet-stream", "text/plain")
+}
+MAX_KNOWN_HEADER_NAMES = 512
+
 # Connection states
 _IDLE, _HEAD, _BODY, _DIRECT, _DISCARD = range(5)
 
@@ -215,6 +224,7 @@ class _Connection(asyncio.BufferedProtocol):
         # requests read and not yet answered, in order; the one in the front is being handled
         self.queue: deque[tuple[Request, tuple[Handler, tuple] | Response]] = deque()
         self.busy = False  # answering the queue
+        self.reading_paused = False  # by us, while pipelined requests wait
         self.waiting = False  # for the reply to the request in the front of the queue
         self.closing = False  # no more requests: close once the queue is answered
         self.write_paused = False
@@ -318,7 +328,11 @@ class _Connection(asyncio.BufferedProtocol):
         if self.header_count > MAX_HEADERS:  # lines, not names: repeats are joined below
             raise _TooManyHeaders()
         headers = self.headers
-        key = name.decode("latin-1").lower()
+        key = _HEADER_NAMES.get(name)
+        if key is None:
+            key = name.decode("latin-1").lower()
+            if len(_HEADER_NAMES) < MAX_KNOWN_HEADER_NAMES:
+                _HEADER_NAMES[name] = key
         text = value.decode("latin-1")
         if key in headers:
             if key == "content-length" or key == "host":
@@ -415,6 +429,7 @@ class _Connection(asyncio.BufferedProtocol):
             self.closing = True
         if self.busy:
             self.transport.pause_reading()  # pipelined: answer what is queued first
+            self.reading_paused = True
         else:
             self.busy = True
             self._answer()
@@ -447,8 +462,10 @@ class _Connection(asyncio.BufferedProtocol):
         self.busy = False
         if self.closing:
             self._shut()
-        elif self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
+        else:
+            if self.reading_paused and not self.transport.is_closing():
+                self.reading_paused = False
+                self.transport.resume_reading()
             self.since = self.loop.time()
 
     def _reply(self, response: Response) -> None:
@@ -472,7 +489,10 @@ class _Connection(asyncio.BufferedProtocol):
             b"Date: %s\r\nContent-Length: %d\r\n" % (self.server.date, len(body)),
         ]
         if response.content_type is not None:
-            lines.append(b"Content-Type: %s\r\n" % response.content_type.encode("latin-1"))
+            line = _CONTENT_TYPE_LINES.get(response.content_type)
+            if line is None:
+                line = b"Content-Type: %s\r\n" % response.content_type.encode("latin-1")
+            lines.append(line)
         if response.headers:
             for name, value in response.headers.items():
                 lines.append(f"{name}: {value}\r\n".encode("latin-1"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,8 +96,8 @@ class ServedModel:
                     raise InvalidInput("inputs disagree on the batch size (first dimension)")
                 rows = n
             inputs[tensor.name] = tensor.data
-        missing = [n for n in self.inputs if n not in inputs]
-        if missing:
+        if len(inputs) != len(self.inputs):  # each one known and given once: some are missing
+            missing = [n for n in self.inputs if n not in inputs]
             raise InvalidInput(f"missing input(s) {', '.join(missing)} for model {self.name}")
         if self.config.max_batch_size:
             if not 1 <= rows <= self.config.max_batch_size:
@@ -132,16 +131,29 @@ def _check_text(name: str, data: np.ndarray, runtime: str) -> None:
 def _shape_matches(shape: tuple[int, ...], expected: tuple[int, ...]) -> bool:
     if len(shape) != len(expected):
         return False
-    return all(e == -1 or s == e for s, e in zip(shape, expected, strict=True))
+    # a loop, not all() over a generator: this runs per request
+    for s, e in zip(shape, expected):  # noqa: B905, SIM110 (lengths checked above)
+        if s != e and e != -1:
+            return False
+    return True
 
 
 def check_shape(name: str, shape: list) -> tuple[int, ...]:
-    """Validate a client-supplied shape before anything is allocated for it."""
-    if not isinstance(shape, list | tuple) or len(shape) > MAX_DIMS:
+    """Validate a client-supplied shape before anything is allocated for it.
+
+    On every request, so written for speed: `type(d) is int` refuses bools (and floats) the
+    way isinstance could not alone, and the element count is multiplied out in the same loop.
+    """
+    if type(shape) not in _SEQUENCE_TYPES or len(shape) > MAX_DIMS:
         raise InvalidInput(f"input {name!r}: shape must be a list of at most {MAX_DIMS} integers")
+    count = 1
     for d in shape:
-        if not isinstance(d, int) or isinstance(d, bool) or d < 0:
+        if type(d) is not int or d < 0:
             raise InvalidInput(f"input {name!r}: shape {shape} has a non-integer or negative dim")
-    if math.prod(shape) > MAX_ELEMENTS:
+        count *= d
+    if count > MAX_ELEMENTS:
         raise InvalidInput(f"input {name!r}: shape {shape} is larger than {MAX_ELEMENTS} elements")
     return tuple(shape)
+
+
+_SEQUENCE_TYPES = frozenset({list, tuple})

@@ -21,6 +21,7 @@ from runtimes.base import TensorSpec
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
+MAX_KNOWN_ROUTES = 1024  # paths whose routing is remembered; others are routed every time
 _JSON = "application/json"
 _INFERENCE_HEADER = rest_codec.HEADER_LENGTH.lower()
 
@@ -57,6 +58,8 @@ class RestFrontEnd:
         self.dataplane = dataplane
         self.max_body = max_body
         self._tasks: set[asyncio.Task] = set()
+        # raw path -> what _route found for it: splitting the path cost more than a lookup
+        self._routes: dict[str, tuple[str, Handler, tuple]] = {}
         self._static = {
             ("v2", "health", "live"): ("GET", self.live),
             ("v2", "health", "ready"): ("GET", self.ready),
@@ -75,7 +78,11 @@ class RestFrontEnd:
     # http1.Application
 
     def route(self, request: Request) -> tuple[Handler, tuple] | Response:
-        found = self._route(request.path)
+        found = self._routes.get(request.path)
+        if found is None:
+            found = self._route(request.path)
+            if found is not None and len(self._routes) < MAX_KNOWN_ROUTES:
+                self._routes[request.path] = found
         if found is None:
             return _error(404, f"no such endpoint: {request.method} {request.path}")
         method, handler, args = found

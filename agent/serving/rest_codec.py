@@ -24,6 +24,7 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 # Which JSON number kinds (numpy dtype.kind after parsing) each datatype accepts.
 _ACCEPTED_KINDS = {"BOOL": "b", "FP16": "iuf", "FP32": "iuf", "FP64": "iuf"}
 _INT_KINDS = "iu"
+_RAW_DTYPES = {name: to_numpy_le(name) for name in DATATYPES if name != "BYTES"}
 
 
 def decode_request(
@@ -131,7 +132,7 @@ def decode_raw(name: str, datatype: str, shape: tuple[int, ...], chunk) -> np.nd
     count = math.prod(shape)
     if datatype == "BYTES":
         return _decode_bytes_elements(name, bytes(chunk), count).reshape(shape)
-    dtype = to_numpy_le(datatype)
+    dtype = _RAW_DTYPES[datatype]
     expected = count * dtype.itemsize
     if len(chunk) != expected:
         raise InvalidInput(

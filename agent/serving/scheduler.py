@@ -51,9 +51,19 @@ Arrays = dict[str, np.ndarray]
 
 @dataclass(slots=True)
 class Outcome:
-    outputs: Arrays
+    """One request's result: its rows `span` of the batch's `arrays` (None: all of them)."""
+
+    arrays: Arrays
+    span: slice | None
     queue_ns: int
     compute_ns: int
+
+    @property
+    def outputs(self) -> Arrays:
+        span = self.span
+        if span is None:
+            return self.arrays
+        return {name: array[span] for name, array in self.arrays.items()}
 
 
 Done = Callable[[Outcome | None, ServingError | None], None]
@@ -141,7 +151,10 @@ class Scheduler:
             )
         if timeout is None or timeout > self._default_timeout:
             timeout = self._default_timeout
-        key = tuple(a.shape[1:] for a in inputs.values()) if self._batching else ()
+        key = ()
+        if self._batching:
+            for array in inputs.values():  # a loop, not a generator: this runs per request
+                key += (array.shape[1:],)
         job = Job(inputs, rows, key, done, timeout)
         job.deadline = deadline = self._loop.time() + timeout
         waiting = self._deadlines.get(timeout)
@@ -238,33 +251,26 @@ class Scheduler:
         start = time.perf_counter_ns()
         rows = sum(j.rows for j in batch)
         error: Exception | None = None
-        results: list[Arrays] = []
+        outputs: Arrays = {}
         try:
             if len(batch) == 1:
-                results = [self._infer(batch[0].inputs)]
+                outputs = self._infer(batch[0].inputs)
             else:
                 names = batch[0].inputs.keys()
                 merged = {n: np.concatenate([j.inputs[n] for j in batch]) for n in names}
-                results = self._split(self._infer(merged), batch, rows)
+                outputs = self._infer(merged)
+                for name, array in outputs.items():
+                    if array.ndim == 0 or array.shape[0] != rows:
+                        raise ValueError(
+                            f"output {name} has shape {array.shape}, not {rows} batch rows"
+                        )
         except Exception as exc:  # the runtime's own error types vary; report, never crash
             log.warning("model %s failed on a batch of %d: %s", self.name, rows, exc)
             error = InferenceFailed(f"model {self.name} failed: {exc}")
         compute_ns = time.perf_counter_ns() - start
         self._loop.call_soon_threadsafe(
-            self._resolve, batch, rows, results, error, start, compute_ns
+            self._resolve, batch, rows, outputs, error, start, compute_ns
         )
-
-    @staticmethod
-    def _split(outputs: Arrays, batch: list[Job], rows: int) -> list[Arrays]:
-        for name, array in outputs.items():
-            if array.ndim == 0 or array.shape[0] != rows:
-                raise ValueError(f"output {name} has shape {array.shape}, not {rows} batch rows")
-        results, offset = [], 0
-        for job in batch:
-            end = offset + job.rows
-            results.append({n: a[offset:end] for n, a in outputs.items()})
-            offset = end
-        return results
 
     # --- back on the event loop -----------------------------------------------------------
 
@@ -272,20 +278,25 @@ class Scheduler:
         self._pending -= count
         self._metrics.pending -= count
 
-    def _resolve(self, batch, rows, results, error, start_ns, compute_ns) -> None:
+    def _resolve(self, batch, rows, outputs, error, start_ns, compute_ns) -> None:
+        """Answer a batch's jobs, each with its rows of the outputs (a slice each, no copy)."""
         self._release(len(batch))
         self._metrics.executed(rows, compute_ns)
-        for i, job in enumerate(batch):
+        whole = len(batch) == 1
+        offset = 0
+        for job in batch:
             done = job.done
             job.inputs = job.done = None
+            start, offset = offset, offset + job.rows
             if job.finished:
                 continue
             job.finished = True
-            if error is None:
-                outcome = Outcome(results[i], start_ns - job.enqueued_ns, compute_ns)
-                self._answer(done, outcome, None)
-            else:
+            if error is not None:
                 self._answer(done, None, error)
+                continue
+            span = None if whole else slice(start, offset)
+            outcome = Outcome(outputs, span, start_ns - job.enqueued_ns, compute_ns)
+            self._answer(done, outcome, None)
         for waiting in self._deadlines.values():  # usually one: the model's own timeout
             while waiting and waiting[0].finished:
                 waiting.popleft()
