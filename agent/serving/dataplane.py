@@ -186,20 +186,6 @@ class DataPlane:
             m.failure(_reason(exc))
             raise
 
-    async def infer(self, request: InferenceRequest) -> InferenceResponse:
-        """`submit` for a caller that awaits; cancelling the wait cancels the request."""
-        future = asyncio.get_running_loop().create_future()
-
-        def done(response: InferenceResponse | None, error: ServingError | None) -> None:
-            if not future.done():
-                future.set_result(response) if error is None else future.set_exception(error)
-
-        job = self.submit(request, done)
-        try:
-            return await future
-        finally:
-            job.cancel()
-
     def count_rejected(self, name: str, version: str | None, error: ServingError) -> None:
         """Count a request a front end refused before it reached `infer` (it would not decode)."""
         model = self._latest.get(name) if not version else self._models.get(name, {}).get(version)

@@ -115,10 +115,6 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Header names as received -> their lower-case text: decoding and lowering each name of each
 # request cost more than looking it up. Bounded: names beyond it are decoded every time.
 _HEADER_NAMES: dict[bytes, str] = {}
-_CONTENT_TYPE_LINES = {
-    t: b"Content-Type: %s\r\n" % t.encode()
-    for t in ("application/json", "application/octet-stream", "text/plain")
-}
 MAX_KNOWN_HEADER_NAMES = 512
 
 # Connection states
@@ -144,6 +140,7 @@ class HttpServer:
         self.request_timeout = request_timeout
         self.connections: set[_Connection] = set()
         self.date = b""
+        self._heads: dict[tuple[int, str | None], bytes] = {}  # made this second (response_head)
         self._read_buffer = bytearray(READ_BUFFER_BYTES)
         self.read_view = memoryview(self._read_buffer)
         self.head_view = self.read_view[:HEAD_READ_BYTES]
@@ -189,6 +186,21 @@ class HttpServer:
 
     def _tick(self) -> None:
         self.date = email.utils.formatdate(usegmt=True).encode("ascii")
+        self._heads = {}
+
+    def response_head(self, status: int, content_type: str | None) -> bytes:
+        """Status line, Date and Content-Type: the same for every response of a kind within a
+        second, so made once a second per kind."""
+        key = (status, content_type)
+        head = self._heads.get(key)
+        if head is None:
+            head = _STATUS_LINES.get(status) or _status_line(status)
+            head += b"Date: %s\r\n" % self.date
+            if content_type is not None:
+                head += b"Content-Type: %s\r\n" % content_type.encode("latin-1")
+            if len(self._heads) < 64:
+                self._heads[key] = head
+        return head
 
     async def _sweep(self) -> None:
         """Once a second: the Date header, and connections past their time."""
@@ -473,7 +485,11 @@ class _Connection(asyncio.BufferedProtocol):
             return  # the connection was lost meanwhile
         self.waiting = False
         self._send(response)
-        self._answer()
+        if self.queue or self.write_paused or self.closing or self.reading_paused:
+            self._answer()
+        else:  # _answer's end, inlined for the usual case: nothing else owed, keep reading
+            self.busy = False
+            self.since = self.loop.time()
 
     def _send(self, response: Response) -> None:
         request, _ = self.queue.popleft()
@@ -484,28 +500,21 @@ class _Connection(asyncio.BufferedProtocol):
         if transport.is_closing():
             return
         body = response.body
-        lines = [
-            _STATUS_LINES.get(response.status) or _status_line(response.status),
-            b"Date: %s\r\nContent-Length: %d\r\n" % (self.server.date, len(body)),
-        ]
-        if response.content_type is not None:
-            line = _CONTENT_TYPE_LINES.get(response.content_type)
-            if line is None:
-                line = b"Content-Type: %s\r\n" % response.content_type.encode("latin-1")
-            lines.append(line)
-        if response.headers:
-            for name, value in response.headers.items():
-                lines.append(f"{name}: {value}\r\n".encode("latin-1"))
-        if close:
-            lines.append(b"Connection: close\r\n")
-        lines.append(b"\r\n")
+        head = self.server.response_head(response.status, response.content_type)
+        if response.headers or close:
+            extra = [head]
+            if response.headers:
+                for name, value in response.headers.items():
+                    extra.append(f"{name}: {value}\r\n".encode("latin-1"))
+            if close:
+                extra.append(b"Connection: close\r\n")
+            head = b"".join(extra)
         if head_only or not body:
-            transport.write(b"".join(lines))
+            transport.write(b"%sContent-Length: %d\r\n\r\n" % (head, len(body)))
         elif len(body) < 16384:
-            lines.append(body)
-            transport.write(b"".join(lines))
+            transport.write(b"%sContent-Length: %d\r\n\r\n%s" % (head, len(body), body))
         else:
-            transport.writelines([b"".join(lines), body])
+            transport.writelines([b"%sContent-Length: %d\r\n\r\n" % (head, len(body)), body])
 
     # refusing and closing
 

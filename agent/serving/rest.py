@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
 MAX_KNOWN_ROUTES = 1024  # paths whose routing is remembered; others are routed every time
 _JSON = "application/json"
+_OCTET_STREAM = "application/octet-stream"
 _INFERENCE_HEADER = rest_codec.HEADER_LENGTH.lower()
 
 
@@ -32,14 +33,6 @@ def _json(doc, status: int = 200) -> Response:
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
     return Response(status, rest_codec.error_body(message), _JSON, headers)
-
-
-def _infer_response(response: InferenceResponse, parameters: dict) -> Response:
-    payload, header_length = rest_codec.encode_response(response, parameters)
-    if header_length is None:
-        return Response(200, payload, _JSON)
-    headers = {rest_codec.HEADER_LENGTH: str(header_length)}
-    return Response(200, payload, "application/octet-stream", headers)
 
 
 def _specs(specs: list[TensorSpec]) -> list[dict]:
@@ -185,10 +178,16 @@ class RestFrontEnd:
                 reply(_error(error.http_status, str(error)))
                 return
             try:
-                reply(_infer_response(response, parameters))
+                payload, header_length = rest_codec.encode_response(response, parameters)
+                if header_length is None:
+                    answer = Response(200, payload, _JSON)
+                else:
+                    headers = {rest_codec.HEADER_LENGTH: str(header_length)}
+                    answer = Response(200, payload, _OCTET_STREAM, headers)
             except Exception:  # a bug, not bad input: answer, keep serving
                 log.exception("encoding the response of model %s failed", name)
-                reply(_error(500, "internal error encoding the response"))
+                answer = _error(500, "internal error encoding the response")
+            reply(answer)
 
         self.dataplane.submit(infer_request, done)
 

@@ -54,7 +54,8 @@ def decode_request(
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidInput("'id' must be a string")
-    parameters = _parameters(doc, "request")
+    parameters = doc.get("parameters")
+    parameters = {} if parameters is None else _parameters(doc, "request")
     offset = 0
     inputs = []
     for raw in raw_inputs:
@@ -106,7 +107,8 @@ def _decode_input(raw, binary: memoryview | bytes, offset: int) -> tuple[Tensor,
         )
     shape = check_shape(name, raw.get("shape"))
     count = math.prod(shape)
-    params = _parameters(raw, name)
+    params = raw.get("parameters")
+    params = {} if params is None else _parameters(raw, name)
     size = params.get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
