@@ -464,6 +464,25 @@ async def test_responses_are_cut_to_the_clients_frame_size(client):
     assert max(sizes) == 16384 and sum(sizes) == 50_000
 
 
+async def test_stream_credit_only_where_the_rest_of_the_body_needs_it(client):
+    known = body_of(900_000)  # past half the stream window, the rest fits what is left
+    unknown = b"\0" * 4 + bytes(900_000)  # a size the handler cannot tell (Echo: < 4)
+    streams = {}
+    for name, body in (("known", known), ("unknown", unknown)):
+        streams[name] = client.stream
+        client.send(client.request_frames(body))
+        await settle()
+    frames = client.frames()
+    credited = {s for t, _, s, _ in frames if t == WINDOW_UPDATE and s != 0}
+    assert streams["known"] not in credited  # a write the client would read for nothing
+    assert streams["unknown"] in credited
+    bodies = {}
+    for t, _, s, payload in frames:
+        if t == DATA:
+            bodies[s] = bodies.get(s, b"") + payload
+    assert bodies[streams["known"]] == known and bodies[streams["unknown"]] == unknown
+
+
 async def test_connection_window_credit_comes_back(client):
     body = body_of(200_000)
     for _ in range(50):  # 10 MB, past half of the connection window

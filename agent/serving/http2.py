@@ -571,7 +571,16 @@ class Connection(asyncio.BufferedProtocol):
             self._reset_stream(stream, ErrorCode.FLOW_CONTROL_ERROR)
             return None
         request.recv_unacked += length
-        if request.recv_unacked >= STREAM_WINDOW // 2 and not flags & END_STREAM:
+        if (
+            request.recv_unacked >= STREAM_WINDOW // 2
+            and not flags & END_STREAM
+            # no credit when the rest of a body of known size fits the window left: a write
+            # the client would have to read, for nothing (a 600 KB image crossed half of it)
+            and (
+                request.buffer is None
+                or len(request.buffer) - request.size - length > request.recv_window
+            )
+        ):
             self._out.append(_frame(WINDOW_UPDATE, 0, stream, _U32.pack(request.recv_unacked)))
             request.recv_window += request.recv_unacked
             request.recv_unacked = 0
