@@ -134,11 +134,6 @@ class Scheduler:
     def pending(self) -> int:
         return self._pending
 
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        """The event loop its results come back on."""
-        return self._loop
-
     def submit(self, inputs: Arrays, rows: int, done: Done, timeout: float | None = None) -> Job:
         """Queue one request. `done(outcome, None)` or `done(None, error)` is called once, on the
         loop, unless the job is cancelled first. `timeout` (s) may shorten the model's own."""
