@@ -123,3 +123,79 @@ def test_json_values_that_do_not_fit_are_refused(datatype, data, needle):
 def test_malformed_binary_bytes_elements(raw, needle):
     with pytest.raises(InvalidInput, match=needle):
         rest_codec.decode_raw("x", "BYTES", (1,), raw)
+
+
+# --- the binary extension's remembered headers ------------------------------------------------
+
+
+def _binary_header(**extra) -> bytes:
+    inputs = [
+        {"name": "a", "datatype": "FP32", "shape": [1, 4], "parameters": {"binary_data_size": 16}},
+        {"name": "b", "datatype": "INT64", "shape": [2], "parameters": {"binary_data_size": 16}},
+    ]
+    doc = {"inputs": inputs, "outputs": [{"name": "y", "parameters": {"binary_data": True}}]}
+    return json.dumps({**doc, **extra}).encode()
+
+
+def _decode_binary(header: bytes, binary: bytes):
+    return rest_codec.decode_request(header + binary, str(len(header)), "m", "2")
+
+
+@pytest.fixture
+def layouts(monkeypatch):
+    monkeypatch.setattr(rest_codec, "_LAYOUTS", {})
+    return rest_codec._LAYOUTS
+
+
+def test_a_repeated_header_decodes_each_requests_own_data(layouts):
+    header = _binary_header(parameters={"binary_data_output": True})
+    for i in range(3):
+        a = np.arange(4, dtype=np.float32).reshape(1, 4) + i
+        b = np.array([i, -i], np.int64)
+        req = _decode_binary(header, a.tobytes() + b.tobytes())
+        assert len(layouts) == 1  # remembered after the first, used by the others
+        assert (req.model_name, req.model_version, req.id) == ("m", "2", None)
+        assert [(t.name, t.datatype, t.shape) for t in req.inputs] == [
+            ("a", "FP32", (1, 4)),
+            ("b", "INT64", (2,)),
+        ]
+        np.testing.assert_array_equal(req.inputs[0].data, a)
+        np.testing.assert_array_equal(req.inputs[1].data, b)
+        assert [(o.name, o.parameters) for o in req.outputs] == [("y", {"binary_data": True})]
+        assert req.parameters == {"binary_data_output": True}
+
+
+@pytest.mark.parametrize(
+    "binary, needle",
+    [
+        (bytes(31), "runs past the end of the binary data"),
+        (bytes(33), "1 bytes beyond what the inputs declare"),
+        (b"", "runs past the end"),
+    ],
+    ids=["short", "long", "none"],
+)
+def test_a_remembered_header_still_checks_the_binary_data(layouts, binary, needle):
+    header = _binary_header()
+    _decode_binary(header, bytes(32))
+    assert layouts
+    with pytest.raises(InvalidInput, match=needle):
+        _decode_binary(header, binary)
+
+
+def test_what_is_not_remembered(layouts):
+    _decode_binary(_binary_header(id="request-7"), bytes(32))  # ids are per request
+    big = _binary_header(parameters={"pad": "x" * rest_codec.MAX_LAYOUT_BYTES})
+    _decode_binary(big, bytes(32))
+    mixed = json.dumps(
+        {"inputs": [{"name": "a", "datatype": "FP32", "shape": [1], "data": [1.5]}]}
+    ).encode()
+    rest_codec.decode_request(mixed, str(len(mixed)), "m", None)  # JSON data, no binary
+    with pytest.raises(InvalidInput):
+        _decode_binary(b'{"inputs": []}', b"")  # refused: nothing to remember
+    assert not layouts
+
+
+def test_remembered_headers_are_bounded(layouts):
+    for i in range(rest_codec.MAX_LAYOUTS * 3):
+        _decode_binary(_binary_header(parameters={"n": i}), bytes(32))
+        assert len(layouts) <= rest_codec.MAX_LAYOUTS

@@ -28,26 +28,95 @@ _RAW_DTYPES = {name: to_numpy_le(name) for name in DATATYPES if name != "BYTES"}
 
 
 def decode_request(
-    body: bytes, header_length: str | None, model_name: str, model_version: str | None
+    body: bytes | memoryview,
+    header_length: str | None,
+    model_name: str,
+    model_version: str | None,
 ) -> InferenceRequest:
-    binary = b""
-    if header_length is not None:
-        try:
-            n = int(header_length)
-        except ValueError:
-            raise InvalidInput(
-                f"{HEADER_LENGTH} must be an integer, got {header_length!r}"
-            ) from None
-        if not 0 < n <= len(body):
-            raise InvalidInput(f"{HEADER_LENGTH} is {n} but the body has {len(body)} bytes")
-        binary = memoryview(body)[n:]
-        body = body[:n]
+    if header_length is None:
+        return _decode(_load(body), b"", model_name, model_version)
+    try:
+        n = int(header_length)
+    except ValueError:
+        raise InvalidInput(f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
+    if not 0 < n <= len(body):
+        raise InvalidInput(f"{HEADER_LENGTH} is {n} but the body has {len(body)} bytes")
+    binary = memoryview(body)[n:]
+    header = bytes(body[:n])
+    layout = _LAYOUTS.get(header)
+    if layout is not None:
+        return layout.request(binary, model_name, model_version)
+    request = _decode(_load(header), binary, model_name, model_version)
+    if n <= MAX_LAYOUT_BYTES and request.id is None:
+        layout = _Layout.of(request)
+        if layout is not None:
+            if len(_LAYOUTS) >= MAX_LAYOUTS:
+                _LAYOUTS.clear()  # start over: the headers in use now come back at once
+            _LAYOUTS[header] = layout
+    return request
+
+
+# The binary extension's JSON header describes the tensors, not their data, so a client sends
+# the same header bytes again and again (tritonclient does, for same-shaped inputs). What a
+# header decoded to is remembered: the next request with it only slices its binary data.
+# Bounded in count and size; a header with a request id is not kept (ids are per request).
+MAX_LAYOUTS = 256
+MAX_LAYOUT_BYTES = 4096
+
+
+class _Layout:
+    """A decoded header whose every input is binary. Its dicts and lists are shared by the
+    requests made from it, which only read them."""
+
+    __slots__ = ("id", "inputs", "outputs", "parameters")
+
+    def __init__(self, inputs: list[tuple], outputs, request_id, parameters: dict):
+        self.inputs = inputs  # (name, datatype, shape, parameters, binary_data_size) each
+        self.outputs = outputs
+        self.id = request_id
+        self.parameters = parameters
+
+    @classmethod
+    def of(cls, request: InferenceRequest) -> _Layout | None:
+        inputs = []
+        for t in request.inputs:
+            size = t.parameters.get("binary_data_size")
+            if size is None:
+                return None  # JSON data: nothing to reuse
+            inputs.append((t.name, t.datatype, t.shape, t.parameters, size))
+        return cls(inputs, request.outputs, request.id, request.parameters)
+
+    def request(
+        self, binary: memoryview, model_name: str, model_version: str | None
+    ) -> InferenceRequest:
+        inputs, offset = [], 0
+        for name, datatype, shape, params, size in self.inputs:
+            chunk = _binary_chunk(name, binary, offset, size)
+            array = decode_raw(name, datatype, shape, chunk)
+            inputs.append(Tensor(name, datatype, shape, array, params))
+            offset += size
+        _check_binary_end(binary, offset)
+        return InferenceRequest(
+            model_name, model_version, inputs, self.id, self.outputs, self.parameters
+        )
+
+
+_LAYOUTS: dict[bytes, _Layout] = {}
+
+
+def _load(body: bytes | memoryview) -> dict:
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise InvalidInput(f"request body is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise InvalidInput("request body must be a JSON object")
+    return doc
+
+
+def _decode(
+    doc: dict, binary: memoryview | bytes, model_name: str, model_version: str | None
+) -> InferenceRequest:
     raw_inputs = doc.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise InvalidInput("request must have a non-empty 'inputs' list")
@@ -61,10 +130,7 @@ def decode_request(
     for raw in raw_inputs:
         tensor, offset = _decode_input(raw, binary, offset)
         inputs.append(tensor)
-    if offset != len(binary):
-        raise InvalidInput(
-            f"binary data has {len(binary) - offset} bytes beyond what the inputs declare"
-        )
+    _check_binary_end(binary, offset)
     outputs = None
     raw_outputs = doc.get("outputs")
     if raw_outputs is not None:
@@ -83,6 +149,22 @@ def decode_request(
         outputs=outputs,
         parameters=parameters,
     )
+
+
+def _binary_chunk(name: str, binary: memoryview | bytes, offset: int, size: int):
+    if offset + size > len(binary):
+        raise InvalidInput(
+            f"input {name!r}: binary_data_size {size} runs past the end of the binary data "
+            f"({len(binary) - offset} bytes left)"
+        )
+    return binary[offset : offset + size]
+
+
+def _check_binary_end(binary: memoryview | bytes, offset: int) -> None:
+    if offset != len(binary):
+        raise InvalidInput(
+            f"binary data has {len(binary) - offset} bytes beyond what the inputs declare"
+        )
 
 
 def _parameters(obj: dict, where: str) -> dict:
@@ -115,12 +197,7 @@ def _decode_input(raw, binary: memoryview | bytes, offset: int) -> tuple[Tensor,
             raise InvalidInput(f"input {name!r}: binary_data_size must be a non-negative integer")
         if "data" in raw:
             raise InvalidInput(f"input {name!r} has both 'data' and binary_data_size")
-        if offset + size > len(binary):
-            raise InvalidInput(
-                f"input {name!r}: binary_data_size {size} runs past the end of the binary data "
-                f"({len(binary) - offset} bytes left)"
-            )
-        chunk = binary[offset : offset + size]
+        chunk = _binary_chunk(name, binary, offset, size)
         array = decode_raw(name, datatype, shape, chunk)
         return Tensor(name, datatype, shape, array, params), offset + size
     if "data" not in raw:
