@@ -72,15 +72,14 @@ Done = Callable[[Outcome | None, ServingError | None], None]
 class Job:
     """One submitted request. `cancel()` it (on the loop) when nobody waits for its answer."""
 
-    __slots__ = ("deadline", "done", "enqueued_ns", "finished", "inputs", "key", "rows", "timeout")
+    __slots__ = ("deadline", "done", "enqueued_ns", "finished", "inputs", "key", "rows")
 
-    def __init__(self, inputs: Arrays, rows: int, key: tuple, done: Done, timeout: float):
+    def __init__(self, inputs: Arrays, rows: int, key: tuple, done: Done, deadline: float):
         self.inputs: Arrays | None = inputs
         self.rows = rows
         self.key = key  # non-batch dims of every input: only equal keys batch together
         self.done: Done | None = done
-        self.timeout = timeout
-        self.deadline = 0.0
+        self.deadline = deadline  # on the loop's clock
         self.enqueued_ns = time.perf_counter_ns()
         # answered, timed out or cancelled. Set on the loop; workers read it to skip the job.
         self.finished = False
@@ -150,8 +149,8 @@ class Scheduler:
         if self._batching:
             for array in inputs.values():  # a loop, not a generator: this runs per request
                 key += (array.shape[1:],)
-        job = Job(inputs, rows, key, done, timeout)
-        job.deadline = deadline = self._loop.time() + timeout
+        deadline = self._loop.time() + timeout
+        job = Job(inputs, rows, key, done, deadline)
         waiting = self._deadlines.get(timeout)
         if waiting is None:
             waiting = self._deadlines[timeout] = deque()
@@ -316,18 +315,18 @@ class Scheduler:
         """Time out every job past its deadline; arm the timer for the next one."""
         self._timer, self._timer_at = None, math.inf
         now = self._loop.time()
-        expired: list[Job] = []
+        expired: list[tuple[Job, float]] = []
         for timeout, waiting in list(self._deadlines.items()):
             while waiting and (waiting[0].finished or waiting[0].deadline <= now):
                 job = waiting.popleft()
                 if not job.finished:
-                    expired.append(job)
+                    expired.append((job, timeout))
             if not waiting:
                 del self._deadlines[timeout]
-        for job in expired:  # the worker skips them, or drops their results
+        for job, timeout in expired:  # the worker skips them, or drops their results
             done, job.done = job.done, None
             job.finished = True
-            error = RequestTimeout(f"model {self.name}: no result within {job.timeout:g} s")
+            error = RequestTimeout(f"model {self.name}: no result within {timeout:g} s")
             self._answer(done, None, error)
         fronts = [w[0].deadline for w in self._deadlines.values() if w]
         if fronts and min(fronts) < self._timer_at:
