@@ -25,6 +25,7 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 _ACCEPTED_KINDS = {"BOOL": "b", "FP16": "iuf", "FP32": "iuf", "FP64": "iuf"}
 _INT_KINDS = "iu"
 _RAW_DTYPES = {name: to_numpy_le(name) for name in DATATYPES if name != "BYTES"}
+_NUMPY_DTYPES = {name: to_numpy(name) for name in DATATYPES}
 
 
 def decode_request(
@@ -141,14 +142,7 @@ def _decode(
             if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
                 raise InvalidInput("each requested output must be an object with a 'name'")
             outputs.append(RequestedOutput(raw["name"], _parameters(raw, raw["name"])))
-    return InferenceRequest(
-        model_name=model_name,
-        model_version=model_version,
-        inputs=inputs,
-        id=request_id,
-        outputs=outputs,
-        parameters=parameters,
-    )
+    return InferenceRequest(model_name, model_version, inputs, request_id, outputs, parameters)
 
 
 def _binary_chunk(name: str, binary: memoryview | bytes, offset: int, size: int):
@@ -259,10 +253,10 @@ def _from_json(name: str, datatype: str, data, count: int) -> np.ndarray:
         raise InvalidInput(
             f"input {name!r}: {parsed.size} data elements but the shape holds {count}"
         )
+    dtype = _NUMPY_DTYPES[datatype]
     if count == 0:
-        return np.empty(0, dtype=to_numpy(datatype))
+        return np.empty(0, dtype=dtype)
     kinds = _ACCEPTED_KINDS.get(datatype, _INT_KINDS)
-    dtype = to_numpy(datatype)
     if parsed.dtype.kind not in kinds:
         if kinds == _INT_KINDS and parsed.dtype.kind in "fO":
             return _big_ints(name, datatype, data, dtype)
@@ -271,7 +265,7 @@ def _from_json(name: str, datatype: str, data, count: int) -> np.ndarray:
         info = np.iinfo(dtype)
         if parsed.min() < info.min or parsed.max() > info.max:
             raise InvalidInput(f"input {name!r}: a value is out of range for {datatype}")
-    return parsed.astype(dtype, copy=False).reshape(-1)
+    return parsed.astype(dtype, copy=False)  # the caller gives it the request's shape
 
 
 def _big_ints(name: str, datatype: str, data: list, dtype: np.dtype) -> np.ndarray:
