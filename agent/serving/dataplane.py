@@ -187,7 +187,7 @@ class DataPlane:
             raise
 
     def count_rejected(self, name: str, version: str | None, error: ServingError) -> None:
-        """Count a request a front end refused before it reached `infer` (it would not decode)."""
+        """Count a request a front end refused before it reached `submit` (it would not decode)."""
         model = self._latest.get(name) if not version else self._models.get(name, {}).get(version)
         if model is not None:
             model.metrics.failure(_reason(error))

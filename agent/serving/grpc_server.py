@@ -281,21 +281,14 @@ class GrpcProtocol:
         message_class, method = entry
         timeout = _timeout_s(request.headers.get(b"grpc-timeout"))
         payload = self._message(request)
-        try:
-            if message_class is pb.ModelInferRequest:  # tensors stay where they arrived
-                parsed = grpc_codec.parse_request(payload)
-            else:
-                message = message_class.FromString(payload)
-        except DecodeError:
-            raise CallError(
-                Status.INVALID_ARGUMENT,
-                f"the request is not a valid {message_class.DESCRIPTOR.full_name} message",
-            ) from None
-        del payload
         if message_class is not pb.ModelInferRequest:
+            message = _decoded(message_class, message_class.FromString, payload)
             return asyncio.get_running_loop().create_task(
                 self._call(connection, request, method, message, timeout)
             )
+        # ModelInfer: the tensors stay where they arrived, and no task is made for the call
+        parsed = _decoded(message_class, grpc_codec.parse_request, payload)
+        del payload
 
         def done(response: Message | None, error: ServingError | None) -> None:
             if error is None:
@@ -441,6 +434,17 @@ class GrpcProtocol:
             (b"grpc-message", _percent_encode(message)),
         ]
         connection.respond(request, headers, b"", [])
+
+
+def _decoded(message_class: type[Message], parse: Callable, payload):
+    """`parse(payload)`, a message that does not parse being the call's INVALID_ARGUMENT."""
+    try:
+        return parse(payload)
+    except DecodeError:
+        raise CallError(
+            Status.INVALID_ARGUMENT,
+            f"the request is not a valid {message_class.DESCRIPTOR.full_name} message",
+        ) from None
 
 
 _TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}

@@ -485,11 +485,7 @@ class _Connection(asyncio.BufferedProtocol):
             return  # the connection was lost meanwhile
         self.waiting = False
         self._send(response)
-        if self.queue or self.write_paused or self.closing or self.reading_paused:
-            self._answer()
-        else:  # _answer's end, inlined for the usual case: nothing else owed, keep reading
-            self.busy = False
-            self.since = self.loop.time()
+        self._answer()
 
     def _send(self, response: Response) -> None:
         request, _ = self.queue.popleft()

@@ -289,10 +289,8 @@ class Scheduler:
                 self._answer(done, None, error)
                 continue
             span = None if whole else slice(start, offset)
-            try:  # self._answer, inlined: this runs per request
-                done(Outcome(outputs, span, start_ns - job.enqueued_ns, compute_ns), None)
-            except Exception:  # the caller's bug must not cost the rest of the batch its answers
-                log.exception("model %s: answering a request failed", self.name)
+            outcome = Outcome(outputs, span, start_ns - job.enqueued_ns, compute_ns)
+            self._answer(done, outcome, None)
         for waiting in self._deadlines.values():  # usually one: the model's own timeout
             while waiting and waiting[0].finished:
                 waiting.popleft()
