@@ -277,13 +277,70 @@ def test_request_and_response_round_trip(datatype):
     np.testing.assert_array_equal(tensor.data, array)
 
     response = InferenceResponse("m", "2", [Tensor("y", datatype, array.shape, array)], id="req-7")
-    out = pb.ModelInferResponse.FromString(grpc_codec.encode_response(response).SerializeToString())
+    out = pb.ModelInferResponse.FromString(grpc_codec.encode_response(response))
     assert (out.model_name, out.model_version, out.id) == ("m", "2", "req-7")
     assert [(o.name, o.datatype, list(o.shape)) for o in out.outputs] == [
         ("y", datatype, list(array.shape))
     ]
     back = decode_raw("y", datatype, array.shape, out.raw_output_contents[0])
     np.testing.assert_array_equal(back, array)
+
+
+def _protobuf_response(response: InferenceResponse) -> bytes:
+    """What protobuf itself writes for `response` (the reference for the hand-written one)."""
+    msg = pb.ModelInferResponse(
+        model_name=response.model_name, model_version=response.model_version, id=response.id
+    )
+    grpc_codec.dict_to_parameters(response.parameters, msg.parameters)
+    for t in response.outputs:
+        msg.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
+        msg.raw_output_contents.append(encode_raw(t.datatype, t.data))
+    return msg.SerializeToString()
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        InferenceResponse("mlp", "1", [Tensor("output", "FP32", (1, 10), np.ones((1, 10), "f4"))]),
+        # every datatype at once, in one answer; an id and parameters
+        InferenceResponse(
+            "m",
+            "12",
+            [Tensor(f"y{d}", d, sample_array(d).shape, sample_array(d)) for d in ALL_DATATYPES],
+            id="req-ü-7",
+            parameters={"sequence_end": True, "n": -3, "big": (1 << 64) - 1, "label": "é"},
+        ),
+        # empty strings are left out; a scalar has no shape field; a zero-size tensor no data
+        InferenceResponse("m", "", [Tensor("s", "INT64", (), np.array(7, np.int64))], id=""),
+        InferenceResponse("m", "1", [Tensor("e", "FP32", (0, 3), np.zeros((0, 3), "f4"))]),
+        # lengths past one varint byte: a long name, large dims, 200 KB of data
+        InferenceResponse(
+            "n" * 300, "1", [Tensor("big", "UINT8", (1, 200_000), np.ones((1, 200_000), "u1"))]
+        ),
+        # a negative dimension (never from a model, but the field is int64): ten varint bytes
+        InferenceResponse("m", "1", [Tensor("odd", "FP32", (-1,), np.zeros(0, "f4"))]),
+        # views in any layout and byte order go out as little-endian C order
+        InferenceResponse(
+            "m",
+            "1",
+            [
+                Tensor("t", "FP64", (3, 2), np.arange(6.0).reshape(2, 3).T.astype(">f8")),
+                Tensor("u", "INT32", (3, 2), np.arange(6, dtype="<i4").reshape(2, 3).T),
+                Tensor("v", "INT16", (2, 2), np.arange(8, dtype="<i2").reshape(2, 4)[:, ::2]),
+            ],
+        ),
+    ],
+    ids=["mlp", "all-datatypes", "scalar", "empty", "long", "negative-dim", "strided"],
+)
+def test_response_bytes_equal_protobufs(response):
+    """The response is written by hand; protobuf writes exactly the same bytes."""
+    wire = grpc_codec.encode_response(response)
+    assert wire == _protobuf_response(response)
+    back = pb.ModelInferResponse.FromString(wire)
+    for t, out, raw in zip(response.outputs, back.outputs, back.raw_output_contents, strict=True):
+        assert (out.name, out.datatype, tuple(out.shape)) == (t.name, t.datatype, t.shape)
+        if t.datatype != "BYTES":
+            np.testing.assert_array_equal(np.frombuffer(raw, to_numpy(t.datatype)), t.data.ravel())
 
 
 def test_parameters_round_trip():

@@ -46,8 +46,6 @@ _NARROW = frozenset({"INT8", "INT16", "UINT8", "UINT16"})
 
 _INT64_MIN, _INT64_MAX, _UINT64_MAX = -(1 << 63), (1 << 63) - 1, (1 << 64) - 1
 
-_OutputTensor = pb.ModelInferResponse.InferOutputTensor
-
 
 # --- requests -------------------------------------------------------------------------------
 
@@ -231,23 +229,59 @@ def _no_data_message(name: str, t: pb.ModelInferRequest.InferInputTensor) -> str
 # --- responses ------------------------------------------------------------------------------
 
 
-def encode_response(response: InferenceResponse) -> pb.ModelInferResponse:
-    """Every output goes in raw_output_contents, in the order of `outputs`."""
-    outputs = []
+def encode_response(response: InferenceResponse) -> bytes:
+    """The serialized ModelInferResponse, every output in raw_output_contents in the order of
+    `outputs`.
+
+    Written field by field: the bytes protobuf's SerializeToString gives for the same message
+    (fields in number order, empty strings left out, shapes packed), without building the
+    message first: 1.9 against 2.9-3.5 µs per MLP answer, of the ~30 µs a gRPC call costs the
+    event loop. Parameters, rare in answers, are still serialized by protobuf.
+    """
+    parts: list[bytes] = []
+    _text(parts, b"\x0a", response.model_name)  # 1: model_name
+    _text(parts, b"\x12", response.model_version)  # 2: model_version
+    _text(parts, b"\x1a", response.id)  # 3: id
+    if response.parameters:  # 4: parameters, a map: protobuf writes its entries
+        holder = pb.ModelInferResponse()
+        dict_to_parameters(response.parameters, holder.parameters)
+        parts.append(holder.SerializeToString())
     raw = []
-    for t in response.outputs:
-        outputs.append(_OutputTensor(name=t.name, datatype=t.datatype, shape=t.shape))
+    for t in response.outputs:  # 5: outputs
+        tensor: list[bytes] = []
+        _text(tensor, b"\x0a", t.name)
+        _text(tensor, b"\x12", t.datatype)
+        if t.shape:  # packed repeated int64: negative numbers take ten bytes, as in protobuf
+            dims = b"".join([_varint_bytes(d & _UINT64_MAX) for d in t.shape])
+            tensor += (b"\x1a", _varint_bytes(len(dims)), dims)
+        body = b"".join(tensor)
+        parts += (b"\x2a", _varint_bytes(len(body)), body)
         raw.append(encode_raw(t.datatype, t.data))
-    msg = pb.ModelInferResponse(
-        model_name=response.model_name,
-        model_version=response.model_version,
-        id=response.id or "",
-        outputs=outputs,
-        raw_output_contents=raw,
-    )
-    if response.parameters:
-        dict_to_parameters(response.parameters, msg.parameters)
-    return msg
+    for data in raw:  # 6: raw_output_contents
+        parts += (b"\x32", _varint_bytes(len(data)), data)
+    return b"".join(parts)
+
+
+_SMALL_VARINTS = [bytes([n]) for n in range(128)]
+
+
+def _varint_bytes(value: int) -> bytes:
+    """A non-negative integer as a protobuf varint."""
+    if value < 128:
+        return _SMALL_VARINTS[value]
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _text(parts: list[bytes], tag: bytes, value: str | None) -> None:
+    """A string field; proto3 leaves an empty one out."""
+    if value:
+        data = value.encode()
+        parts += (tag, _varint_bytes(len(data)), data)
 
 
 def encode_contents(datatype: str, array: np.ndarray) -> pb.InferTensorContents:

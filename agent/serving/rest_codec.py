@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import struct
+import sys
 
 import numpy as np
 import orjson
@@ -24,6 +25,7 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 # Which JSON number kinds (numpy dtype.kind after parsing) each datatype accepts.
 _ACCEPTED_KINDS = {"BOOL": "b", "FP16": "iuf", "FP32": "iuf", "FP64": "iuf"}
 _INT_KINDS = "iu"
+_LITTLE_ENDIAN_HOST = sys.byteorder == "little"
 _RAW_DTYPES = {name: to_numpy_le(name) for name in DATATYPES if name != "BYTES"}
 _NUMPY_DTYPES = {name: to_numpy(name) for name in DATATYPES}
 
@@ -350,7 +352,9 @@ def encode_raw(datatype: str, array: np.ndarray) -> bytes:
             parts.append(struct.pack("<I", len(b)))
             parts.append(b)
         return b"".join(parts)
-    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+    if _LITTLE_ENDIAN_HOST and array.dtype.isnative:
+        return array.tobytes()  # C order, whatever the array's strides
+    return array.astype(array.dtype.newbyteorder("<")).tobytes()
 
 
 def error_body(message: str) -> bytes:
