@@ -612,6 +612,35 @@ def test_bad_input_is_invalid_argument(stub, case):
     assert needle in err.value.details()
 
 
+def test_a_repeated_request_with_bad_tensor_bytes_is_refused_and_counted(server, stub):
+    """The second request repeats the first's layout (remembered) with too few tensor bytes."""
+
+    def failures() -> float:
+        return (
+            server.dataplane.metrics.registry.get_sample_value(
+                "edgefleet_inference_request_failure_total",
+                {"model": "mlp", "version": "1", "reason": "InvalidInput"},
+            )
+            or 0.0
+        )
+
+    def request(data: bytes) -> pb.ModelInferRequest:
+        msg = pb.ModelInferRequest(model_name="mlp")
+        msg.inputs.add(name="input", datatype="FP32", shape=[1, 64])
+        msg.raw_input_contents.append(data)
+        return msg
+
+    x = sample_input("mlp")["input"]
+    assert stub.ModelInfer(request(x.tobytes())).outputs[0].name == "output"
+    before = failures()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(request(x.tobytes()[:-4]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "252 bytes of data for shape [1, 64] FP32; expected 256" in err.value.details()
+    assert failures() == before + 1
+    assert stub.ModelInfer(request(x.tobytes())).outputs[0].name == "output"
+
+
 @pytest.mark.parametrize(
     ("model", "version", "needle"),
     [("no-such-model", "", "model 'no-such-model' not found"), ("mlp", "7", "version '7'")],

@@ -14,6 +14,7 @@ import pytest
 from google.protobuf.message import DecodeError
 
 from agent.serving import grpc_codec
+from agent.serving.errors import InvalidInput
 from agent.serving.grpc_codec import decode_request, parse_request
 from protocol import inference_pb2 as pb
 
@@ -119,3 +120,124 @@ def test_hostile_bytes_get_protobufs_verdict(data, path):
     msg.ClearField("raw_input_contents")
     msg.raw_input_contents.extend(bytes(r) for r in raw)
     assert msg == expected
+
+
+# --- decode_message: what a request's non-tensor bytes decode to is remembered ---------------
+
+
+@pytest.fixture
+def layouts(monkeypatch):
+    """An empty store of remembered layouts, for this test only."""
+    store: dict = {}
+    monkeypatch.setattr(grpc_codec, "_LAYOUTS", store)
+    return store
+
+
+def mlp_request(rng: random.Random, rows: int = 1, **fields) -> pb.ModelInferRequest:
+    msg = pb.ModelInferRequest(model_name="mlp", **fields)
+    msg.inputs.add(name="input", datatype="FP32", shape=[rows, 64])
+    msg.raw_input_contents.append(rng.randbytes(rows * 64 * 4))
+    return msg
+
+
+def slow_decode(data: bytes):
+    """The request as decoded without anything remembered."""
+    return decode_request(*parse_request(data))
+
+
+def same_request(a, b) -> None:
+    assert (a.model_name, a.model_version, a.id) == (b.model_name, b.model_version, b.id)
+    assert (a.outputs, a.parameters) == (b.outputs, b.parameters)
+    assert len(a.inputs) == len(b.inputs)
+    for x, y in zip(a.inputs, b.inputs, strict=True):
+        assert (x.name, x.datatype, x.shape, x.parameters) == (
+            y.name,
+            y.datatype,
+            y.shape,
+            y.parameters,
+        )
+        assert x.data.dtype == y.data.dtype
+        np.testing.assert_array_equal(x.data, y.data)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_repeated_layouts_decode_each_requests_own_tensors(seed, layouts):
+    rng = random.Random(seed)
+    original = random_request(rng)
+    original.ClearField("id")
+    first = original.SerializeToString()
+    same_request(grpc_codec.decode_message(first), slow_decode(first))
+    assert len(layouts) == 1
+    for _ in range(3):  # the same layout, other tensor bytes: each decodes to its own data
+        again = pb.ModelInferRequest()
+        again.CopyFrom(original)
+        for i, raw in enumerate(again.raw_input_contents):
+            again.raw_input_contents[i] = rng.randbytes(len(raw))
+        data = again.SerializeToString()
+        decoded = grpc_codec.decode_message(data)
+        same_request(decoded, slow_decode(data))
+        assert np.shares_memory(decoded.inputs[0].data, np.frombuffer(data, np.uint8))
+    assert len(layouts) == 1
+
+
+def test_a_remembered_layout_still_checks_the_tensor_sizes(layouts):
+    rng = random.Random(1)
+    good = mlp_request(rng)
+    grpc_codec.decode_message(good.SerializeToString())
+    assert len(layouts) == 1
+    for size in (0, 255, 257, 4096):  # short, one byte off either way, long
+        bad = mlp_request(rng)
+        bad.raw_input_contents[0] = b"\0" * size
+        with pytest.raises(InvalidInput, match=f"input 'input': {size} bytes of data"):
+            grpc_codec.decode_message(bad.SerializeToString())
+    # one raw entry too many or none: the same message as without a layout remembered
+    for raw in ([rng.randbytes(256)] * 2, []):
+        bad = mlp_request(rng)
+        bad.ClearField("raw_input_contents")
+        bad.raw_input_contents.extend(raw)
+        data = bad.SerializeToString()
+        with pytest.raises(InvalidInput) as remembered:
+            grpc_codec.decode_message(data)
+        with pytest.raises(InvalidInput) as fresh:
+            slow_decode(data)
+        assert str(remembered.value) == str(fresh.value)
+    assert len(layouts) == 1
+
+
+def test_what_is_not_remembered(layouts):
+    rng = random.Random(2)
+    with_id = mlp_request(rng, id="req-1")  # ids are per request
+    typed = pb.ModelInferRequest(model_name="mlp")  # typed contents: the data is in the layout
+    typed.inputs.add(name="input", datatype="FP32", shape=[1, 2]).contents.fp32_contents.extend(
+        [1.0, 2.0]
+    )
+    oversized = mlp_request(rng)  # non-tensor bytes past MAX_LAYOUT_BYTES
+    oversized.parameters["note"].string_param = "x" * grpc_codec.MAX_LAYOUT_BYTES
+    for msg in (with_id, typed, oversized):
+        data = msg.SerializeToString()
+        same_request(grpc_codec.decode_message(data), slow_decode(data))
+    refused = mlp_request(rng, model_version="1")
+    refused.inputs[0].datatype = "FP33"
+    with pytest.raises(InvalidInput, match="unknown datatype 'FP33'"):
+        grpc_codec.decode_message(refused.SerializeToString())
+    assert layouts == {}
+
+
+def test_remembering_is_bounded(layouts, monkeypatch):
+    monkeypatch.setattr(grpc_codec, "MAX_LAYOUTS", 8)
+    rng = random.Random(3)
+    for rows in range(1, 20):  # each shape is another layout
+        grpc_codec.decode_message(mlp_request(rng, rows=rows).SerializeToString())
+        assert 1 <= len(layouts) <= 8
+
+
+@pytest.mark.parametrize("data", HOSTILE.values(), ids=HOSTILE.keys())
+def test_hostile_bytes_decode_to_protobufs_verdict(data, layouts):
+    try:
+        expected = slow_decode(data)
+    except (DecodeError, InvalidInput) as exc:
+        with pytest.raises(type(exc)):
+            grpc_codec.decode_message(data)
+    else:
+        same_request(grpc_codec.decode_message(data), expected)
+    assert layouts == {}
