@@ -51,8 +51,10 @@ _INT64_MIN, _INT64_MAX, _UINT64_MAX = -(1 << 63), (1 << 63) - 1, (1 << 64) - 1
 # --- requests -------------------------------------------------------------------------------
 
 
-# Below this size a message is parsed by protobuf whole: copying its tensors costs less than
-# scanning its fields in Python (1.1 against 2.4 µs for the sample MLP's 300 bytes).
+# Below this size parse_request leaves a message to protobuf whole: copying its tensors costs
+# less than scanning its fields in Python (1.1 against 2.4 µs for the sample MLP's 300 bytes).
+# decode_message, the server's path, scans every message: the scan gives it the key of the
+# request's remembered layout, which saves more than the scan costs.
 SCAN_BYTES = 16 << 10
 _RAW_INPUT_CONTENTS = pb.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
 
