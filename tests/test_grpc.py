@@ -295,7 +295,7 @@ def _protobuf_response(response: InferenceResponse) -> bytes:
     for t in response.outputs:
         msg.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
         msg.raw_output_contents.append(encode_raw(t.datatype, t.data))
-    return msg.SerializeToString()
+    return msg.SerializeToString(deterministic=True)  # a map's entries ordered by key
 
 
 @pytest.mark.parametrize(
