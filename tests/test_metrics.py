@@ -6,8 +6,9 @@ from __future__ import annotations
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.serving.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, Metrics
-from agent.update.health import parse_sample
+from agent.serving import errors
+from agent.serving.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, REASONS, Metrics
+from agent.update.health import CLIENT_ERRORS, parse_sample
 
 
 def _samples(metrics: Metrics) -> dict[tuple, float]:
@@ -90,3 +91,18 @@ def test_no_model_no_series():
     text = generate_latest(Metrics().registry).decode()
     assert "edgefleet_inference_request_success" in text  # the family is declared
     assert not [line for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def test_failure_reasons_are_the_data_plane_errors_and_the_help_names_them():
+    # Every error a request can end with is a reason, under its class name; a load that fails
+    # (ModelLoadFailed) answers the repository API, not an inference.
+    request_errors = {c.__name__ for c in errors.ServingError.__subclasses__()}
+    assert set(REASONS) == request_errors - {"ModelLoadFailed"}
+    assert set(REASONS) >= CLIENT_ERRORS  # the health watch's client errors are among them
+    text = generate_latest(Metrics().registry).decode()
+    help_line = next(
+        line
+        for line in text.splitlines()
+        if line.startswith("# HELP edgefleet_inference_request_failure_total ")
+    )
+    assert all(reason in help_line for reason in REASONS), help_line

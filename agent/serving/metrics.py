@@ -42,6 +42,16 @@ LATENCY_BUCKETS = (
     10.0,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+# The `reason` label of failures: the name of the data plane's error (agent/serving/errors.py).
+# Stable, since the update's health watch tells client errors from the model's by them.
+REASONS = (
+    "InvalidInput",
+    "QueueFull",
+    "RequestTimeout",
+    "InferenceFailed",
+    "ModelNotReady",
+    "ModelNotFound",
+)
 
 
 class ModelMetrics:
@@ -140,7 +150,7 @@ class _Collector(Collector):
         )
         failure = CounterMetricFamily(
             "edgefleet_inference_request_failure",
-            "Failed inference requests, by reason (invalid, queue_full, timeout, runtime, ...)",
+            "Failed inference requests, by reason: the error's kind (" + ", ".join(REASONS) + ")",
             labels=[*_LABELS, "reason"],
         )
         for m in models:
