@@ -102,6 +102,13 @@ def test_non_utf8_bytes_output_goes_binary():
         ("BOOL", [1], "not valid BOOL"),
         ("BYTES", [1], "strings"),
         ("FP32", [[1, [2]]], "ragged"),
+        ("FP32", [1e39], "out of range for FP32"),  # JSON has no infinity: not cast to inf
+        ("FP32", [-3.5e38], "out of range for FP32"),
+        ("FP16", [65520.0], "out of range for FP16"),
+        ("FP16", [70000], "out of range for FP16"),
+        ("FP16", [-(2**63)], "out of range for FP16"),
+        (["FP32"], [1.0], "unknown datatype"),  # found by test_mutated_requests.py (was a 500)
+        ({"FP32": 1}, [1.0], "unknown datatype"),
     ],
 )
 def test_json_values_that_do_not_fit_are_refused(datatype, data, needle):
@@ -110,6 +117,28 @@ def test_json_values_that_do_not_fit_are_refused(datatype, data, needle):
     ).encode()
     with pytest.raises(InvalidInput, match=needle):
         rest_codec.decode_request(body, None, "m", None)
+
+
+@pytest.mark.parametrize(
+    ("datatype", "value"),
+    [
+        ("FP32", 3.4e38),
+        ("FP32", -3.4e38),
+        ("FP32", -(2**63)),
+        ("FP16", 65504.0),
+        ("FP16", -65504),
+        ("FP64", 1e308),
+        ("FP32", 1e-50),
+    ],
+)
+def test_json_values_at_the_edge_of_their_type_are_taken(datatype, value):
+    body = json.dumps(
+        {"inputs": [{"name": "x", "datatype": datatype, "shape": [1], "data": [value]}]}
+    ).encode()
+    (tensor,) = rest_codec.decode_request(body, None, "m", None).inputs
+    assert np.isfinite(tensor.data).all() and tensor.data.dtype.name == datatype.lower().replace(
+        "fp", "float"
+    )
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,7 @@ _INT_KINDS = "iu"
 _LITTLE_ENDIAN_HOST = sys.byteorder == "little"
 _RAW_DTYPES = {name: to_numpy_le(name) for name in DATATYPES if name != "BYTES"}
 _NUMPY_DTYPES = {name: to_numpy(name) for name in DATATYPES}
+_FLOAT_LIMITS = {t: float(np.finfo(_NUMPY_DTYPES[t]).max) for t in ("FP16", "FP32")}
 
 
 def decode_request(
@@ -179,7 +180,7 @@ def _decode_input(raw, binary: memoryview | bytes, offset: int) -> tuple[Tensor,
     if not isinstance(name, str) or not name:
         raise InvalidInput("each input needs a 'name' string")
     datatype = raw.get("datatype")
-    if datatype not in DATATYPES:
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
         raise InvalidInput(
             f"input {name!r}: unknown datatype {datatype!r}; one of {', '.join(sorted(DATATYPES))}"
         )
@@ -267,7 +268,18 @@ def _from_json(name: str, datatype: str, data, count: int) -> np.ndarray:
         info = np.iinfo(dtype)
         if parsed.min() < info.min or parsed.max() > info.max:
             raise InvalidInput(f"input {name!r}: a value is out of range for {datatype}")
+    elif (limit := _FLOAT_LIMITS.get(datatype)) is not None and _peak(parsed) > limit:
+        # JSON has no infinity: a number beyond FP16's or FP32's range is a mistake, not inf
+        raise InvalidInput(f"input {name!r}: a value is out of range for {datatype}")
     return parsed.astype(dtype, copy=False)  # the caller gives it the request's shape
+
+
+def _peak(parsed: np.ndarray) -> float:
+    """The largest magnitude in a numeric array (integers as Python ints: abs() of the most
+    negative int64 would wrap)."""
+    if parsed.dtype.kind == "f":
+        return abs(parsed).max()
+    return max(int(parsed.max()), -int(parsed.min()))
 
 
 def _big_ints(name: str, datatype: str, data: list, dtype: np.dtype) -> np.ndarray:

@@ -1,0 +1,287 @@
+"""Mutated inference requests against a real agent: thousands of seeded variations of valid
+requests, each answered with a success or a client error that names the problem, never a server
+error, and the server answers the next good request correctly.
+
+The hand-written cases (test_rest_bad_input.py, test_grpc*.py) cover each known way a request
+can be wrong; these find the combinations nobody wrote down. Mutations are structural (a JSON
+node replaced by a hostile value, deleted or duplicated; protobuf fields set to odd values) and
+byte-level (flips, cuts, insertions). Seeds are fixed, so a failure reproduces.
+"""
+
+from __future__ import annotations
+
+import copy
+import http.client
+import json
+import random
+
+import grpc
+import numpy as np
+import pytest
+
+from agent.samples import reference_output, sample_input
+from protocol import inference_pb2 as pb
+
+DATATYPES = ["BOOL", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64",
+             "FP16", "FP32", "FP64", "BYTES"]  # fmt: skip
+HOSTILE = [
+    None, True, False, 0, -1, 1, 2**31, 2**63, 2**64, -(2**63) - 1, 10**30, 1.5, -0.0, 1e308,
+    "", "x", "FP32", "input", "\u00fc" * 3, "\ud800", "9" * 40, [], [[]], [None], [-1],
+    [1, 64], [64, 1], [1, -64], [2**40, 2**40], [0], [[0.5] * 64], {}, {"a": 1},
+    {"binary_data_size": 256}, {"binary_data_size": -1}, {"binary_data_size": 2**62},
+    {"binary_data": True}, {"timeout": 0}, {"timeout": -5}, {"timeout": "soon"},
+]  # fmt: skip
+# success, the client's mistake, a model or version that is not there, a deadline it set itself
+# (the `timeout` parameter, mutated to 1 µs)
+REST_OK = {200, 400, 404, 504}
+GRPC_OK = {
+    grpc.StatusCode.OK,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,  # a shape or message over the limits
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+MLP_INPUT = sample_input("mlp")["input"]
+MLP_EXPECTED = reference_output("mlp", sample_input("mlp"))["output"]
+
+
+# --- mutating JSON documents --------------------------------------------------------------------
+
+
+def nodes(doc, path=()):
+    """Every (path, value) in a JSON tree, the root included."""
+    yield path, doc
+    if isinstance(doc, dict):
+        for key, value in doc.items():
+            yield from nodes(value, (*path, key))
+    elif isinstance(doc, list):
+        for i, value in enumerate(doc[:70]):
+            yield from nodes(value, (*path, i))
+
+
+def mutate_json(doc, rng: random.Random):
+    """A copy of `doc` with one node replaced, deleted or grown."""
+    doc = copy.deepcopy(doc)
+    path, _ = rng.choice([n for n in nodes(doc) if n[0]])  # never the root itself
+    parent = doc
+    for key in path[:-1]:
+        parent = parent[key]
+    last = path[-1]
+    action = rng.random()
+    if action < 0.55:
+        parent[last] = copy.deepcopy(rng.choice(HOSTILE))
+    elif action < 0.7:
+        parent[last] = rng.choice(DATATYPES) if rng.random() < 0.5 else "FP32"
+    elif action < 0.85:
+        del parent[last]
+    elif isinstance(parent, list):
+        parent.insert(last, copy.deepcopy(parent[last]))
+    else:
+        parent[rng.choice(["inputs", "outputs", "parameters", "id", "data", "shape", "zz"])] = (
+            copy.deepcopy(rng.choice(HOSTILE))
+        )
+    return doc
+
+
+def mutate_bytes(data: bytes, rng: random.Random) -> bytes:
+    data = bytearray(data)
+    for _ in range(rng.randrange(1, 4)):
+        action = rng.random()
+        at = rng.randrange(len(data) + 1)
+        if action < 0.4 and data:
+            data[min(at, len(data) - 1)] ^= 1 << rng.randrange(8)
+        elif action < 0.6:
+            del data[at : at + rng.randrange(1, 40)]
+        elif action < 0.8:
+            data[at:at] = rng.randbytes(rng.randrange(1, 40))
+        else:
+            del data[at:]
+    return bytes(data)
+
+
+# --- REST ---------------------------------------------------------------------------------------
+
+
+def json_request() -> dict:
+    return {
+        "id": "r1",
+        "inputs": [
+            {"name": "input", "shape": [1, 64], "datatype": "FP32", "data": MLP_INPUT.tolist()[0]}
+        ],
+        "outputs": [{"name": "output"}],
+        "parameters": {"timeout": 5_000_000},
+    }
+
+
+def binary_header() -> dict:
+    return {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": [1, 64],
+                "datatype": "FP32",
+                "parameters": {"binary_data_size": 256},
+            }
+        ],
+        "outputs": [{"name": "output", "parameters": {"binary_data": True}}],
+    }
+
+
+class Rest:
+    """One keep-alive connection; reopened when the server answers `Connection: close`."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+
+    def post(self, path: str, body: bytes, headers: dict) -> tuple[int, bytes, dict]:
+        self.connection.request("POST", path, body, headers)
+        response = self.connection.getresponse()
+        data = response.read()
+        if response.getheader("Connection", "").lower() == "close":
+            self.connection.close()
+            self.connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        return response.status, data, dict(response.getheaders())
+
+    def check_good_request(self) -> None:
+        body = json.dumps(json_request()).encode()
+        status, data, _ = self.post(
+            "/v2/models/mlp/infer", body, {"Content-Type": "application/json"}
+        )
+        assert status == 200, data
+        output = json.loads(data)["outputs"][0]["data"]
+        np.testing.assert_allclose(output, MLP_EXPECTED.ravel(), rtol=1e-5, atol=1e-6)
+
+
+def assert_rest_answer(status: int, data: bytes, what: str) -> None:
+    assert status in REST_OK, f"{what}: HTTP {status}: {data[:300]!r}"
+    if status != 200:
+        error = json.loads(data)["error"]
+        assert isinstance(error, str) and error, f"{what}: an error with no message"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_mutated_json_requests(agent, seed):
+    rest = Rest(agent.server.http_port)
+    rng = random.Random(seed)
+    for n in range(300):
+        doc = json_request()
+        for _ in range(rng.randrange(1, 4)):
+            doc = mutate_json(doc, rng)
+        body = json.dumps(doc).encode()
+        if rng.random() < 0.1:
+            body = mutate_bytes(body, rng)  # not JSON any more, most of the time
+        path = "/v2/models/mlp/infer" if rng.random() < 0.9 else "/v2/models/mlp/versions/1/infer"
+        status, data, _ = rest.post(path, body, {"Content-Type": "application/json"})
+        assert_rest_answer(status, data, f"seed {seed} request {n}: {body[:200]!r}")
+    rest.check_good_request()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_mutated_binary_requests(agent, seed):
+    rest = Rest(agent.server.http_port)
+    rng = random.Random(100 + seed)
+    tensor = MLP_INPUT.astype("<f4").tobytes()
+    for n in range(300):
+        header = binary_header()
+        for _ in range(rng.randrange(0, 3)):
+            header = mutate_json(header, rng)
+        head = json.dumps(header).encode()
+        binary = tensor if rng.random() < 0.5 else mutate_bytes(tensor, rng)
+        declared = len(head)
+        if rng.random() < 0.3:
+            declared = rng.choice([0, -1, len(head) - 1, len(head) + 1, 2**40, "x", ""])
+        headers = {"Inference-Header-Content-Length": str(declared)}
+        status, data, answer_headers = rest.post("/v2/models/mlp/infer", head + binary, headers)
+        if status == 200 and "Inference-Header-Content-Length" in answer_headers:
+            length = int(answer_headers["Inference-Header-Content-Length"])
+            assert json.loads(data[:length])["outputs"], f"seed {seed} request {n}"
+            continue
+        assert_rest_answer(status, data, f"seed {seed} request {n}: {head[:200]!r}")
+    rest.check_good_request()
+
+
+# --- gRPC ---------------------------------------------------------------------------------------
+
+
+def grpc_request() -> pb.ModelInferRequest:
+    msg = pb.ModelInferRequest(model_name="mlp", id="g1")
+    msg.inputs.add(name="input", datatype="FP32", shape=[1, 64])
+    msg.raw_input_contents.append(MLP_INPUT.astype("<f4").tobytes())
+    msg.outputs.add(name="output")
+    return msg
+
+
+def mutate_message(msg: pb.ModelInferRequest, rng: random.Random) -> pb.ModelInferRequest:
+    msg = copy.deepcopy(msg)
+    tensor = msg.inputs[0] if msg.inputs else msg.inputs.add(name="input")
+    action = rng.randrange(9)
+    if action == 0:
+        tensor.datatype = rng.choice([*DATATYPES, "", "FLOAT", "fp32"])
+    elif action == 1:
+        del tensor.shape[:]
+        tensor.shape.extend(rng.choice([[], [64], [1, 64, 1], [-1, 64], [2, 64], [0, 64],
+                                        [2**40, 2**40], [1] * 20, [1, 2**62]]))  # fmt: skip
+    elif action == 2:
+        tensor.name = rng.choice(["", "x", "input" * 100, "\u00fc"])
+    elif action == 3:  # typed contents, of this or another kind, with or without raw ones
+        contents = tensor.contents
+        field = rng.choice(["fp32_contents", "int_contents", "bytes_contents", "bool_contents",
+                            "uint64_contents", "fp64_contents"])  # fmt: skip
+        count = rng.choice([0, 1, 63, 64, 65])
+        values = {"bytes_contents": [b"a"] * count, "bool_contents": [True] * count}
+        getattr(contents, field).extend(values.get(field, [1] * count))
+        if rng.random() < 0.5:
+            del msg.raw_input_contents[:]
+    elif action == 4:
+        raw = msg.raw_input_contents
+        choice = rng.randrange(3)
+        if choice == 0 and raw:
+            raw[0] = raw[0][: rng.randrange(len(raw[0]) + 1)]
+        elif choice == 1:
+            raw.append(rng.randbytes(rng.randrange(300)))
+        else:
+            del raw[:]
+    elif action == 5:
+        msg.inputs.add(name=rng.choice(["input", "other"]), datatype="FP32", shape=[1, 64])
+    elif action == 6:
+        msg.outputs.add(name=rng.choice(["output", "nope", ""]))
+    elif action == 7:
+        key = rng.choice(["timeout", "binary_data_output", "x", "priority"])
+        param = msg.parameters[key]
+        kind = rng.randrange(3)
+        if kind == 0:
+            param.int64_param = rng.choice([-1, 0, 1, 2**62])
+        elif kind == 1:
+            param.string_param = "soon"
+        else:
+            param.bool_param = True
+    else:
+        msg.model_version = rng.choice(["", "1", "2", "0", "-1", "abc", "9" * 30])
+    return msg
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_mutated_grpc_requests(agent, seed):
+    rng = random.Random(200 + seed)
+    with grpc.insecure_channel(agent.grpc_url) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        for n in range(300):
+            msg = grpc_request()
+            for _ in range(rng.randrange(1, 4)):
+                msg = mutate_message(msg, rng)
+            data = msg.SerializeToString(deterministic=True)
+            if rng.random() < 0.3:
+                data = mutate_bytes(data, rng)
+            try:
+                answer = infer(data, timeout=30)
+            except grpc.RpcError as exc:
+                assert exc.code() in GRPC_OK, (
+                    f"seed {seed} request {n}: {exc.code()} {exc.details()}"
+                )
+                assert exc.details(), f"seed {seed} request {n}: an error with no message"
+            else:
+                assert pb.ModelInferResponse.FromString(answer).model_name == "mlp"
+        answer = pb.ModelInferResponse.FromString(infer(grpc_request().SerializeToString()))
+        output = np.frombuffer(answer.raw_output_contents[0], "<f4")
+        np.testing.assert_allclose(output, MLP_EXPECTED.ravel(), rtol=1e-5, atol=1e-6)
