@@ -14,6 +14,7 @@ import copy
 import http.client
 import json
 import random
+from urllib.parse import quote
 
 import grpc
 import numpy as np
@@ -21,6 +22,7 @@ import pytest
 
 from agent.samples import reference_output, sample_input
 from protocol import inference_pb2 as pb
+from protocol import inference_pb2_grpc as pb_grpc
 
 DATATYPES = ["BOOL", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64",
              "FP16", "FP32", "FP64", "BYTES"]  # fmt: skip
@@ -285,3 +287,85 @@ def test_mutated_grpc_requests(agent, seed):
         answer = pb.ModelInferResponse.FromString(infer(grpc_request().SerializeToString()))
         output = np.frombuffer(answer.raw_output_contents[0], "<f4")
         np.testing.assert_allclose(output, MLP_EXPECTED.ravel(), rtol=1e-5, atol=1e-6)
+
+
+# --- hostile model names and versions on every endpoint that takes them -----------------------
+
+NAMES = ["", ".", "..", "../../etc", "..%2f..", "a/b", "mlp/../mlp", "mlp\x00", "\x00",
+         " mlp", "mlp ", "MLP", "-mlp", "mlp" * 50, "m" * 129, "\u00fc", "\ud7ff", "cnn\n",
+         "*", "%"]  # fmt: skip
+NAME_ERRORS = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.UNAVAILABLE,  # a readiness or metadata call for a model that is not ready
+}
+VERSIONS = ["", "0", "-1", "01", "1.0", "9" * 30, "../1", "1/..", "\x00", "latest", " 1"]
+
+
+def rest_paths():
+    for name in NAMES:
+        m = quote(name, safe="")
+        yield "GET", f"/v2/models/{m}"
+        yield "GET", f"/v2/models/{m}/ready"
+        yield "POST", f"/v2/models/{m}/infer"
+        yield "POST", f"/v2/repository/models/{m}/load"
+        yield "POST", f"/v2/repository/models/{m}/unload"
+    for version in VERSIONS:
+        v = quote(version, safe="")
+        yield "GET", f"/v2/models/mlp/versions/{v}"
+        yield "GET", f"/v2/models/mlp/versions/{v}/ready"
+        yield "POST", f"/v2/models/mlp/versions/{v}/infer"
+
+
+def index(agent) -> list[tuple[str, str, str]]:
+    return sorted((e.name, e.version, e.state) for e in agent.dataplane.repository_index())
+
+
+def test_hostile_names_over_rest(agent):
+    before = index(agent)
+    body = json.dumps(json_request()).encode()
+    for method, path in rest_paths():
+        connection = http.client.HTTPConnection("127.0.0.1", agent.server.http_port, timeout=30)
+        connection.request(method, path, body if method == "POST" else None)
+        response = connection.getresponse()
+        data = response.read()
+        connection.close()
+        # 503: a ready probe of a model that is not ready; 400 also for a path llhttp refuses
+        assert response.status in {200, 400, 404, 503}, f"{method} {path}: {response.status}"
+        if response.status != 200:
+            assert json.loads(data)["error"], f"{method} {path}"
+    assert index(agent) == before  # nothing loaded or unloaded through a hostile name
+    Rest(agent.server.http_port).check_good_request()
+
+
+def test_hostile_names_over_grpc(agent):
+    before = index(agent)
+    with grpc.insecure_channel(agent.grpc_url) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        calls = []
+        for name in NAMES:
+            calls += [
+                ("ModelReady", pb.ModelReadyRequest(name=name)),
+                ("ModelMetadata", pb.ModelMetadataRequest(name=name)),
+                ("RepositoryModelLoad", pb.RepositoryModelLoadRequest(model_name=name)),
+                ("RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name=name)),
+            ]
+            request = grpc_request()
+            request.model_name = name
+            calls.append(("ModelInfer", request))
+        for version in VERSIONS:
+            calls += [
+                ("ModelReady", pb.ModelReadyRequest(name="mlp", version=version)),
+                ("ModelMetadata", pb.ModelMetadataRequest(name="mlp", version=version)),
+            ]
+            request = grpc_request()
+            request.model_version = version
+            calls.append(("ModelInfer", request))
+        for method, request in calls:
+            try:
+                getattr(stub, method)(request, timeout=30)
+            except grpc.RpcError as exc:
+                what = f"{method}({str(request)[:200]!r})"
+                assert exc.code() in NAME_ERRORS, f"{what}: {exc.code()}"
+                assert exc.details(), what
+    assert index(agent) == before
