@@ -63,6 +63,8 @@ async def read_fields(request: web.Request, *names: str) -> dict[str, str]:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from exc
+    except RecursionError:  # Python's parser recurses: "[[[[..." within the size limit
+        raise BadRequest("request body is not valid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
     values = {}

@@ -134,7 +134,7 @@ class PublisherList:
             )
         except PublisherTrustError:
             raise
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise PublisherTrustError(f"malformed publisher list: {exc!r}") from None
         if listing.payload() != encode_canonical(signed).encode("utf-8"):
             raise PublisherTrustError("publisher list holds fields this agent does not know")

@@ -107,7 +107,7 @@ def signature_key_id(package_dir: Path) -> str | None:
         raise SignatureError(
             f"{path.parent}: the package is not signed (no {SIGNATURE_FILE})"
         ) from None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise SignatureError(f"{path}: not a model-signing key signature") from None
     return hint if isinstance(hint, str) and hint else None
 

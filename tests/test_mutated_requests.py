@@ -23,16 +23,19 @@ import pytest
 from agent.samples import reference_output, sample_input
 from protocol import inference_pb2 as pb
 from protocol import inference_pb2_grpc as pb_grpc
+from tests import mutations
+from tests.mutations import mutate_bytes
 
 DATATYPES = ["BOOL", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64",
              "FP16", "FP32", "FP64", "BYTES"]  # fmt: skip
+# Besides the general hostile values, what means something to a tensor
 HOSTILE = [
-    None, True, False, 0, -1, 1, 2**31, 2**63, 2**64, -(2**63) - 1, 10**30, 1.5, -0.0, 1e308,
-    "", "x", "FP32", "input", "\u00fc" * 3, "\ud800", "9" * 40, [], [[]], [None], [-1],
-    [1, 64], [64, 1], [1, -64], [2**40, 2**40], [0], [[0.5] * 64], {}, {"a": 1},
+    *mutations.HOSTILE,
+    "FP32", "input", [1, 64], [64, 1], [1, -64], [2**40, 2**40], [[0.5] * 64],
     {"binary_data_size": 256}, {"binary_data_size": -1}, {"binary_data_size": 2**62},
     {"binary_data": True}, {"timeout": 0}, {"timeout": -5}, {"timeout": "soon"},
 ]  # fmt: skip
+KEYS = ["inputs", "outputs", "parameters", "id", "data", "shape"]
 # success, the client's mistake, a model or version that is not there, a deadline it set itself
 # (the `timeout` parameter, mutated to 1 µs)
 REST_OK = {200, 400, 404, 504}
@@ -47,58 +50,8 @@ MLP_INPUT = sample_input("mlp")["input"]
 MLP_EXPECTED = reference_output("mlp", sample_input("mlp"))["output"]
 
 
-# --- mutating JSON documents --------------------------------------------------------------------
-
-
-def nodes(doc, path=()):
-    """Every (path, value) in a JSON tree, the root included."""
-    yield path, doc
-    if isinstance(doc, dict):
-        for key, value in doc.items():
-            yield from nodes(value, (*path, key))
-    elif isinstance(doc, list):
-        for i, value in enumerate(doc[:70]):
-            yield from nodes(value, (*path, i))
-
-
 def mutate_json(doc, rng: random.Random):
-    """A copy of `doc` with one node replaced, deleted or grown."""
-    doc = copy.deepcopy(doc)
-    path, _ = rng.choice([n for n in nodes(doc) if n[0]])  # never the root itself
-    parent = doc
-    for key in path[:-1]:
-        parent = parent[key]
-    last = path[-1]
-    action = rng.random()
-    if action < 0.55:
-        parent[last] = copy.deepcopy(rng.choice(HOSTILE))
-    elif action < 0.7:
-        parent[last] = rng.choice(DATATYPES) if rng.random() < 0.5 else "FP32"
-    elif action < 0.85:
-        del parent[last]
-    elif isinstance(parent, list):
-        parent.insert(last, copy.deepcopy(parent[last]))
-    else:
-        parent[rng.choice(["inputs", "outputs", "parameters", "id", "data", "shape", "zz"])] = (
-            copy.deepcopy(rng.choice(HOSTILE))
-        )
-    return doc
-
-
-def mutate_bytes(data: bytes, rng: random.Random) -> bytes:
-    data = bytearray(data)
-    for _ in range(rng.randrange(1, 4)):
-        action = rng.random()
-        at = rng.randrange(len(data) + 1)
-        if action < 0.4 and data:
-            data[min(at, len(data) - 1)] ^= 1 << rng.randrange(8)
-        elif action < 0.6:
-            del data[at : at + rng.randrange(1, 40)]
-        elif action < 0.8:
-            data[at:at] = rng.randbytes(rng.randrange(1, 40))
-        else:
-            del data[at:]
-    return bytes(data)
+    return mutations.mutate_json(doc, rng, HOSTILE, [*DATATYPES, "FP32", "FP32"], KEYS)
 
 
 # --- REST ---------------------------------------------------------------------------------------

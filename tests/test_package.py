@@ -208,6 +208,20 @@ def test_verify_accepts_a_subset_of_variants_but_nothing_unsigned(package, publi
         verify_package(package, key, required=needed)
 
 
+@pytest.mark.parametrize(
+    "content",
+    [b"[" * 50_000 + b"]" * 50_000, b"\xff\xfe", b"{}", b'{"verificationMaterial": []}', b""],
+)
+def test_a_hostile_signature_file_is_refused(package, publisher, content):
+    private, public = publisher
+    sign_package(package, private)
+    (package / "model.sig").write_bytes(content)
+    with pytest.raises(SignatureError, match="not a model-signing key signature"):
+        signature_key_id(package)
+    with pytest.raises(SignatureError, match="does not verify"):
+        verify_package(package, load_public_key(public))
+
+
 def test_bit_flip_and_foreign_key_are_refused(package, publisher, tmp_path):
     private, public = publisher
     sign_package(package, private)

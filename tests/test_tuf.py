@@ -115,6 +115,9 @@ def test_publisher_list_needs_the_root_threshold(repo, tmp_path):
     document["signed"]["publishers"][0]["models"].append("*")
     with pytest.raises(PublisherTrustError, match="not signed by the TUF root keys"):
         PublisherList.verify(json.dumps(document).encode(), root)
+    for hostile in (b"[" * 50_000 + b"]" * 50_000, b'{"signed": ' * 5000, b"\xff", b"null"):
+        with pytest.raises(PublisherTrustError, match="malformed publisher list"):
+            PublisherList.verify(hostile, root)
 
     (tmp_path / "one-key").mkdir()
     copied = tmp_path / "one-key" / "root-1.pem"
