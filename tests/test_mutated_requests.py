@@ -10,10 +10,13 @@ byte-level (flips, cuts, insertions). Seeds are fixed, so a failure reproduces.
 
 from __future__ import annotations
 
+import collections
 import copy
 import http.client
 import json
 import random
+import re
+import socket
 from urllib.parse import quote
 
 import grpc
@@ -322,3 +325,101 @@ def test_hostile_names_over_grpc(agent):
                 assert exc.code() in NAME_ERRORS, f"{what}: {exc.code()}"
                 assert exc.details(), what
     assert index(agent) == before
+
+
+# --- raw bytes on the wire ----------------------------------------------------------------------
+
+
+def exchange(port: int, data: bytes) -> bytes:
+    """Send `data` on a new connection, end our side, and read until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        received = bytearray()
+        while chunk := sock.recv(65536):
+            received += chunk
+    return bytes(received)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mutated_http_bytes(agent, seed):
+    """Mutated request lines, headers and bodies, pipelined: every answer a 2xx or 4xx (505 for
+    a version the server does not speak), and the connection then closed; never a 5xx."""
+    rng = random.Random(300 + seed)
+    body = json.dumps(json_request()).encode()
+    request = (
+        b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    for n in range(150):
+        head_end = request.index(b"\r\n\r\n")
+        if rng.random() < 0.7:  # most mutations in the head, where the parser is
+            data = mutate_bytes(request[:head_end], rng) + request[head_end:]
+        else:
+            data = mutate_bytes(request, rng)
+        if rng.random() < 0.3:
+            data = request + data  # pipelined behind a good one
+        answer = exchange(agent.server.http_port, data)
+        codes = [int(m) for m in re.findall(rb"HTTP/1\.[01] (\d{3}) ", answer)]
+        bad = [c for c in codes if c >= 500 and c != 505]
+        assert not bad, f"seed {seed} request {n}: {data[:300]!r} -> {answer[:300]!r}"
+    Rest(agent.server.http_port).check_good_request()
+
+
+def grpc_statuses(data: bytes) -> list[str]:
+    """The grpc-status values in the header blocks a server wrote (frames parsed, HPACK decoded;
+    the server's own frames are well formed, and whatever follows a cut is ignored)."""
+    import hpack
+
+    decoder, statuses, block, i = hpack.Decoder(), [], b"", 0
+    while len(data) - i >= 9:
+        length = int.from_bytes(data[i : i + 3], "big")
+        type_, flags = data[i + 3], data[i + 4]
+        payload = data[i + 9 : i + 9 + length]
+        i += 9 + length
+        if type_ in (0x1, 0x9):  # HEADERS, CONTINUATION
+            block += payload
+            if flags & 0x4:  # END_HEADERS
+                headers = decoder.decode(block)
+                block = b""
+                statuses += [value for name, value in headers if name == "grpc-status"]
+    return statuses
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mutated_http2_bytes(agent, seed):
+    """Mutated HTTP/2 frames of a ModelInfer call (headers by h2's HPACK encoder): the server
+    answers, resets the stream or ends the connection with GOAWAY; no call ends INTERNAL, and
+    the server keeps serving."""
+    import hpack
+
+    rng = random.Random(400 + seed)
+    message = grpc_request().SerializeToString()
+    body = b"\x00" + len(message).to_bytes(4, "big") + message
+    block = hpack.Encoder().encode([
+        (":method", "POST"), (":scheme", "http"), (":authority", "x"),
+        (":path", "/inference.GRPCInferenceService/ModelInfer"),
+        ("content-type", "application/grpc"), ("te", "trailers"),
+    ])  # fmt: skip
+
+    def frame(type_: int, flags: int, stream: int, payload: bytes) -> bytes:
+        head = len(payload).to_bytes(3, "big") + bytes([type_, flags]) + stream.to_bytes(4, "big")
+        return head + payload
+
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, b"")
+    call = frame(1, 4, 1, block) + frame(0, 1, 1, body)
+    statuses = collections.Counter()
+    for n in range(150):
+        if rng.random() < 0.8:
+            data = preface + mutate_bytes(call, rng)
+        else:
+            data = mutate_bytes(preface + call, rng)
+        for status in grpc_statuses(exchange(agent.server.grpc_port, data)):
+            statuses[status] += 1
+            assert status not in ("2", "13"), f"seed {seed} request {n}: {status} for {data!r}"
+    assert statuses, "no call was answered at all: the mutations say nothing"
+    with grpc.insecure_channel(agent.grpc_url) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        answer = pb.ModelInferResponse.FromString(infer(grpc_request().SerializeToString()))
+        output = np.frombuffer(answer.raw_output_contents[0], "<f4")
+        np.testing.assert_allclose(output, MLP_EXPECTED.ravel(), rtol=1e-5, atol=1e-6)
