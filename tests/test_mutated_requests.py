@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import gzip
 import http.client
 import json
 import random
@@ -388,19 +389,24 @@ def grpc_statuses(data: bytes) -> list[str]:
 
 @pytest.mark.parametrize("seed", range(4))
 def test_mutated_http2_bytes(agent, seed):
-    """Mutated HTTP/2 frames of a ModelInfer call (headers by h2's HPACK encoder): the server
+    """Mutated HTTP/2 frames of a ModelInfer call (headers by the `hpack` encoder; the message
+    gzip-compressed for odd seeds): the server
     answers, resets the stream or ends the connection with GOAWAY; no call ends INTERNAL, and
     the server keeps serving."""
     import hpack
 
     rng = random.Random(400 + seed)
     message = grpc_request().SerializeToString()
-    body = b"\x00" + len(message).to_bytes(4, "big") + message
-    block = hpack.Encoder().encode([
+    headers = [
         (":method", "POST"), (":scheme", "http"), (":authority", "x"),
         (":path", "/inference.GRPCInferenceService/ModelInfer"),
         ("content-type", "application/grpc"), ("te", "trailers"),
-    ])  # fmt: skip
+    ]  # fmt: skip
+    if seed % 2:  # a gzip-compressed message, whose deflate stream the mutations then reach
+        message = gzip.compress(message)
+        headers.append(("grpc-encoding", "gzip"))
+    body = bytes([seed % 2]) + len(message).to_bytes(4, "big") + message
+    block = hpack.Encoder().encode(headers)
 
     def frame(type_: int, flags: int, stream: int, payload: bytes) -> bytes:
         head = len(payload).to_bytes(3, "big") + bytes([type_, flags]) + stream.to_bytes(4, "big")
