@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from datetime import timedelta
 
 import pytest
@@ -12,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.identity import IdentityError, IdentityStore, enroll
+from agent.identity.client import post_json
 from controlplane.storage import open_database
 from provisioning.csr import build_csr
 from provisioning.errors import TokenFormatError
@@ -195,3 +197,30 @@ async def test_oversized_and_non_json_bodies_are_refused(control_plane):
     assert status == 400 and "Content-Type: application/json" in reply["message"]
     status, reply = await env.post_enroll({"token": env.token()})
     assert status == 400 and "'csr' is missing" in reply["message"]
+
+
+@pytest.mark.parametrize("status", [200, 201, 400])
+@pytest.mark.parametrize(
+    "reply", [b"[" * 50_000 + b"]" * 50_000, b"not json", b"[1, 2]", b"\xff\xfe"]
+)
+async def test_a_reply_that_is_not_a_json_object_is_an_identity_error(status, reply):
+    """What the device gets back is parsed as carefully as what the server gets: a reply
+    nested past the JSON parser, or not JSON at all, is a clear IdentityError."""
+    from aiohttp import web
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body=reply, status=status, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/v1/enroll", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    sock = socket.create_server(("127.0.0.1", 0))
+    await web.SockSite(runner, sock).start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/enroll"
+    expected = "refused the request" if status >= 400 else "not a JSON object"
+    try:
+        with pytest.raises(IdentityError, match=expected):
+            await post_json(url, {"token": "t"}, ssl_context=None)
+    finally:
+        await runner.cleanup()

@@ -32,8 +32,8 @@ async def post_json(
             async with session.post(url, json=body, ssl=ssl_context) as response:
                 try:
                     reply = await response.json(content_type=None)
-                except ValueError:
-                    reply = {}
+                except (ValueError, RecursionError):  # not JSON, or nested past the parser
+                    reply = None
                 if response.status >= 400:
                     reason = reply.get("message") if isinstance(reply, dict) else None
                     raise IdentityError(
