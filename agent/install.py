@@ -163,7 +163,7 @@ def installed_config(layout: Layout) -> dict:
         return tomllib.loads(path.read_text())
     except FileNotFoundError:
         return {}
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, tomllib.TOMLDecodeError, RecursionError) as exc:
         raise InstallError(f"cannot read {path}: {exc}") from exc
 
 

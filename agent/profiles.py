@@ -166,7 +166,7 @@ def load_profile(path: str | Path) -> Profile:
         raise ProfileError(f"{path}: cannot read profile: {exc.strerror}") from None
     try:
         data = tomllib.loads(raw.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ProfileError(f"{path}: not valid TOML: {exc}") from None
     return _Validator(path).profile(data, hashlib.sha256(raw).hexdigest())
 

@@ -140,7 +140,7 @@ class Manifest:
     def parse(cls, text: str, source: str = MANIFEST_FILE) -> Manifest:
         try:
             data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, RecursionError) as exc:  # RecursionError: "a = [[[[..."
             raise ManifestError(f"{source}: not valid TOML: {exc}") from None
         return _Reader(source).manifest(data)
 

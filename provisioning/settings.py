@@ -46,7 +46,7 @@ def _from_toml(cls: type, path: Path) -> dict[str, Any]:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise SettingsError(f"config file {path} does not exist") from exc
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
         raise SettingsError(f"cannot read config file {path}: {exc}") from exc
     by_key = {f.metadata["toml"]: f for f in fields(cls)}
     flat = dict(_flatten(raw))

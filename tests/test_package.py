@@ -130,6 +130,8 @@ def test_manifest_parses_every_field():
         (('name = "cnn"', 'name = "cnn"\nlicense = "MIT"'), "unknown key(s) license"),
         (("atol = 0.05", "atol = -1"), "variants[1].atol"),
         (("atol = 0.05", "tolerance = 1"), "unknown key(s) tolerance"),
+        # nested past tomllib's recursion: an unsigned package must not crash the update
+        (("atol = 0.05", "atol = " + "[" * 100_000 + "]" * 100_000), "not valid TOML"),
     ],
 )
 def test_manifest_refuses_with_a_clear_error(change, message):

@@ -112,6 +112,7 @@ device = "CPU"
     ("text", "key", "problem"),
     [
         ("name = 'x'\n[[allow]\n", "", "not valid TOML"),
+        ("a = " + "[" * 100_000 + "]" * 100_000 + "\n", "", "not valid TOML"),
         ("colour = 'red'\n" + GOOD, "colour", "unknown key; expected one of name, description"),
         (GOOD.replace('"latency"', '"fastest"'), "selection.objective", "expected one of latency"),
         (GOOD.replace('name = "test-board"', ""), "name", "missing"),

@@ -95,6 +95,7 @@ def test_model_added_at_runtime_loads(client, private_repo):
         ("runtime = 'tensorflow'\n", "unknown runtime"),
         ("runtime = 'litert'\n", "cannot read .onnx"),
         ("device = 'NPU'\n", "NPU"),
+        ("max_batch_size = " + "[" * 100_000 + "]" * 100_000 + "\n", "recursion"),  # was a crash
     ],
 )
 def test_bad_model_config_marks_version_unavailable_with_reason(

@@ -120,6 +120,7 @@ async def test_enrolled_node_schedules_certificate_renewal(control_plane, sample
         (["--max-body-mb", "0"], None, "--max-body-mb"),
         ([], "bogus = 1\n", "unknown setting(s) bogus"),
         ([], "state_dir = [\n", "cannot read config file"),
+        ([], "state_dir = " + "[" * 100_000 + "]" * 100_000 + "\n", "cannot read config file"),
         ([], "[serving]\nhttp = 80\n", "http has a bad value"),
     ],
 )

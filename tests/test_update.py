@@ -507,6 +507,7 @@ def test_desired_state_file(tmp_path):
         ('[[models]]\nname = "../x"\nversion = 2\n', "is not a model name"),
         ("[health]\nwindow = 3\n", "[health] takes"),
         ("color = 1\n", "unknown key(s) color"),
+        ("a = " + "[" * 100_000 + "]" * 100_000 + "\n", "recursion"),
     ):
         path.write_text(bad)
         with pytest.raises(DesiredStateError, match=re.escape(message)):

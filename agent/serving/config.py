@@ -61,7 +61,7 @@ class ModelConfig:
     def from_file(cls, path: Path) -> ModelConfig:
         try:
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
             raise ModelConfigError(f"{path}: {exc}") from exc
         return cls.from_dict(raw, source=str(path))
 

@@ -49,7 +49,7 @@ class DesiredState:
             data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise DesiredStateError(f"{path}: no such file") from None
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
             raise DesiredStateError(f"{path}: {exc}") from None
         return cls.from_dict(data, str(path))
 
