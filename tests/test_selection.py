@@ -4,8 +4,11 @@ announced to selection; loading them still goes through the real adapters, which
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import shutil
+import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +25,7 @@ from agent.selection import DecisionCache, Pin, SelectionError, Selector, Tolera
 from agent.selection.decision import CHOSEN, REJECTED, SKIPPED, VERIFIED
 from agent.selection.key import runtime_versions
 from agent.selection.sandbox import Sandbox, SandboxTimeout
+from agent.selection.worker import read_reply
 from runtimes.base import LoadOptions
 from runtimes.discovery import RuntimeDevice, discover
 
@@ -353,3 +357,52 @@ def test_selector_decides_from_worker_threads(tmp_path, sample_repo):
         assert cached.result().from_cache
     assert decision.runtime == "onnxruntime"
     assert (tmp_path / "state" / "agent.db").exists()
+
+
+class _RunsCode:
+    """What a subverted worker could pickle: a call made while the agent unpickles."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _framed(message: object) -> io.BytesIO:
+    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return io.BytesIO(struct.pack("!Q", len(body)) + body)
+
+
+def test_the_agent_unpickles_only_plain_data_and_arrays_from_its_worker(tmp_path):
+    """The worker loads models the agent has not run yet; if one subverts it, its replies must
+    not become code in the agent."""
+    reply = {
+        "ok": True,
+        "inputs": [("input", "FP32", (-1, 64))],
+        "outputs": {
+            "f32": np.arange(6, dtype=np.float32).reshape(2, 3),
+            "f16": np.ones(3, np.float16),
+            "strided": np.ones((3, 3))[:, 1],
+            "bool": np.array([True, False]),
+            "text": np.array([b"a", "b"], dtype=object),
+        },
+        "latencies": [0.001, 0.002],
+        "scalar": np.float64(2.5),
+        "details": {"name": "cpu", "set": frozenset({1}), "raw": bytearray(b"x")},
+    }
+    got = read_reply(_framed(reply))
+    assert got.keys() == reply.keys() and got["latencies"] == reply["latencies"]
+    for name, array in reply["outputs"].items():
+        assert np.array_equal(got["outputs"][name], array), name
+        assert got["outputs"][name].dtype == array.dtype
+    assert read_reply(io.BytesIO(b"\x00\x00")) is None  # the stream ended mid-reply
+
+    marker = tmp_path / "ran"
+    with pytest.raises(pickle.UnpicklingError, match=r"may not build (posix|os)\.system"):
+        read_reply(_framed({"ok": True, "outputs": {"x": _RunsCode(marker)}}))
+    for module, name in (("builtins", "eval"), ("subprocess", "Popen"), ("numpy", "load")):
+        gadget = b"\x80\x04c" + module.encode() + b"\n" + name.encode() + b"\n."
+        with pytest.raises(pickle.UnpicklingError, match="may not build"):
+            read_reply(io.BytesIO(struct.pack("!Q", len(gadget)) + gadget))
+    assert not marker.exists()

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from agent.selection.worker import read_message, write_message
+from agent.selection.worker import read_reply, write_message
 
 _ROOT = Path(__file__).resolve().parents[2]  # the directory holding the agent package
 # Starting Python and importing numpy can be slow on a small board; it is not the candidate's time.
@@ -118,7 +118,12 @@ class Sandbox:
             raise SandboxTimeout(what)
         # The reply has started (replies are written in one piece); a worker that dies mid-reply
         # shows up as a short read.
-        reply = read_message(stream)
+        try:
+            reply = read_reply(stream)
+        except Exception as exc:  # not plain data, or not a pickle: the worker is not trusted
+            self.kill()
+            message = f"the selection worker sent a reply the agent refuses: {exc}"
+            raise SandboxCrashed(message) from None
         if reply is None:
             reason = self._crash_reason()
             self.kill()

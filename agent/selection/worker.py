@@ -4,7 +4,9 @@ A compile that hangs, a driver that crashes or a model that eats the memory must
 agent down, so `agent.selection.sandbox.Sandbox` runs this module as a child process
 (`python -m agent.selection.worker`) and kills it when a request overruns its time limit.
 Requests arrive on stdin and replies leave on the original stdout, one length-prefixed pickle
-each; fd 1 is pointed at stderr first, so a runtime that prints cannot corrupt the replies.
+each; fd 1 is pointed at stderr first, so a runtime that prints cannot corrupt the replies. The
+agent reads replies with `read_reply`, whose unpickler builds nothing but plain data and numpy
+arrays: a worker subverted by the model it loads cannot run code in the agent through them.
 Sessions stay open between requests (keyed by the caller's id) so that a candidate is loaded
 once, then verified, benchmarked and, if it is a finalist, measured again in the run-off.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import io
 import os
 import pickle
 import struct
@@ -26,13 +29,46 @@ import numpy as np
 _HEADER = struct.Struct("!Q")
 
 
+# What a reply may reference besides plain data: numpy arrays, dtypes and scalars (numpy 2
+# names, and numpy 1's for devices pinned to it).
+_REPLY_GLOBALS = frozenset(
+    (module, name)
+    for core in ("numpy._core", "numpy.core")
+    for module, name in (
+        (f"{core}.multiarray", "_reconstruct"),
+        (f"{core}.multiarray", "scalar"),
+        (f"{core}.numeric", "_frombuffer"),
+    )
+) | {("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+class _ReplyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _REPLY_GLOBALS:
+            raise pickle.UnpicklingError(f"a worker reply may not build {module}.{name}")
+        return super().find_class(module, name)
+
+
 def read_message(stream: BinaryIO) -> Any:
+    """A request from the agent (trusted: it wrote it), or None at the end of the stream."""
+    body = _read_body(stream)
+    return None if body is None else pickle.loads(body)
+
+
+def read_reply(stream: BinaryIO) -> Any:
+    """A worker's reply: plain data and numpy arrays only, else UnpicklingError. None when the
+    stream ends before a whole reply."""
+    body = _read_body(stream)
+    return None if body is None else _ReplyUnpickler(io.BytesIO(body)).load()
+
+
+def _read_body(stream: BinaryIO) -> bytes | None:
     header = stream.read(_HEADER.size)
     if len(header) < _HEADER.size:
         return None
     (size,) = _HEADER.unpack(header)
     body = stream.read(size)
-    return pickle.loads(body) if len(body) == size else None
+    return body if len(body) == size else None
 
 
 def write_message(stream: BinaryIO, message: Any) -> None:
