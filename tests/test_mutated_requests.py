@@ -1,6 +1,8 @@
 """Mutated inference requests against a real agent: thousands of seeded variations of valid
 requests, each answered with a success or a client error that names the problem, never a server
-error, and the server answers the next good request correctly.
+error, and the server answers the next good request correctly. REST JSON, REST with binary
+tensors, gRPC messages, raw HTTP/1.1 bytes, raw HTTP/2 frames (plain and gzip), and hostile model
+names and versions on every endpoint that takes them.
 
 The hand-written cases (test_rest_bad_input.py, test_grpc*.py) cover each known way a request
 can be wrong; these find the combinations nobody wrote down. Mutations are structural (a JSON
