@@ -22,6 +22,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from agent.serving.errors import ModelLoadFailed, ServingError
+
 _LABELS = ["model", "version"]
 LATENCY_BUCKETS = (
     0.0001,
@@ -42,16 +44,10 @@ LATENCY_BUCKETS = (
     10.0,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
-# The `reason` label of failures: the name of the data plane's error (agent/serving/errors.py).
-# Stable, since the update's health watch tells client errors from the model's by them.
-REASONS = (
-    "InvalidInput",
-    "QueueFull",
-    "RequestTimeout",
-    "InferenceFailed",
-    "ModelNotReady",
-    "ModelNotFound",
-)
+# The `reason` label of failures: the name of the data plane's error (agent/serving/errors.py)
+# that ended the request; a failed load answers the repository API, not a request. Stable, since
+# the update's health watch tells client errors from the model's by them.
+REASONS = tuple(e.__name__ for e in ServingError.__subclasses__() if e is not ModelLoadFailed)
 
 
 class ModelMetrics:
