@@ -63,7 +63,9 @@ class EnrollmentService:
                 "enrollment token was made by another control plane (its CA pin does not match "
                 "this one's); check the --server URL"
             )
-        # The CSR is checked before the token is touched: a bad CSR must not burn a use.
+        # The token's secret first: no one without a valid token makes us parse a CSR. Then the
+        # CSR, before the token is spent: a bad CSR must not burn a use.
+        self._tokens.check(token, served_region=self._region)
         public_key = check_csr(csr_pem)
         with self._db.atomic():
             grant = self._tokens.redeem(token, served_region=self._region)

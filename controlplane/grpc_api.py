@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 from cryptography import x509
+from google.protobuf.message import DecodeError
 
 from controlplane.errors import DeviceRefused
 from controlplane.registry import Device, DeviceRegistry
@@ -75,29 +76,22 @@ class DeviceGate(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
+        # The wrappers get the request's bytes and decode them once the caller is admitted:
+        # nothing a refused device sends is parsed, and bytes that are no message of the
+        # method's type get INVALID_ARGUMENT rather than gRPC's UNKNOWN.
+        decode = handler.request_deserializer
+        serialize = handler.response_serializer
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, watch=False),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            behaviour = self._unary(handler.unary_unary, _one(decode), watch=False)
+            return grpc.unary_unary_rpc_method_handler(behaviour, response_serializer=serialize)
         if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                self._unary(handler.stream_unary, watch=True),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        behaviour = handler.unary_stream or handler.stream_stream
-        make = (
-            grpc.unary_stream_rpc_method_handler
-            if handler.unary_stream
-            else grpc.stream_stream_rpc_method_handler
-        )
-        return make(
-            self._streaming(behaviour),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+            behaviour = self._unary(handler.stream_unary, _each(decode), watch=True)
+            return grpc.stream_unary_rpc_method_handler(behaviour, response_serializer=serialize)
+        if handler.unary_stream:
+            behaviour = self._streaming(handler.unary_stream, _one(decode))
+            return grpc.unary_stream_rpc_method_handler(behaviour, response_serializer=serialize)
+        behaviour = self._streaming(handler.stream_stream, _each(decode))
+        return grpc.stream_stream_rpc_method_handler(behaviour, response_serializer=serialize)
 
     async def _admit(self, context: grpc.aio.ServicerContext) -> tuple[Device, x509.Certificate]:
         pem = (context.auth_context().get("x509_pem_cert") or [b""])[0]
@@ -108,10 +102,11 @@ class DeviceGate(grpc.aio.ServerInterceptor):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         return device, cert
 
-    def _unary(self, behaviour: Callable, *, watch: bool):
+    def _unary(self, behaviour: Callable, decode: Callable, *, watch: bool):
         async def call(request, context):
             caller = await self._admit(context)
             _caller.set(caller)
+            request = await decode(request, context)
             if not watch:
                 return await behaviour(request, context)
             serial = serial_hex(caller[1])
@@ -125,11 +120,12 @@ class DeviceGate(grpc.aio.ServerInterceptor):
 
         return call
 
-    def _streaming(self, behaviour: Callable):
+    def _streaming(self, behaviour: Callable, decode: Callable):
         # Streaming handlers are async generators (not `context.write` style).
         async def call(request, context) -> AsyncIterator:
             caller = await self._admit(context)
             _caller.set(caller)
+            request = await decode(request, context)
             serial = serial_hex(caller[1])
             revoked = self._streams.open(serial)
             try:
@@ -141,6 +137,39 @@ class DeviceGate(grpc.aio.ServerInterceptor):
                 self._streams.close(serial, revoked)
 
         return call
+
+
+def _one(deserialize: Callable | None) -> Callable:
+    """Decoding of a unary request, for a method whose deserializer is `deserialize`."""
+
+    async def decode(raw: bytes, context: grpc.aio.ServicerContext):
+        return await _message(deserialize, raw, context)
+
+    return decode
+
+
+def _each(deserialize: Callable | None) -> Callable:
+    """Decoding of a request stream, message by message as the handler reads it."""
+
+    async def decode(raws: AsyncIterator[bytes], context: grpc.aio.ServicerContext):
+        async def messages():
+            async for raw in raws:
+                yield await _message(deserialize, raw, context)
+
+        return messages()
+
+    return decode
+
+
+async def _message(deserialize: Callable | None, raw: bytes, context: grpc.aio.ServicerContext):
+    if deserialize is None:
+        return raw
+    try:
+        return deserialize(raw)
+    except DecodeError:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, "the request is not a valid message of this method"
+        )
 
 
 def _revoked_text(caller: tuple[Device, x509.Certificate]) -> str:

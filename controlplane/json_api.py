@@ -61,7 +61,7 @@ async def read_fields(request: web.Request, *names: str) -> dict[str, str]:
     raw = await request.read()
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # not UTF-8, not JSON, or an integer over Python's 4300 digits
         raise BadRequest(f"request body is not valid JSON: {exc}") from exc
     except RecursionError:  # Python's parser recurses: "[[[[..." within the size limit
         raise BadRequest("request body is not valid JSON: nested too deeply") from None

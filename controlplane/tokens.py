@@ -115,11 +115,9 @@ class TokenStore:
         ).fetchall()
         return [_record(r) for r in rows]
 
-    def redeem(self, token: EnrollmentToken, *, served_region: str) -> TokenGrant:
-        """Use up one use of `token` for an enrollment at an endpoint of `served_region`.
-
-        Call inside the transaction that registers the device, so a failed enrollment
-        gives the use back."""
+    def check(self, token: EnrollmentToken, *, served_region: str) -> TokenRecord:
+        """The record of `token` if it could enroll a device at an endpoint of `served_region`
+        now; TokenRejected, with the reason, if not. Spends nothing."""
         row = self._db.execute(
             "SELECT secret_hash FROM tokens WHERE id = ?", [token.token_id]
         ).fetchone()
@@ -148,6 +146,15 @@ class TokenStore:
                 f"control plane enrolls devices of region {served_region!r}; "
                 f"use the {record.region!r} endpoint"
             )
+        return record
+
+    def redeem(self, token: EnrollmentToken, *, served_region: str) -> TokenGrant:
+        """Use up one use of `token` for an enrollment at an endpoint of `served_region`.
+
+        Call inside the transaction that registers the device, so a failed enrollment
+        gives the use back."""
+        record = self.check(token, served_region=served_region)
+        now = self._clock()
         taken = self._db.execute(
             "UPDATE tokens SET uses_left = uses_left - 1 "
             "WHERE id = ? AND uses_left > 0 AND expires_at > ?",

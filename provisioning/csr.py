@@ -31,6 +31,7 @@ class CSRLimits:
 
 
 DEFAULT_LIMITS = CSRLimits()
+RSA_EXPONENT = 65537
 
 
 def build_csr(key: ec.EllipticCurvePrivateKey, common_name: str = "edgefleet-device") -> bytes:
@@ -71,7 +72,7 @@ def check_csr(
 def _check_key(key: object, limits: CSRLimits) -> None:
     allowed = (
         f"use EC {' or '.join(sorted(limits.ec_curves))}, "
-        f"or RSA of {limits.min_rsa_bits}-{limits.max_rsa_bits} bits"
+        f"or RSA of {limits.min_rsa_bits}-{limits.max_rsa_bits} bits with exponent {RSA_EXPONENT}"
     )
     if isinstance(key, ec.EllipticCurvePublicKey):
         if key.curve.name not in limits.ec_curves:
@@ -80,5 +81,18 @@ def _check_key(key: object, limits: CSRLimits) -> None:
     if isinstance(key, rsa.RSAPublicKey):
         if not limits.min_rsa_bits <= key.key_size <= limits.max_rsa_bits:
             raise CSRRejected(f"CSR key is RSA-{key.key_size}, which is not accepted; {allowed}")
+        # Every key generator uses 65537; a huge exponent makes each check of the CSR's
+        # signature (and each TLS handshake with the key) cost a hundred times more.
+        exponent = key.public_numbers().e
+        if exponent != RSA_EXPONENT:
+            raise CSRRejected(
+                f"CSR key is RSA with public exponent {_short(exponent)}, which is not accepted; "
+                f"{allowed}"
+            )
         return
     raise CSRRejected(f"CSR key type {type(key).__name__} is not accepted; {allowed}")
+
+
+def _short(number: int) -> str:
+    text = str(number)
+    return text if len(text) <= 20 else f"{text[:8]}...({len(text)} digits)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import socket
 from datetime import timedelta
 
@@ -168,13 +169,29 @@ async def test_csr_with_a_broken_signature_is_refused(control_plane):
     assert status == 400 and "signature does not verify" in reply["message"]
 
 
+def _rsa_key_with_exponent(e: int) -> rsa.RSAPrivateKey:
+    """An RSA-2048 key with public exponent `e` (key generators only make 3 and 65537)."""
+    while True:
+        base = rsa.generate_private_key(65537, 2048).private_numbers()
+        p, q = base.p, base.q
+        if math.gcd(e, (p - 1) * (q - 1)) == 1:
+            break
+    d = pow(e, -1, (p - 1) * (q - 1))
+    public = rsa.RSAPublicNumbers(e, p * q)
+    numbers = rsa.RSAPrivateNumbers(p, q, d, d % (p - 1), d % (q - 1), pow(q, -1, p), public)
+    return numbers.private_key(unsafe_skip_rsa_key_validation=True)
+
+
 @pytest.mark.parametrize(
     ("make_key", "message"),
     [
         (lambda: rsa.generate_private_key(65537, 1024), "RSA-1024, which is not accepted"),
         (lambda: ec.generate_private_key(ec.SECP192R1()), "EC secp192r1, which is not accepted"),
+        (lambda: rsa.generate_private_key(3, 2048), "public exponent 3, which is not accepted"),
+        # A huge exponent makes every signature check of the key ~60 times dearer.
+        (lambda: _rsa_key_with_exponent((1 << 2040) + 1), "12623830...(615 digits), which"),
     ],
-    ids=["rsa-1024", "p-192"],
+    ids=["rsa-1024", "p-192", "rsa-e3", "rsa-huge-e"],
 )
 async def test_weak_key_types_are_refused(control_plane, make_key, message):
     env = control_plane
@@ -182,6 +199,17 @@ async def test_weak_key_types_are_refused(control_plane, make_key, message):
     status, reply = await env.post_enroll({"token": token, "csr": csr_for(make_key())})
     assert status == 400 and message in reply["message"], reply
     assert "EC secp256r1 or secp384r1" in reply["message"]
+    assert env.plane.tokens.get(token.split(".")[1]).uses_left == 1
+
+
+async def test_a_csr_is_not_parsed_for_a_token_that_is_not_valid(control_plane):
+    """Without a token's secret nobody makes the control plane parse and verify a CSR."""
+    env = control_plane
+    token = env.token()
+    prefix, token_id, secret, pin = token.split(".")
+    forged = ".".join([prefix, token_id, "A" * len(secret), pin])  # the right id, not its secret
+    status, reply = await env.post_enroll({"token": forged, "csr": "not a CSR"})
+    assert status in (401, 403) and "not known to this control plane" in reply["message"], reply
     assert env.plane.tokens.get(token.split(".")[1]).uses_left == 1
 
 
@@ -193,6 +221,10 @@ async def test_oversized_and_non_json_bodies_are_refused(control_plane):
 
     status, reply = await env.post_enroll(b"{not json")
     assert status == 400 and "not valid JSON" in reply["message"]
+    # Python's parser refuses integers of over 4300 digits with a plain ValueError.
+    for body in (b"1" * 5000, b'{"token": "t", "csr": "c", "n": %s}' % (b"1" * 5000)):
+        status, reply = await env.post_enroll(body)
+        assert status == 400 and "not valid JSON" in reply["message"], reply
     status, reply = await env.post_enroll(b"token=x", content_type="text/plain")
     assert status == 400 and "Content-Type: application/json" in reply["message"]
     status, reply = await env.post_enroll({"token": env.token()})
@@ -201,7 +233,8 @@ async def test_oversized_and_non_json_bodies_are_refused(control_plane):
 
 @pytest.mark.parametrize("status", [200, 201, 400])
 @pytest.mark.parametrize(
-    "reply", [b"[" * 50_000 + b"]" * 50_000, b"not json", b"[1, 2]", b"\xff\xfe"]
+    "reply",
+    [b"[" * 50_000 + b"]" * 50_000, b"not json", b"[1, 2]", b"\xff\xfe", b"9" * 5000],
 )
 async def test_a_reply_that_is_not_a_json_object_is_an_identity_error(status, reply):
     """What the device gets back is parsed as carefully as what the server gets: a reply

@@ -147,3 +147,40 @@ async def test_revoked_certificate_is_refused_and_its_live_stream_ended(control_
 async def test_revoking_an_unknown_device_is_a_clear_error(control_plane):
     rc, _, err = control_plane.cli("device", "revoke", "dev-nope")
     assert rc == 1 and "no device 'dev-nope'" in err
+
+
+async def test_bytes_that_are_no_message_are_invalid_and_unparsed_for_a_refused_device(
+    control_plane,
+):
+    env = control_plane
+    device, revoked = await env.enroll(), await env.enroll()
+    rc, _, err = await asyncio.to_thread(env.cli, "device", "revoke", revoked.identity.device_id)
+    assert rc == 0, err
+    garbage = b"\xff\xff\xff"  # a truncated varint: no HelloRequest or Beat
+
+    async def codes(credentials) -> tuple[grpc.StatusCode, grpc.StatusCode]:
+        target, creds = env.endpoints.grpc_target, credentials.grpc_channel_credentials()
+        async with grpc.aio.secure_channel(target, creds) as channel:
+            hello = channel.unary_unary("/edgefleet.fleet.v1.Fleet/Hello")
+            with pytest.raises(grpc.aio.AioRpcError) as unary:
+                await hello(garbage, timeout=env.timeout)
+            beats = channel.stream_stream("/edgefleet.fleet.v1.Fleet/Heartbeat")
+            call = beats(timeout=env.timeout)
+            await call.write(fleet_pb2.Beat(seq=1).SerializeToString())
+            assert fleet_pb2.BeatAck.FromString(await call.read()).seq == 1
+            await call.write(garbage)
+            with pytest.raises(grpc.aio.AioRpcError) as stream:
+                await call.read()
+            return unary.value.code(), stream.value.code()
+
+    assert await codes(device) == (grpc.StatusCode.INVALID_ARGUMENT,) * 2
+    # The device still works afterwards.
+    assert (await env.hello(device)).device_id == device.identity.device_id
+
+    # A revoked device is refused before its bytes are looked at (its stream's first read).
+    target, creds = env.endpoints.grpc_target, revoked.grpc_channel_credentials()
+    async with grpc.aio.secure_channel(target, creds) as channel:
+        hello = channel.unary_unary("/edgefleet.fleet.v1.Fleet/Hello")
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await hello(garbage, timeout=env.timeout)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
