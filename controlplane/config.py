@@ -65,6 +65,11 @@ class ControlPlaneConfig:
     clock_skew_seconds: int = field(
         default=3600, metadata={"toml": "certificates.clock_skew_seconds"}
     )
+    # A device gets at most one certificate per this many seconds (its agent renews at 2/3 of
+    # the lifetime): a device, or a thief of its key, renewing in a loop gets 429 meanwhile.
+    renewal_interval_seconds: int = field(
+        default=3600, metadata={"toml": "certificates.renewal_interval_seconds"}
+    )
     # Mosquitto refuses every client once the CRL's nextUpdate passes; the server republishes at
     # half of this, so the broker keeps working at least crl_days/2 with the control plane down.
     crl_days: int = field(default=30, metadata={"toml": "certificates.crl_days"})
@@ -130,6 +135,11 @@ def _check(config: ControlPlaneConfig) -> None:
             raise ConfigError(f"config: {name} {port} is not a TCP port")
     if config.device_cert_days < 1 or config.server_cert_days < 1 or config.crl_days < 1:
         raise ConfigError("config: certificate and CRL lifetimes must be at least one day")
+    if not 0 <= config.renewal_interval_seconds < config.device_cert_days * 86400 / 3:
+        raise ConfigError(
+            "config: renewal_interval_seconds must be at least 0 and under a third of "
+            "device_days (devices renew at two thirds of their certificate's lifetime)"
+        )
     if config.broker_url and not config.broker_url.startswith("mqtts://"):
         raise ConfigError(f"config: broker url {config.broker_url!r} must be mqtts://HOST:PORT")
     if config.revocation_poll_seconds <= 0:

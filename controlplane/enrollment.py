@@ -8,21 +8,24 @@ asking for another id or region gets nothing its token or certificate does not a
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from cryptography import x509
 from sqlite_utils import Database
 
-from controlplane.errors import TokenRejected
+from controlplane.errors import TokenRejected, TooSoon
 from controlplane.registry import ACTIVE, Device, DeviceRegistry
 from controlplane.tokens import TokenStore
 from provisioning.ca import CertificateAuthority, utc_now
 from provisioning.csr import check_csr
 from provisioning.identity import DeviceIdentity
 from provisioning.tokens import ca_pin, parse_token
+
+DEFAULT_RENEWAL_INTERVAL = timedelta(hours=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +48,7 @@ class EnrollmentService:
         registry: DeviceRegistry,
         *,
         region: str,
+        renewal_interval: timedelta = DEFAULT_RENEWAL_INTERVAL,
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self._db = db
@@ -52,6 +56,7 @@ class EnrollmentService:
         self._tokens = tokens
         self._registry = registry
         self._region = region
+        self._renewal_interval = renewal_interval
         self._clock = clock
         self._pin = ca_pin(ca.certificate)
 
@@ -87,7 +92,26 @@ class EnrollmentService:
         device = self._registry.authenticate(presented)
         public_key = check_csr(csr_pem)
         with self._db.atomic():
+            self._check_renewal_interval(device)
             return self._issue(device, public_key)
+
+    def _check_renewal_interval(self, device: Device) -> None:
+        """One certificate per device per renewal interval: a device (or a thief of its key)
+        renewing in a loop would otherwise add certificates, and rows, without end. The agent
+        renews at 2/3 of a lifetime of days; a renewal whose answer was lost is retried later."""
+        last = self._registry.last_issued(device.device_id)
+        if last is None:
+            return
+        allowed = last + self._renewal_interval
+        now = self._clock()
+        if now < allowed:
+            wait = math.ceil((allowed - now).total_seconds())
+            raise TooSoon(
+                f"device {device.device_id} was issued a certificate at "
+                f"{last.isoformat(timespec='seconds')}; it may renew again from "
+                f"{allowed.isoformat(timespec='seconds')} (in {wait} s)",
+                retry_after=wait,
+            )
 
     def _issue(self, device: Device, public_key) -> Issued:
         cert = self._ca.issue_device(

@@ -35,3 +35,14 @@ class DeviceRefused(ControlPlaneError):
 class NotFound(ControlPlaneError):
     http_status = 404
     code = "not_found"
+
+
+class TooSoon(ControlPlaneError):
+    """The request is allowed again later; `retry_after` says in how many seconds."""
+
+    http_status = 429
+    code = "too_soon"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -11,7 +11,7 @@ import logging
 
 from aiohttp import web
 
-from controlplane.errors import BadRequest, ControlPlaneError, DeviceRefused
+from controlplane.errors import BadRequest, ControlPlaneError, DeviceRefused, TooSoon
 from provisioning.errors import ProvisioningError
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,8 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         if exc.http_status >= 500:
             log.exception("request failed", extra={"path": request.path})
         response = error_response(exc.http_status, exc.code, str(exc))
+        if isinstance(exc, TooSoon):
+            response.headers["Retry-After"] = str(exc.retry_after)
         if isinstance(exc, DeviceRefused):
             response.force_close()  # a revoked device keeps no keep-alive connection
         return response

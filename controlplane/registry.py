@@ -79,6 +79,13 @@ class DeviceRegistry:
             ],
         )
 
+    def last_issued(self, device_id: str) -> datetime | None:
+        """When the device's newest certificate was issued (by this control plane's clock)."""
+        row = self._db.execute(
+            "SELECT MAX(issued_at) FROM certificates WHERE device_id = ?", [device_id]
+        ).fetchone()
+        return None if row is None or row[0] is None else _dt(row[0])
+
     def authenticate(self, cert: x509.Certificate | None) -> Device:
         """The active device a verified client certificate belongs to, or DeviceRefused."""
         if cert is None:

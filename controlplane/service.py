@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlite_utils import Database
 
@@ -59,7 +59,13 @@ class ControlPlane:
             tokens=tokens,
             registry=registry,
             enrollment=EnrollmentService(
-                db, ca, tokens, registry, region=config.region, clock=clock
+                db,
+                ca,
+                tokens,
+                registry,
+                region=config.region,
+                renewal_interval=timedelta(seconds=config.renewal_interval_seconds),
+                clock=clock,
             ),
             revocation=Revocation(
                 db,

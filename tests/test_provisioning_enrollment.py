@@ -7,6 +7,7 @@ import math
 import socket
 from datetime import timedelta
 
+import aiohttp
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -15,11 +16,14 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.identity import IdentityError, IdentityStore, enroll
 from agent.identity.client import post_json
+from controlplane.config import load_config
+from controlplane.errors import ConfigError
 from controlplane.storage import open_database
 from provisioning.csr import build_csr
 from provisioning.errors import TokenFormatError
 from provisioning.identity import DEVICE_URN, REGION_URN, device_identity_of
 from provisioning.keys import new_private_key
+from tests.trust_fixtures import start_control_plane, write_config
 
 
 def csr_for(key, name: str = "edgefleet-device", uris: tuple[str, ...] = ()) -> str:
@@ -257,3 +261,49 @@ async def test_a_reply_that_is_not_a_json_object_is_an_identity_error(status, re
             await post_json(url, {"token": "t"}, ssl_context=None)
     finally:
         await runner.cleanup()
+
+
+async def test_a_device_gets_at_most_one_certificate_per_renewal_interval(tmp_path):
+    """A device (or a thief of its key) renewing in a loop adds no certificates: 429 with
+    Retry-After until the interval since its last certificate has passed."""
+    env = await start_control_plane(tmp_path, renewal_interval_seconds=3600)
+    try:
+        device = await env.enroll()
+        url = f"{env.endpoints.device_url}/v1/devices/self/renew"
+
+        async def renew() -> tuple[int, str | None, dict]:
+            csr = build_csr(new_private_key()).decode()
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(url, json={"csr": csr}, ssl=device.ssl_context()) as response,
+            ):
+                return response.status, response.headers.get("Retry-After"), await response.json()
+
+        def certificates() -> int:
+            return env.plane.db.execute("SELECT COUNT(*) FROM certificates").fetchone()[0]
+
+        issued = certificates()
+        for _ in range(10):
+            status, retry_after, reply = await renew()
+            assert status == 429 and reply["error"] == "too_soon", reply
+            assert 0 < int(retry_after) <= 3600
+            assert "may renew again from" in reply["message"]
+        assert certificates() == issued
+
+        env.clock.advance(timedelta(seconds=3600))
+        status, _, reply = await renew()
+        assert status == 200, reply
+        assert certificates() == issued + 1
+        status, _, _ = await renew()  # the same (still valid) certificate again: too soon
+        assert status == 429
+    finally:
+        await env.server.stop()
+        env.plane.close()
+
+
+@pytest.mark.parametrize("seconds", ["-1", str(10 * 86400), "1.5"])
+def test_a_renewal_interval_devices_could_not_keep_to_is_a_config_error(tmp_path, seconds):
+    path = write_config(tmp_path)
+    env = {"EDGEFLEET_RENEWAL_INTERVAL_SECONDS": seconds}
+    with pytest.raises(ConfigError, match="renewal_interval_seconds"):
+        load_config(path, env=env)

@@ -68,8 +68,14 @@ def free_port() -> int:
 
 
 def write_config(
-    root: Path, broker_port: int | None = None, broker_dir: Path | None = None
+    root: Path,
+    broker_port: int | None = None,
+    broker_dir: Path | None = None,
+    *,
+    renewal_interval_seconds: int = 0,
 ) -> Path:
+    """A control plane's config for tests. Renewals are not throttled by default (tests renew
+    right after enrolling); tests of the throttle set an interval."""
     lines = [
         f'state_dir = "{root / "cp"}"',
         'region = "ae"',
@@ -80,6 +86,8 @@ def write_config(
         "grpc_port = 0",
         "max_request_bytes = 65536",
         "revocation_poll_seconds = 0.05",
+        "[certificates]",
+        f"renewal_interval_seconds = {renewal_interval_seconds}",
     ]
     if broker_port is not None:
         lines += [
@@ -199,9 +207,15 @@ class TrustEnv:
 
 
 async def start_control_plane(
-    root: Path, broker_port: int | None = None, broker_dir: Path | None = None
+    root: Path,
+    broker_port: int | None = None,
+    broker_dir: Path | None = None,
+    *,
+    renewal_interval_seconds: int = 0,
 ) -> TrustEnv:
-    config_path = write_config(root, broker_port, broker_dir)
+    config_path = write_config(
+        root, broker_port, broker_dir, renewal_interval_seconds=renewal_interval_seconds
+    )
     config = load_config(config_path, env={})
     CertificateAuthority.create(config.ca_dir, lifetimes=config.lifetimes)
     clock = Clock()
