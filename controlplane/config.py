@@ -36,6 +36,10 @@ from provisioning.errors import ProvisioningError
 from provisioning.identity import check_name
 from provisioning.settings import SettingsError, load_settings, state_home
 
+# Request bodies are bounded (aiohttp takes 0 as "no limit"): small JSON documents only.
+MIN_REQUEST_BYTES = 4096
+MAX_REQUEST_BYTES = 16 << 20
+
 
 def _default_state_dir() -> Path:
     # apart from the agent's (~/.local/state/edgefleet): one laptop may run both
@@ -133,8 +137,18 @@ def _check(config: ControlPlaneConfig) -> None:
         port = getattr(config, name)
         if not 0 <= port <= 65535:
             raise ConfigError(f"config: {name} {port} is not a TCP port")
-    if config.device_cert_days < 1 or config.server_cert_days < 1 or config.crl_days < 1:
-        raise ConfigError("config: certificate and CRL lifetimes must be at least one day")
+    ca_days = Lifetimes().ca.days
+    for name in ("device_cert_days", "server_cert_days", "crl_days"):
+        days = getattr(config, name)
+        if not 1 <= days <= ca_days:  # nothing the CA signs may outlive it
+            raise ConfigError(f"config: {name} {days} must be 1 to {ca_days} (the CA's lifetime)")
+    if not 0 <= config.clock_skew_seconds <= 86400:
+        raise ConfigError("config: clock_skew_seconds must be 0 to 86400 (a day)")
+    if not MIN_REQUEST_BYTES <= config.max_request_bytes <= MAX_REQUEST_BYTES:
+        raise ConfigError(
+            f"config: max_request_bytes {config.max_request_bytes} must be "
+            f"{MIN_REQUEST_BYTES} to {MAX_REQUEST_BYTES} (an enrollment request is ~2 KB)"
+        )
     if not 0 <= config.renewal_interval_seconds < config.device_cert_days * 86400 / 3:
         raise ConfigError(
             "config: renewal_interval_seconds must be at least 0 and under a third of "
@@ -142,5 +156,5 @@ def _check(config: ControlPlaneConfig) -> None:
         )
     if config.broker_url and not config.broker_url.startswith("mqtts://"):
         raise ConfigError(f"config: broker url {config.broker_url!r} must be mqtts://HOST:PORT")
-    if config.revocation_poll_seconds <= 0:
-        raise ConfigError("config: revocation_poll_seconds must be positive")
+    if not 0 < config.revocation_poll_seconds <= 3600:  # also refuses nan
+        raise ConfigError("config: revocation_poll_seconds must be over 0 and at most 3600")

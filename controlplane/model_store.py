@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from controlplane.publishers import PublisherRegistry
-from controlplane.tuf_repository import NewTarget, TufRepository
+from controlplane.tuf_repository import NewTarget, TufRepository, TufRepositoryError
 from provisioning.archive import pack
 from provisioning.package import SIGNATURE_FILE
 from provisioning.publishers import authenticate_package
@@ -72,7 +72,7 @@ class ModelStore:
                 new_targets.append(NewTarget(path, tar, custom))
             try:
                 self.repository.add_targets(new_targets)
-            except ValueError as exc:
+            except (ValueError, TufRepositoryError) as exc:
                 raise PushRefused(str(exc)) from None
             targets = self.repository.targets().signed.targets
             for item in new_targets:

@@ -145,6 +145,8 @@ class TufRepository:
                 f"{directory} already holds a TUF repository; every enrolled node pins its root. "
                 "Remove it by hand only if that is what you want."
             )
+        if offline_keys_dir.exists() and not offline_keys_dir.is_dir():
+            raise TufRepositoryError(f"{offline_keys_dir} is not a directory; give a new directory")
         if offline_keys_dir.exists() and any(offline_keys_dir.iterdir()):
             raise TufRepositoryError(f"{offline_keys_dir} is not empty; give a new directory")
         if offline_keys_dir.resolve().is_relative_to(directory.resolve()):

@@ -92,6 +92,8 @@ class CertificateAuthority:
                 f"a CA already exists in {directory}; replacing it would cut off every "
                 "enrolled device. Remove it by hand only if that is what you want."
             )
+        if not 1 <= len(name) <= 64:  # X.509's upper bound for a common name
+            raise ProvisioningError(f"the CA's name must be 1-64 characters, not {len(name)}")
         lifetimes = lifetimes or Lifetimes()
         now = now or utc_now()
         key = new_private_key()
@@ -135,7 +137,12 @@ class CertificateAuthority:
         cert_path = directory / cls.CERT_FILE
         if not cert_path.exists():
             raise ProvisioningError(f"no CA in {directory}; create one with: edgefleet ca init")
-        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        try:
+            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        except OSError as exc:
+            raise ProvisioningError(f"cannot read {cert_path}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise ProvisioningError(f"{cert_path} is not a PEM certificate: {exc}") from None
         key = load_private_key(directory / cls.KEY_FILE)
         if key.public_key() != cert.public_key():
             raise ProvisioningError(f"{directory}: ca.key does not belong to ca.pem")

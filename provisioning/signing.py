@@ -89,6 +89,8 @@ def sign_package(package_dir: Path, private_key: Path, password: str | None = No
         signing.Config().use_elliptic_key_signer(
             private_key=Path(private_key), password=password
         ).set_hashing_config(hashing_config).sign(package_dir, signature)
+    except OSError as exc:
+        raise SignatureError(f"cannot sign {package_dir}: {exc.filename}: {exc.strerror}") from None
     except (ValueError, TypeError) as exc:
         raise SignatureError(f"cannot sign {package_dir} with {private_key}: {exc}") from None
     return signature

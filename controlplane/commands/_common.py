@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sqlite3
 from pathlib import Path
 
 from controlplane.cli import UserError
@@ -39,6 +40,10 @@ def open_plane(args: argparse.Namespace):
         return ControlPlane.open(config)
     except (ControlPlaneError, ProvisioningError) as exc:
         raise UserError(str(exc)) from exc
+    except sqlite3.Error as exc:
+        raise UserError(f"cannot open the database {config.database_path}: {exc}") from exc
+    except OSError as exc:
+        raise UserError(f"cannot open the control plane's state: {exc}") from exc
 
 
 def open_tuf_repository(args: argparse.Namespace):

@@ -20,7 +20,10 @@ def parse_duration(text: str) -> timedelta:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a duration; use e.g. 30m, 24h, 7d or 1d12h"
         )
-    return sum((timedelta(**{_UNITS[u]: int(n)}) for n, u in parts), timedelta())
+    try:
+        return sum((timedelta(**{_UNITS[u]: int(n)}) for n, u in parts), timedelta())
+    except OverflowError:
+        raise argparse.ArgumentTypeError(f"{text!r} is longer than a duration can be") from None
 
 
 def add_parser(subparsers) -> None:

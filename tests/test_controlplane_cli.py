@@ -1,0 +1,133 @@
+"""The operator CLI (`edgefleet`) on bad arguments, damaged state and bad settings: one line
+saying what is wrong, exit code 1 (2 for a bad argument), never a traceback."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import sqlite3
+
+import pytest
+
+from controlplane import cli as controlplane_cli
+from controlplane.config import load_config
+from controlplane.errors import ConfigError
+from provisioning.ca import CertificateAuthority
+from tests.fleet import new_publisher_key
+from tests.packages import write_package
+from tests.trust_fixtures import write_config
+
+
+def edgefleet(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = controlplane_cli.main(list(argv))
+        except SystemExit as exc:  # argparse's usage errors
+            rc = exc.code
+    return rc, out.getvalue(), err.getvalue()
+
+
+def refused(rc: int, err: str, message: str, code: int = 1) -> bool:
+    return rc == code and "Traceback" not in err and message in err
+
+
+@pytest.fixture
+def config_path(tmp_path):
+    path = write_config(tmp_path)
+    config = load_config(path, env={})
+    CertificateAuthority.create(config.ca_dir, lifetimes=config.lifetimes)
+    return path
+
+
+def test_a_token_lifetime_past_what_a_duration_holds_is_a_usage_error(config_path):
+    rc, _, err = edgefleet(
+        "token", "create", "--expires", "99999999999d", "--config", str(config_path)
+    )
+    assert refused(rc, err, "longer than a duration can be", code=2), err
+
+
+@pytest.mark.parametrize("name", ["", "x" * 65])
+def test_a_ca_name_x509_cannot_hold_is_refused(tmp_path, name):
+    path = write_config(tmp_path)
+    rc, _, err = edgefleet("ca", "init", "--name", name, "--config", str(path))
+    assert refused(rc, err, "the CA's name must be 1-64 characters"), err
+    assert not (tmp_path / "cp" / "ca").exists()
+
+
+def test_a_damaged_database_or_ca_certificate_is_named(config_path, tmp_path):
+    config = load_config(config_path, env={})
+    config.database_path.write_bytes(b"this is not a database" * 100)
+    rc, _, err = edgefleet("token", "list", "--config", str(config_path))
+    assert refused(rc, err, f"cannot open the database {config.database_path}"), err
+    config.database_path.unlink()
+    (config.ca_dir / "ca.pem").write_text("garbage")
+    rc, _, err = edgefleet("token", "list", "--config", str(config_path))
+    assert refused(rc, err, "ca.pem is not a PEM certificate"), err
+
+
+def test_tuf_root_keys_given_as_a_file_is_refused(config_path, tmp_path):
+    a_file = tmp_path / "keys"
+    a_file.write_text("not a directory")
+    rc, _, err = edgefleet("tuf", "init", "--root-keys", str(a_file), "--config", str(config_path))
+    assert refused(rc, err, "is not a directory"), err
+    assert a_file.read_text() == "not a directory"
+
+
+def test_signing_with_a_missing_key_names_the_file(tmp_path, sample_repo):
+    package = write_package(tmp_path / "mlp-1", sample_repo, version=1)
+    missing = tmp_path / "missing.key"
+    rc, _, err = edgefleet("model", "sign", str(package), "--key", str(missing))
+    assert refused(rc, err, f"{missing}: No such file or directory"), err
+
+
+def test_pushing_a_published_version_with_other_content_is_refused(
+    config_path, tmp_path, sample_repo
+):
+    cfg = ("--config", str(config_path))
+    offline = tmp_path / "offline-root-keys"
+    assert edgefleet("tuf", "init", "--root-keys", str(offline), *cfg)[0] == 0
+    key = tmp_path / "vision.key"
+    new_publisher_key(key)
+    rc, _, err = edgefleet(
+        "model", "publisher", "add", "vision", "--pubkey", str(key.with_suffix(".pub")),
+        "--models", "mlp", "--root-keys", str(offline), *cfg,
+    )  # fmt: skip
+    assert rc == 0, err
+    first = write_package(tmp_path / "first", sample_repo, version=1)
+    assert edgefleet("model", "sign", str(first), "--key", str(key))[0] == 0
+    assert edgefleet("model", "push", str(first), *cfg)[0] == 0
+    other = write_package(tmp_path / "other", sample_repo, version=1)
+    (other / "notes.txt").write_text("other bytes under the same name@version")
+    assert edgefleet("model", "sign", str(other), "--key", str(key))[0] == 0
+    rc, _, err = edgefleet("model", "push", str(other), *cfg)
+    assert refused(rc, err, "already published with other content"), err
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("DEVICE_CERT_DAYS", "1000000000", "device_cert_days 1000000000 must be 1 to 3650"),
+        ("SERVER_CERT_DAYS", "0", "server_cert_days 0 must be 1 to 3650"),
+        ("CRL_DAYS", "4000", "crl_days 4000 must be 1 to 3650"),
+        ("CLOCK_SKEW_SECONDS", "-5", "clock_skew_seconds must be 0 to 86400"),
+        ("MAX_REQUEST_BYTES", "0", "max_request_bytes 0 must be"),  # aiohttp: 0 is no limit
+        ("MAX_REQUEST_BYTES", "-1", "max_request_bytes -1 must be"),
+        ("REVOCATION_POLL_SECONDS", "nan", "revocation_poll_seconds must be over 0"),
+        ("REVOCATION_POLL_SECONDS", "inf", "revocation_poll_seconds must be over 0"),
+        ("REVOCATION_POLL_SECONDS", "0", "revocation_poll_seconds must be over 0"),
+    ],
+)
+def test_settings_out_of_range_are_config_errors(tmp_path, name, value, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_config(write_config(tmp_path), env={f"EDGEFLEET_{name}": value})
+
+
+def test_a_database_that_is_a_directory_is_named(config_path):
+    config = load_config(config_path, env={})
+    config.database_path.unlink(missing_ok=True)
+    config.database_path.mkdir(parents=True)
+    rc, _, err = edgefleet("device", "list", "--config", str(config_path))
+    assert refused(rc, err, "cannot open"), err
+    with pytest.raises(sqlite3.Error):
+        sqlite3.connect(config.database_path).execute("SELECT 1")
