@@ -56,6 +56,11 @@ _INT64_MIN, _INT64_MAX, _UINT64_MAX = -(1 << 63), (1 << 63) - 1, (1 << 64) - 1
 # decode_message, the server's path, scans every message: the scan gives it the key of the
 # request's remembered layout, which saves more than the scan costs.
 SCAN_BYTES = 16 << 10
+MAX_FIELDS = 4096  # top-level fields of a request (model, inputs, parameters, ... each one)
+# Past this many bytes of fields other than the raw tensors, decoded tensors are copied out of
+# the message rather than viewed in it: a queued request must not keep, say, a gzip'd message
+# inflated to 64 MiB of padding alive for the sake of its 256-byte tensor.
+DETACH_BYTES = 64 << 10
 _RAW_INPUT_CONTENTS = pb.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
 
 
@@ -101,6 +106,9 @@ def decode_message(data: bytes | bytearray | memoryview) -> InferenceRequest:
     if layout is not None and len(raw) == len(layout.inputs):
         return layout.request(raw)
     request = decode_request(pb.ModelInferRequest.FromString(rest), raw or None)
+    if raw and len(rest) > DETACH_BYTES:
+        for tensor in request.inputs:
+            tensor.data = tensor.data.copy()
     if raw and request.id is None and len(rest) <= MAX_LAYOUT_BYTES:
         if len(_LAYOUTS) >= MAX_LAYOUTS:
             _LAYOUTS.clear()  # start over: the layouts in use now come back at once
@@ -149,10 +157,17 @@ _LAYOUTS: dict[bytes, _Layout] = {}
 
 def _split_field(view: memoryview, number: int) -> tuple[bytes, list[memoryview]]:
     """Top-level scan: the length-delimited entries of field `number` as views, the other
-    fields re-joined as bytes. ValueError for anything but well-formed wire types 0, 1, 2, 5."""
+    fields re-joined as bytes. ValueError for anything but well-formed wire types 0, 1, 2, 5;
+    InvalidInput past MAX_FIELDS fields (a request has a handful; millions of tiny ones would
+    cost the event loop seconds, and protobuf an object each)."""
     others, found = [], []
+    kept = 0  # start of the run of other fields not yet in `others`
+    fields = 0
     i, end = 0, len(view)
     while i < end:
+        fields += 1
+        if fields > MAX_FIELDS:
+            raise InvalidInput(f"the request has more than {MAX_FIELDS} fields")
         start = i
         key = view[i]  # keys and lengths are one byte more often than not: no call for them
         i += 1
@@ -167,8 +182,11 @@ def _split_field(view: memoryview, number: int) -> tuple[bytes, list[memoryview]
             if i + length > end:
                 raise ValueError("field runs past the message")
             if key >> 3 == number:
+                if start > kept:
+                    others.append(view[kept:start])
                 found.append(view[i : i + length])
                 i += length
+                kept = i
                 continue
             i += length
         elif wire == 0:
@@ -179,7 +197,8 @@ def _split_field(view: memoryview, number: int) -> tuple[bytes, list[memoryview]
                 raise ValueError("field runs past the message")
         else:
             raise ValueError(f"wire type {wire}")
-        others.append(view[start:i])
+    if end > kept:
+        others.append(view[kept:end])
     return b"".join(others), found
 
 

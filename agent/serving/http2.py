@@ -63,6 +63,7 @@ RESET_BURST, RESET_RATE = 1000, 33.0  # client stream resets: at once, then per 
 HANDSHAKE_TIMEOUT_S = 10.0  # for the client's preface and SETTINGS
 BODY_STALL_S = 60.0  # a request body that gets no further for this long is answered and dropped
 SMALL_BODY = 64 << 10  # smaller bodies go to a bytearray (zero-filled, cheaper to make)
+EAGER_BODY = 4 << 10  # a small body's bytearray is made at once up to this size
 JOIN_BYTES = 64 << 10  # output up to this size is joined into one write
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -143,17 +144,20 @@ class Request:
 
     The body goes straight into one buffer of its final size once the handler can tell that
     size from its first bytes (a gRPC message announces its length): no per-frame objects, no
-    join. The buffer is np.empty's, so its pages are committed only as bytes arrive: a client
-    that announces a large message and sends nothing holds no memory. Until the size is known,
-    or if more arrives than announced, the body is kept as a list of chunks.
+    join. A large buffer is np.empty's, so its pages are committed only as bytes arrive: a
+    client that announces a large message and sends nothing holds no memory. A small one is a
+    bytearray (cheaper to make, but zero-filled, so all committed at once): it is made only once
+    an eighth of the body is in, so that a few bytes announcing 60 KB hold no 60 KB. Until then,
+    or if more arrives than announced, the bytes collect in one growing bytearray.
     """
 
     stream_id: int
     headers: dict[bytes, bytes] = field(default_factory=dict)
     size: int = 0  # body bytes received
-    chunks: list[bytes] = field(default_factory=list)
+    pending: bytearray | None = None  # the body so far, while it has no buffer
     buffer: memoryview | None = None
     sized: bool = False  # the handler was asked for the body's size
+    expected: int = 0  # the size it told, while its buffer is still to be made
     refused: bool = False  # answered early (too large): further data is dropped
     call: Call | None = None  # what answers it, to cancel when nobody will take the answer
     # stream state
@@ -168,12 +172,10 @@ class Request:
     swept_since: float = 0.0
 
     @property
-    def body(self) -> bytes | memoryview:
+    def body(self) -> bytes | bytearray | memoryview:
         if self.buffer is not None:
             return self.buffer if self.size == len(self.buffer) else self.buffer[: self.size]
-        if len(self.chunks) > 1:
-            self.chunks = [b"".join(self.chunks)]
-        return self.chunks[0] if self.chunks else b""
+        return self.pending if self.pending is not None else b""
 
     def take(self, data: memoryview, handler: Handler, limit: int) -> None:
         """Append `data` (a view of the read buffer, valid only during this call)."""
@@ -184,20 +186,26 @@ class Request:
                 self.size += n
                 return
             # more than announced: keep it all, the handler will say what is wrong
-            self.chunks = [bytes(self.buffer[: self.size])]
+            self.pending = bytearray(self.buffer[: self.size])
             self.buffer = None
-        self.chunks.append(bytes(data))
+        if self.pending is None:
+            self.pending = bytearray(data)
+        else:
+            self.pending += data
         self.size += n
         if not self.sized and self.size >= handler.head_bytes:
             self.sized = True
-            head = b"".join(self.chunks)
-            total = handler.body_size(head[: handler.head_bytes])
+            total = handler.body_size(bytes(self.pending[: handler.head_bytes]))
             if total is not None and self.size <= total <= limit:
-                self.buffer = memoryview(
-                    bytearray(total) if total < SMALL_BODY else np.empty(total, np.uint8)
-                ).cast("B")
-                self.buffer[: self.size] = head
-                self.chunks = []
+                self.expected = total
+        total = self.expected
+        if total and (total >= SMALL_BODY or total <= EAGER_BODY or self.size * 8 >= total):
+            self.expected = 0
+            self.buffer = memoryview(
+                bytearray(total) if total < SMALL_BODY else np.empty(total, np.uint8)
+            ).cast("B")
+            self.buffer[: self.size] = self.pending
+            self.pending = None
 
     def room(self) -> memoryview | None:
         """Where the next body bytes go when they can be read straight into the buffer."""
@@ -617,7 +625,7 @@ class Connection(asyncio.BufferedProtocol):
     def _drop_body(self, request: Request) -> None:
         request.refused = True
         self.buffered -= request.size
-        request.chunks, request.buffer, request.size = [], None, 0
+        request.pending, request.buffer, request.size, request.expected = None, None, 0, 0
 
     def check_time(self, now: float) -> None:
         """Called about once a second (GrpcServer's sweep): end what is past its time.
