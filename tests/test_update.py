@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from tuf.api.metadata import MetaFile, Snapshot, Timestamp
+from tuf.api.metadata import MetaFile, Snapshot, TargetFile, Timestamp
 
 from agent.serving.server import ServeOptions
 from agent.update import (
@@ -325,6 +325,81 @@ def test_malicious_archive(world, tmp_path, member, reason):
     assert not Path("/etc/cron.d/evil").exists()
 
 
+def _publish_forged_target(world: World, path: str, archive: Path, **fields) -> None:
+    """Sign target metadata with the control plane's online keys alone (no publisher key):
+    `fields` replace the length, hashes or variant a real publication would give."""
+    repository = world.fleet.repository
+    custom = {"variant": fields.get("variant", "onnx-fp32"), "runtime": "onnxruntime"}
+    with repository.locked():
+        digest, length = repository.store_blob(archive)
+        targets = repository.targets()
+        targets.signed.targets[path] = TargetFile(
+            fields.get("length", length),
+            fields.get("hashes", {"sha256": digest}),
+            path,
+            {"custom": custom},
+        )
+        repository._publish_targets(targets)
+
+    async def serve_archive(request: web.Request):  # whatever URL the node builds from it
+        return web.Response(body=archive.read_bytes()) if "/targets/mlp/" in request.path else None
+
+    world.fleet.server.tamper = serve_archive
+
+
+@pytest.mark.parametrize(
+    "forged", ["path-in-sha256", "path-in-variant", "sha512-only", "uppercase-sha256", "length"]
+)
+def test_target_metadata_that_would_become_a_path_is_refused(world, tmp_path, forged):
+    """The TUF key alone must not reach files: hash and variant name files on the node."""
+    version = world.next_version()
+    archive = _evil_tar(tmp_path / "evil.tar", _member("dropped.txt"))
+    victim = tmp_path / "victim" / "backup.tar"  # not the node's to delete
+    victim.parent.mkdir()
+    victim.write_bytes(b"precious")
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    variant, fields, reason = "onnx-fp32", {}, "is not 64 lowercase hex digits"
+    if forged == "path-in-sha256":
+        fields["hashes"] = {"sha256": "../" * 24 + str(victim.with_suffix("")).lstrip("/")}
+    elif forged == "path-in-variant":
+        variant = "../" * 24 + str(tmp_path / "escaped").lstrip("/")
+        fields["variant"], reason = variant, "is not a variant name"
+    elif forged == "sha512-only":
+        fields["hashes"] = {"sha512": hashlib.sha512(archive.read_bytes()).hexdigest()}
+        reason = "gives no sha256 hash"
+    elif forged == "uppercase-sha256":
+        fields["hashes"] = {"sha256": digest.upper()}
+    else:
+        fields["length"], reason = True, "is not a whole number of bytes"
+    _publish_forged_target(world, f"mlp/{version}/{variant}.tar", archive, **fields)
+    assert_refused(world, world.apply("mlp", version), "verify", reason)
+    assert victim.read_bytes() == b"precious"
+    assert not (tmp_path / "escaped").exists()
+
+
+@pytest.mark.parametrize("stored", ["sha512-only", "path-in-sha256"])
+def test_unusable_target_in_the_journal_fails_that_job_only(world, tmp_path, stored):
+    """A journal written before targets were checked may hold any target: its job fails, and
+    recovery and the other updates go on instead of failing on every run."""
+    victim = tmp_path / "backup.tar"
+    victim.write_bytes(b"precious")
+    if stored == "sha512-only":
+        hashes = {"sha512": "ab" * 64}
+    else:
+        hashes = {"sha256": "../" * 24 + str(victim.with_suffix("")).lstrip("/")}
+    name = f"demo-{stored}"
+    info = {"length": 10, "hashes": hashes, "custom": {}}
+    journal = Journal(world.node.settings.database)
+    target = {"path": f"{name}/2/onnx-fp32.tar", "variant": "onnx-fp32", "info": info}
+    stale = journal.start(name, 2, 1, [target])
+    world.fleet.publish(1, name=name)
+    assert world.apply(name, 1).state == ACTIVE
+    assert journal.job(stale.id).state == FAILED
+    assert journal.job(stale.id).reason.startswith("verify: ")
+    assert victim.read_bytes() == b"precious"
+    assert_no_leftovers(world)
+
+
 def test_failing_golden_vectors(world):
     version = world.next_version()
     world.fleet.publish(version, golden_offset=1.0)  # signed, published, but wrong outputs
@@ -512,3 +587,30 @@ def test_desired_state_file(tmp_path):
         path.write_text(bad)
         with pytest.raises(DesiredStateError, match=re.escape(message)):
             DesiredState.load(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("generation = 9223372036854775808\n", "generation must be an integer 0 to"),
+        ('[[models]]\nname = "cnn"\nversion = 9223372036854775808\n', "models[0].version"),
+        ("[health]\nmax_error_rate = nan\n", "health.max_error_rate must be a finite number"),
+        ("[health]\nmax_error_rate = 5\n", "health.max_error_rate is a share of requests"),
+        ("[health]\nwindow_seconds = inf\n", "health.window_seconds must be a finite number"),
+        ("[health]\npoll_seconds = nan\n", "health.poll_seconds must be a finite number"),
+        ("[health]\npoll_seconds = 0\n", "health.poll_seconds must be more than 0"),
+        ("[health]\nmax_p95_ms = nan\n", "health.max_p95_ms must be a finite number"),
+        ("[health]\nmin_requests = inf\n", "health.min_requests must be a whole number"),
+        ("[health]\nmin_requests = 2.5\n", "health.min_requests must be a whole number"),
+    ],
+)
+def test_desired_state_numbers_the_journal_and_health_watch_cannot_use(tmp_path, text, message):
+    path = tmp_path / "desired.toml"
+    path.write_text(text)
+    with pytest.raises(DesiredStateError, match=re.escape(message)):
+        DesiredState.load(path)
+    path.write_text(
+        'generation = 9223372036854775807\n[[models]]\nname = "cnn"\n'
+        "version = 9223372036854775807\n[health]\nmax_error_rate = 1\nmin_requests = 0\n"
+    )
+    assert DesiredState.load(path).models[0].version == 2**63 - 1

@@ -13,6 +13,7 @@ Exit status: 0 every model is at its version, 1 a model failed or was rolled bac
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -66,6 +67,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from agent.cli import UserError
     from agent.config import SettingsError, load_config
+    from agent.identity import IdentityError
     from agent.update import (
         FAILED_STATES,
         Checkpoints,
@@ -93,7 +95,12 @@ def run(args: argparse.Namespace) -> int:
         config = replace(config, state_dir=args.state_dir)
     state_dir = config.state_dir
     models_dir = args.models or config.models_dir
-    connection = _connection(args, state_dir)
+    try:
+        connection = _connection(args, state_dir)
+    except IdentityError as exc:
+        raise UserError(str(exc)) from None
+    except OSError as exc:
+        raise UserError(f"cannot read the device identity: {exc}") from None
     settings = UpdateSettings(
         state_dir=state_dir,
         models_dir=models_dir,
@@ -112,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
             pin_root(Layout(settings.update_dir, models_dir).tuf, root_bytes)
         except UpdateError as exc:
             raise UserError(str(exc)) from None
+        except OSError as exc:
+            raise UserError(f"cannot use the state directory {state_dir}: {exc}") from None
     try:
         outcomes = apply(
             desired,
@@ -123,6 +132,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     except UpdateError as exc:
         raise UserError(str(exc)) from None
+    except OSError as exc:
+        raise UserError(f"cannot use the state directory {state_dir}: {exc}") from None
+    except sqlite3.Error as exc:
+        raise UserError(
+            f"cannot use the update journal {settings.database}: {exc}; if it is damaged, move "
+            "it aside (the next run starts a new one)"
+        ) from None
     for outcome in outcomes:
         steps = " ".join(f"{k}={v * 1000:.0f}ms" for k, v in outcome.timings.items())
         line = f"{outcome.model}@{outcome.version}: {outcome.state}"
@@ -153,8 +169,7 @@ def _connection(args: argparse.Namespace, state_dir: Path) -> dict:
     from provisioning.tls import client_context
 
     store = IdentityStore(state_dir / "identity")
-    enrollment = store.enrollment() if store.enrollment_file.exists() else {}
-    server = args.server or (enrollment.get("endpoints") or {}).get("device_url")
+    server = args.server or _enrolled_server(store)
     if not server:
         raise UserError("no --server given and this node is not enrolled (edgefleet-agent install)")
     if args.cert and args.key and args.ca:
@@ -177,6 +192,23 @@ def _connection(args: argparse.Namespace, state_dir: Path) -> dict:
         "region": region,
         "ssl_context": lambda: client_context(ca_file=ca, cert_file=cert, key_file=key),
     }
+
+
+def _enrolled_server(store) -> str | None:
+    """The device URL the node was enrolled with; None if it was not enrolled."""
+    from agent.identity import IdentityError
+
+    if not store.enrollment_file.exists():
+        return None
+    enrollment = store.enrollment()
+    endpoints = enrollment.get("endpoints") if isinstance(enrollment, dict) else None
+    url = endpoints.get("device_url") if isinstance(endpoints, dict) else None
+    if not isinstance(url, str) or not url:
+        raise IdentityError(
+            f"{store.enrollment_file} names no device URL (endpoints.device_url); pass --server "
+            "or re-enroll: edgefleet-agent enroll --token TOKEN"
+        )
+    return url
 
 
 def _region_of(cert_file: Path) -> str | None:

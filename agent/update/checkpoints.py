@@ -23,7 +23,7 @@ class Checkpoints:
     def __init__(self, pause_at: str | None = None) -> None:
         name, _, offset = (pause_at or "").partition(":")
         self._name = name or None
-        self._offset = int(offset) if offset.isdigit() else None
+        self._offset = int(offset) if offset.isascii() and offset.isdigit() else None
 
     @classmethod
     def from_environment(cls) -> Checkpoints:

@@ -18,6 +18,7 @@ object from its messages and call the same entry point (agent.update.apply).
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,9 @@ from typing import Any
 
 from agent.update.config import HealthPolicy
 from provisioning.package import MODEL_NAME
+
+# The journal keeps versions and generations in SQLite INTEGER columns (64-bit, signed).
+MAX_INTEGER = 2**63 - 1
 
 
 class DesiredStateError(ValueError):
@@ -59,8 +63,8 @@ class DesiredState:
         if unknown:
             raise DesiredStateError(f"{source}: unknown key(s) {', '.join(unknown)}")
         generation = data.get("generation", 0)
-        if isinstance(generation, bool) or not isinstance(generation, int) or generation < 0:
-            raise DesiredStateError(f"{source}: generation must be an integer >= 0")
+        if not _integer(generation, 0):
+            raise DesiredStateError(f"{source}: generation must be an integer 0 to {MAX_INTEGER}")
         items = data.get("models", [])
         if not isinstance(items, list):
             raise DesiredStateError(f"{source}: models must be a list of [[models]] tables")
@@ -72,8 +76,8 @@ class DesiredState:
             name, version = item.get("name"), item.get("version")
             if not isinstance(name, str) or not MODEL_NAME.match(name):
                 raise DesiredStateError(f"{where}.name: {name!r} is not a model name")
-            if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-                raise DesiredStateError(f"{where}.version: expected a positive integer")
+            if not _integer(version, 1):
+                raise DesiredStateError(f"{where}.version: expected an integer 1 to {MAX_INTEGER}")
             if name in {m.name for m in models}:
                 raise DesiredStateError(f"{where}: model {name!r} is listed twice")
             models.append(DesiredModel(name, version))
@@ -94,7 +98,25 @@ def _health(table: Any, source: str) -> HealthPolicy | None:
         raise DesiredStateError(f"{source}: [health] takes {', '.join(keys)}")
     values = {}
     for key, value in table.items():
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            raise DesiredStateError(f"{source}: health.{key} must be a number >= 0")
-        values[keys[key]] = int(value) if key == "min_requests" else float(value)
+        where = f"{source}: health.{key}"
+        if key == "min_requests" and not _integer(value, 0):
+            raise DesiredStateError(f"{where} must be a whole number >= 0, not {value!r}")
+        if not _amount(value):
+            raise DesiredStateError(f"{where} must be a finite number >= 0, not {value!r}")
+        if key == "max_error_rate" and value > 1:
+            raise DesiredStateError(f"{where} is a share of requests, 0 to 1 (0.05 is 5%)")
+        if key == "poll_seconds" and value == 0:
+            raise DesiredStateError(f"{where} must be more than 0")
+        values[keys[key]] = value if key == "min_requests" else float(value)
     return HealthPolicy(**values)
+
+
+def _integer(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and least <= value <= MAX_INTEGER
+
+
+def _amount(value: Any) -> bool:
+    """A finite number >= 0: TOML also allows inf and nan, and a limit of nan never trips."""
+    if isinstance(value, float):
+        return math.isfinite(value) and value >= 0
+    return _integer(value, 0)

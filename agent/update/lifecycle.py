@@ -63,7 +63,7 @@ from agent.update.journal import (
 )
 from agent.update.layout import Layout, discard, empty, fsync_dir, place
 from agent.update.transport import TargetTooLong, Transport, download_resumable
-from agent.update.trust import TrustedRepository, target_url
+from agent.update.trust import TrustedRepository, check_target, target_url
 from provisioning.archive import ArchiveError, safe_extract
 from provisioning.package import ManifestError, Package
 from provisioning.publishers import authenticate_package
@@ -205,9 +205,15 @@ class Lifecycle:
         empty(layout.staging)
         empty(layout.trash)
         empty(layout.store / ".trash")
-        open_jobs = {job.id: job for job in self.journal.open_jobs()}
+        open_jobs = {}
+        for job in self.journal.open_jobs():
+            unusable = _unusable(job)
+            if unusable is None:
+                open_jobs[job.id] = job
+            else:
+                self._abandon(job, unusable)
         for job_dir in layout.jobs.iterdir():
-            job = open_jobs.get(int(job_dir.name)) if job_dir.name.isdigit() else None
+            job = open_jobs.get(_number(job_dir.name))
             if job is None:
                 shutil.rmtree(job_dir, ignore_errors=True)
                 continue
@@ -230,6 +236,9 @@ class Lifecycle:
 
     def _job_for(self, want: DesiredModel, generation: int) -> Job | Outcome:
         open_job = self.journal.open_job(want.name)
+        if open_job is not None and (unusable := _unusable(open_job)) is not None:
+            self._abandon(open_job, unusable)
+            open_job = None
         if open_job is not None and open_job.version == want.version:
             log.info("resuming update of %s@%s after %s", want.name, want.version, open_job.state)
             return open_job
@@ -281,8 +290,7 @@ class Lifecycle:
         if not job.targets:
             job = self._look_up(job)
         for target in job.targets:
-            info = _target_file(target)
-            sha = info.hashes["sha256"]
+            info, sha = _target_file(target), _sha(target)
             verified = self.layout.verified(sha)
             if verified.exists():  # verified before a crash: renamed only after the check
                 continue
@@ -478,6 +486,8 @@ class Lifecycle:
         self.journal.fail(job, reason)
         log.warning("update of %s@%s failed: %s", job.model, job.version, reason)
         shutil.rmtree(self.layout.job_dir(job.id), ignore_errors=True)
+        if _unusable(job) is not None:  # no file names from targets that failed the check
+            return
         for target in job.targets:
             self.layout.partial(_sha(target)).unlink(missing_ok=True)
             self.layout.verified(_sha(target)).unlink(missing_ok=True)
@@ -493,7 +503,8 @@ class Lifecycle:
         directory = self.layout.models_dir / model
         if not directory.is_dir():
             return []
-        return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+        versions = (_number(p.name) for p in directory.iterdir() if p.is_dir())
+        return sorted(v for v in versions if v is not None)
 
     def _reconcile(self, model: str) -> bool:
         """Serving holds the active version, and the previous one if lower; True if changed."""
@@ -517,7 +528,7 @@ class Lifecycle:
         store = self.layout.store / model
         if store.is_dir():
             for entry in store.iterdir():
-                if entry.is_dir() and (not entry.name.isdigit() or int(entry.name) not in keep):
+                if entry.is_dir() and _number(entry.name) not in keep:
                     shutil.rmtree(entry, ignore_errors=True)
         return changed
 
@@ -579,6 +590,28 @@ class _Timer:
 
 def _sha(target: dict) -> str:
     return target["info"]["hashes"]["sha256"]
+
+
+def _unusable(job: Job) -> str | None:
+    """Why the targets the journal holds for `job` cannot be used, or None if they can.
+
+    A journal written before targets were checked (or damaged since) may hold any values; the
+    job fails with this reason rather than wedging every later run.
+    """
+    for target in job.targets:
+        try:
+            check_target(target["variant"], _target_file(target))
+        except TrustFailed as exc:
+            return f"{TrustFailed.step}: {exc}"
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            return f"{TrustFailed.step}: damaged target in the update journal ({exc!r})"
+    return None
+
+
+def _number(name: str) -> int | None:
+    """A version or job directory's number; None for other names (str.isdigit alone also
+    accepts digits such as '²' that int() refuses)."""
+    return int(name) if name.isascii() and name.isdigit() else None
 
 
 def _target_file(target: dict) -> TargetFile:

@@ -13,6 +13,7 @@ protection, key thresholds, root rotation); this module adds the node's own rule
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,12 +26,14 @@ from tuf.ngclient import Updater, UpdaterConfig
 from agent.update.errors import TrustFailed
 from agent.update.journal import Journal
 from agent.update.transport import MutualTlsFetcher, Transport
+from provisioning.package import VARIANT_NAME
 from provisioning.publishers import TARGET_PATH, PublisherList, PublisherTrustError
 
 PINNED_ROOT = "pinned-root.json"
 METADATA_PATH = "/v1/tuf/metadata/"
 TARGETS_PATH = "/v1/tuf/targets/"
 _PUBLISHERS_MARK = "publishers_version"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def pin_root(tuf_dir: Path, root_bytes: bytes) -> bool:
@@ -113,6 +116,7 @@ class TrustedRepository:
             custom = info.custom if isinstance(info.custom, dict) else {}
             variant = str(custom.get("variant", ""))
             if variant and f"{prefix}{variant}.tar" == path:
+                check_target(variant, info)
                 found[variant] = info
         return found
 
@@ -144,6 +148,37 @@ class TrustedRepository:
         if info is None:
             raise TrustFailed(f"{path} is not a target of the control plane's TUF repository")
         return info
+
+
+def check_target(variant: str, info: TargetFile) -> None:
+    """Refuse target metadata the node cannot safely build file names from.
+
+    Only the control plane's online TUF key signs these values, and the node uses them before
+    any publisher signature is checked: the SHA-256 hash names the download, the variant a
+    directory. A path separator or `..` in either would reach outside the node's directories.
+    """
+    sha256 = info.hashes.get("sha256")
+    if sha256 is None:
+        raise TrustFailed(
+            f"{info.path}: the TUF metadata gives no sha256 hash, which this node needs to name "
+            "and verify the download; the control plane must publish it with one"
+        )
+    if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
+        raise TrustFailed(
+            f"{info.path}: TUF sha256 {str(sha256)[:80]!r} is not 64 lowercase hex digits: "
+            "refusing forged or damaged target metadata"
+        )
+    if not isinstance(variant, str) or not VARIANT_NAME.fullmatch(variant):
+        raise TrustFailed(
+            f"{info.path}: TUF variant {str(variant)[:80]!r} is not a variant name "
+            f"({VARIANT_NAME.pattern}): refusing forged or damaged target metadata"
+        )
+    length = info.length
+    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+        raise TrustFailed(
+            f"{info.path}: TUF length {str(length)[:80]!r} is not a whole number of bytes: "
+            "refusing forged or damaged target metadata"
+        )
 
 
 def target_url(server_url: str, target: TargetFile) -> str:
