@@ -8,6 +8,7 @@ none is given. Bad values are reported with where they came from (file or variab
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -77,11 +78,16 @@ def _from_env(cls: type, env: Mapping[str, str]) -> dict[str, Any]:
 
 def _convert(cls: type, name: str, value: Any, source: str) -> Any:
     kind = str({f.name: f.type for f in fields(cls)}[name])
+    if "Path" in kind and "None" not in kind and value == "":
+        raise SettingsError(f"{source}: {name} is empty; give it a path, or leave it out")
     try:
         if kind in ("int", "float"):
-            if isinstance(value, bool):
+            if isinstance(value, bool) or (kind == "int" and isinstance(value, float)):
+                raise ValueError  # 3.5 days is not cut down to 3 without a word
+            number = int(value) if kind == "int" else float(value)
+            if kind == "float" and not math.isfinite(number):  # asyncio.sleep(nan) spins
                 raise ValueError
-            return int(value) if kind == "int" else float(value)
+            return number
         if kind == "bool":
             if isinstance(value, bool):
                 return value
@@ -93,10 +99,10 @@ def _convert(cls: type, name: str, value: Any, source: str) -> Any:
         if kind == "tuple[str, ...]":
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(str(i).strip() for i in items if str(i).strip())
-        if "Path" in kind:
+        if "Path" in kind:  # only `Path | None` fields get here empty
             return Path(value).expanduser() if str(value) else None
         if not isinstance(value, str):
             raise ValueError
         return value
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:  # int(inf) overflows
         raise SettingsError(f"{source}: {name} has a bad value {value!r}") from exc

@@ -10,6 +10,9 @@ from tritonclient.utils import InferenceServerException
 
 from agent.samples import sample_input
 from agent.serving.config import ModelConfig, ModelConfigError
+from agent.serving.repository import ModelRepository
+from agent.serving.server import ServeOptions
+from tests.conftest import ServerThread
 
 
 def _infer(client, model, version=""):
@@ -75,6 +78,20 @@ def test_every_version_addressable_latest_by_default(client, private_repo):
     assert _infer(client, "mlp").get_response()["model_version"] == "2"
     with pytest.raises(InferenceServerException, match="not found"):
         _infer(client, "mlp", "10")
+
+
+def test_only_ascii_digit_directories_are_versions(tmp_path):
+    for name in ("1", "10", "2", "²", "٣", "v3"):  # "²" and "٣" pass str.isdigit()
+        (tmp_path / "mlp" / name).mkdir(parents=True)
+    assert ModelRepository(tmp_path).versions("mlp") == ["1", "2", "10"]
+
+
+def test_a_stray_unicode_digit_directory_does_not_stop_serving(private_repo):
+    (private_repo / "mlp" / "²").mkdir()
+    options = ServeOptions(private_repo, "127.0.0.1:0", None, None)
+    with ServerThread(options) as server, httpclient.InferenceServerClient(server.http_url) as c:
+        assert c.is_model_ready("mlp")
+        assert c.get_model_metadata("mlp")["versions"] == ["1"]
 
 
 def test_model_added_at_runtime_loads(client, private_repo):

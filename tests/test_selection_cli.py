@@ -118,3 +118,20 @@ def test_select_errors_are_one_line_without_traceback(capsys, tmp_path, sample_r
     empty.mkdir(parents=True)
     assert main(["select", str(empty), "--state-dir", str(tmp_path)]) == 1
     assert "no model file" in capsys.readouterr().err
+
+
+def test_select_with_a_state_dir_it_cannot_open_is_one_line(
+    capsys, tmp_path, sample_repo, quick_profile
+):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "agent.db").write_bytes(b"not a database" * 100)
+    for state_dir, reason in ((a_file, "File exists"), (damaged, "file is not a database")):
+        model = str(sample_repo / "mlp")
+        args = ["select", model, "--profile", str(quick_profile), "--state-dir", str(state_dir)]
+        assert main(args) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"edgefleet-agent: error: cannot open the agent state in {state_dir}")
+        assert reason in err

@@ -3,6 +3,8 @@ compile-cache pruning, model settings."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import time
 from dataclasses import replace
@@ -12,10 +14,17 @@ import numpy as np
 import pytest
 
 from agent.profiles import load_profile
-from agent.selection import Pin, Tolerance, ToleranceError, model_settings, pick
+from agent.selection import DecisionCache, Pin, Tolerance, ToleranceError, model_settings, pick
 from agent.selection.candidates import Candidate, build, confirm_placement
 from agent.selection.compile_cache import GRACE_SECONDS, CompileCache
-from agent.selection.decision import REJECTED, VERIFIED, CandidateResult
+from agent.selection.decision import (
+    CHOSEN,
+    REJECTED,
+    VERIFIED,
+    CandidateResult,
+    Decision,
+    DecisionError,
+)
 from agent.selection.key import SelectionKey
 from agent.selection.tolerance import compare
 from agent.selection.variants import Variant
@@ -214,6 +223,83 @@ def test_key_changes_are_explained():
     assert SelectionKey.from_dict(key.to_dict()) == key
 
 
+# --- stored decisions -----------------------------------------------------------------------
+
+
+def decision_for(directory: Path) -> Decision:
+    chosen = candidate("onnxruntime", "CPU", threads=2)
+    result = CandidateResult(chosen, CHOSEN, p50_ms=1.0, placement=["CPUExecutionProvider"])
+    key = SelectionKey("a" * 64, ("model.onnx",), "hw-1", (("onnxruntime", "1.0"),), "p@1", "x")
+    return Decision(
+        model="mlp",
+        variant="model.onnx",
+        variant_path=directory / "model.onnx",
+        runtime="onnxruntime",
+        device="CPU",
+        options=chosen.load_options(),
+        candidate=chosen,
+        objective="latency",
+        score_unit="ms",
+        profile="p@1",
+        key=key,
+        results=[result],
+        selection_seconds=0.5,
+        decided_at="2026-01-01T00:00:00+00:00",
+    )
+
+
+def store(cache: DecisionCache, decision: Decision, text: str) -> None:
+    """Replace the stored JSON of a decision, as a damaged row or another agent version has it."""
+    cache.put(decision)
+    cache.db["selection_decisions"].update(decision.key.ident, {"decision": text})
+
+
+def test_a_decision_reads_back_as_it_was_stored(tmp_path):
+    decision = decision_for(tmp_path)
+    assert Decision.from_dict(decision.to_dict()) == decision
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda d: d["results"][0].update(energy_mj=1.0), "unknown field"),  # another version's
+        (lambda d: d.pop("options"), "'options' is missing"),
+        (lambda d: d["options"].update(threads="x"), "threads is 'x'"),
+        (lambda d: d["options"].update(threads=True), "threads is True"),
+        (lambda d: d["options"].update(threads=10**30), "threads 1000"),
+        (lambda d: d["options"]["extra"].update(CACHE_DIR=7), "extra options"),
+        (lambda d: d["results"][0].update(verdict=REJECTED), "exactly one candidate"),
+        (lambda d: d.update(key=[]), "stored decision"),
+    ],
+)
+def test_a_stored_decision_this_agent_cannot_use_is_measured_again(
+    tmp_path, caplog, change, reason
+):
+    cache = DecisionCache(tmp_path / "agent.db")
+    decision = decision_for(tmp_path)
+    data = decision.to_dict()
+    change(data)
+    with pytest.raises(DecisionError, match=reason):
+        Decision.from_dict(data)
+    store(cache, decision, json.dumps(data))
+    with caplog.at_level(logging.WARNING, logger="agent.selection.cache"):
+        assert cache.get(decision.key) is None
+    assert "model mlp: dropped a stored selection decision" in caplog.text
+    assert cache.candidates(decision.key) == []  # the row is gone with its candidates
+    cache.put(decision)
+    assert cache.get(decision.key).options == decision.options
+
+
+def test_a_damaged_row_stops_neither_latest_nor_compile_cache_pruning(tmp_path):
+    cache = DecisionCache(tmp_path / "agent.db")
+    decision = decision_for(tmp_path)
+    store(cache, decision, "{not json")
+    assert cache.latest("mlp") is None
+    store(cache, decision, json.dumps({"options": None}))
+    assert cache.compile_dirs_in_use() == set()
+    assert cache.get(decision.key) is None
+
+
 # --- compile cache --------------------------------------------------------------------------
 
 
@@ -253,3 +339,12 @@ def test_a_pinned_option_value_replaces_the_profiles_axis():
     pinned = build([variant("model.onnx", "onnx")], devices, profile, Pin(options={"threads": 3}))
     runnable = [c.candidate for c in pinned if c.reason is None]
     assert [dict(c.options) for c in runnable] == [{"threads": 3}]
+
+
+def test_only_ascii_digit_directories_are_versions_to_select_among(tmp_path):
+    from agent.selection.variants import version_dir
+
+    model = tmp_path / "mlp"
+    (model / "1").mkdir(parents=True)
+    (model / "\u00b2").mkdir()  # str.isdigit() is true for it; int() refuses it
+    assert version_dir(model) == model / "1"

@@ -117,11 +117,14 @@ async def test_enrolled_node_schedules_certificate_renewal(control_plane, sample
     [
         (["--models", "/nonexistent/models"], None, "does not exist"),
         (["--http", "localhost"], None, "must be HOST:PORT"),
+        (["--http", "127.0.0.1:\u0668\u0660"], None, "must be HOST:PORT"),  # Arabic-Indic 80
+        (["--http", "127.0.0.1:\u00b2"], None, "must be HOST:PORT"),
         (["--max-body-mb", "0"], None, "--max-body-mb"),
         ([], "bogus = 1\n", "unknown setting(s) bogus"),
         ([], "state_dir = [\n", "cannot read config file"),
         ([], "state_dir = " + "[" * 100_000 + "]" * 100_000 + "\n", "cannot read config file"),
         ([], "[serving]\nhttp = 80\n", "http has a bad value"),
+        ([], 'state_dir = ""\n', "state_dir is empty; give it a path"),
     ],
 )
 def test_bad_flags_and_config_fail_clearly(sample_repo, tmp_path, argv, config, message):
@@ -135,6 +138,27 @@ def test_bad_flags_and_config_fail_clearly(sample_repo, tmp_path, argv, config, 
     assert result.returncode == 1
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_state_dir_that_cannot_hold_decisions_is_a_clear_error(sample_repo, tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "agent.db").write_bytes(b"not a database" * 100)
+    serve = [sys.executable, "-m", "agent.cli", "serve", "--models", str(sample_repo)]
+    for state_dir, reason in ((a_file, "File exists"), (damaged, "file is not a database")):
+        result = subprocess.run(
+            [*serve, "--http", "127.0.0.1:0", "--grpc", "off", "--select"],
+            cwd=ROOT,
+            env={**os.environ, "EDGEFLEET_STATE_DIR": str(state_dir)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 1
+        assert f"cannot open the agent state in {state_dir}: " in result.stderr
+        assert reason in result.stderr and "Traceback" not in result.stderr
 
 
 def test_address_in_use_is_a_clear_error(sample_repo):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import sys
 import time
 import tomllib
@@ -76,12 +77,16 @@ def run(args: argparse.Namespace) -> int:
     except (ProfileError, VariantError, ToleranceError, ValueError) as exc:
         raise UserError(str(exc)) from None
     state_dir = args.state_dir or default_state_dir()
+    try:
+        cache = DecisionCache(state_dir / DATABASE)
+    except (OSError, sqlite3.Error) as exc:
+        raise UserError(f"cannot open the agent state in {state_dir}: {exc}") from None
     progress(f"profile {profile.name}, objective {profile.selection.objective}")
     try:
         decision = choose(
             args.model_dir,
             profile=profile,
-            cache=DecisionCache(state_dir / DATABASE),
+            cache=cache,
             state_dir=state_dir,
             tolerance=tolerance,
             pin=pin,

@@ -8,6 +8,7 @@ the device certificate is renewed in the background; local serving never depends
 from __future__ import annotations
 
 import argparse
+import sqlite3
 from pathlib import Path
 
 
@@ -77,13 +78,19 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     memory.tune_allocator()
     socket = args.socket or config.socket
+    select = config.select if args.select is None else args.select
+    if select:  # decisions are stored there: say so now, not as "cannot listen" from start()
+        try:
+            config.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot open the agent state in {config.state_dir}: {exc}") from None
     options = ServeOptions(
         models,
         http,
         grpc,
         socket,
         args.max_body_mb * 1024 * 1024,
-        select=config.select if args.select is None else args.select,
+        select=select,
         state_dir=config.state_dir,
         profile=args.profile or config.profile or None,
     )
@@ -95,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"cannot listen: {exc}") from None
     except ProfileError as exc:
         raise UserError(str(exc)) from None
+    except sqlite3.Error as exc:  # the selection decisions' database, opened at start
+        raise UserError(f"cannot open the agent state in {config.state_dir}: {exc}") from None
     return 0
 
 

@@ -8,13 +8,16 @@ Three tables (sqlite-utils):
 
 A decision is reused only for an identical key; for a model whose key changed, `latest(model)`
 tells what changed. The newest few decisions per model are kept (a rollback to the previous
-version should not measure again); older ones are deleted.
+version should not measure again); older ones are deleted. A stored decision this agent cannot
+read (damaged, or written by another agent version) is deleted with a warning, as if it had
+never been stored: the model is measured again.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -25,8 +28,10 @@ from typing import Any, TypeVar
 
 import sqlite_utils
 
-from agent.selection.decision import Decision
+from agent.selection.decision import Decision, DecisionError
 from agent.selection.key import SelectionKey
+
+log = logging.getLogger(__name__)
 
 KEEP_PER_MODEL = 4
 
@@ -108,23 +113,26 @@ class DecisionCache:
 
     @_locked
     def get(self, key: SelectionKey) -> Decision | None:
-        rows = list(self.db.query(f"select decision from {_DECISIONS} where key = ?", [key.ident]))
-        if not rows:
-            return None
-        decision = Decision.from_dict(json.loads(rows[0]["decision"]))
-        decision.from_cache = True
+        rows = list(
+            self.db.query(
+                f"select key, model, decision from {_DECISIONS} where key = ?", [key.ident]
+            )
+        )
+        decision = self._decode(rows[0]) if rows else None
+        if decision is not None:
+            decision.from_cache = True
         return decision
 
     @_locked
     def latest(self, model: str) -> Decision | None:
         rows = list(
             self.db.query(
-                f"select decision from {_DECISIONS} where model = ? "
+                f"select key, model, decision from {_DECISIONS} where model = ? "
                 "order by created_at desc limit 1",
                 [model],
             )
         )
-        return Decision.from_dict(json.loads(rows[0]["decision"])) if rows else None
+        return self._decode(rows[0]) if rows else None
 
     @_locked
     def put(self, decision: Decision) -> None:
@@ -189,10 +197,11 @@ class DecisionCache:
     def compile_dirs_in_use(self) -> set[str]:
         """OpenVINO compile cache directories that stored decisions load from."""
         used = set()
-        for row in self.db.query(f"select decision from {_DECISIONS}"):
-            extra = json.loads(row["decision"])["options"]["extra"]
-            if extra.get("CACHE_DIR"):
-                used.add(extra["CACHE_DIR"])
+        # list(): decoding deletes the rows it cannot use
+        for row in list(self.db.query(f"select key, model, decision from {_DECISIONS}")):
+            decision = self._decode(row)
+            if decision is not None and decision.options.extra.get("CACHE_DIR"):
+                used.add(decision.options.extra["CACHE_DIR"])
         return used
 
     def digest(self, path: Path, compute: Callable[[Path], str]) -> str:
@@ -210,6 +219,25 @@ class DecisionCache:
                 {"path": str(path), "stamp": stamp, "digest": digest}, pk="path"
             )
         return digest
+
+    def _decode(self, row: dict[str, Any]) -> Decision | None:
+        """The decision of a row; None, and the row deleted, if this agent cannot use it."""
+        try:
+            return Decision.from_dict(json.loads(row["decision"]))
+        except (DecisionError, json.JSONDecodeError, TypeError, RecursionError) as exc:
+            log.warning(
+                "model %s: dropped a stored selection decision this agent cannot use (it is "
+                "measured again): %s",
+                row["model"],
+                exc,
+            )
+            self._delete(row["key"])
+            return None
+
+    def _delete(self, key: str) -> None:
+        with self.db.conn:
+            self.db[_CANDIDATES].delete_where("key = ?", [key])
+            self.db[_DECISIONS].delete(key)
 
     def _forget_old(self, model: str) -> None:
         stale = [

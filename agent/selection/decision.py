@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import NoneType
 from typing import Any
 
 from agent.selection.candidates import Candidate
@@ -11,6 +12,12 @@ from agent.selection.key import SelectionKey
 from runtimes.base import LoadOptions, Session
 
 CHOSEN, VERIFIED, REJECTED, SKIPPED = "chosen", "verified", "rejected", "skipped"
+VERDICTS = (CHOSEN, VERIFIED, REJECTED, SKIPPED)
+MAX_THREADS = 1024  # as model.toml allows
+
+
+class DecisionError(ValueError):
+    """A stored decision this agent cannot use: damaged, or written by another agent version."""
 
 
 @dataclass
@@ -51,9 +58,29 @@ class CandidateResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CandidateResult:
-        values = dict(data)
-        values["candidate"] = Candidate.from_dict(data["candidate"])
-        return cls(**values)
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"a result has unknown field(s) {', '.join(sorted(unknown))}")
+        verdict = _typed(data, "verdict", str)
+        if verdict not in VERDICTS:
+            raise ValueError(f"verdict {verdict!r} is not one of {', '.join(VERDICTS)}")
+        placement = _typed(data, "placement", list)
+        if not all(isinstance(device, str) for device in placement):
+            raise TypeError(f"placement {placement!r} is not a list of device names")
+        number = (int, float, NoneType)
+        return cls(
+            candidate=Candidate.from_dict(data["candidate"]),
+            verdict=verdict,
+            reason=_typed(data, "reason", str, NoneType),
+            load_seconds=_typed(data, "load_seconds", *number),
+            p50_ms=_typed(data, "p50_ms", *number),
+            p99_ms=_typed(data, "p99_ms", *number),
+            runs=_typed(data, "runs", int),
+            max_error=_typed(data, "max_error", *number),
+            memory_mb=_typed(data, "memory_mb", *number),
+            placement=placement,
+            score=_typed(data, "score", *number),
+        )
 
 
 @dataclass
@@ -111,21 +138,51 @@ class Decision:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Decision:
-        options = data["options"]
-        return cls(
-            model=data["model"],
-            variant=data["variant"],
-            variant_path=Path(data["variant_path"]),
-            runtime=data["runtime"],
-            device=data["device"],
-            options=LoadOptions(options["device"], options["threads"], dict(options["extra"])),
-            candidate=Candidate.from_dict(data["candidate"]),
-            objective=data["objective"],
-            score_unit=data["score_unit"],
-            profile=data["profile"],
-            key=SelectionKey.from_dict(data["key"]),
-            results=[CandidateResult.from_dict(r) for r in data["results"]],
-            selection_seconds=float(data["selection_seconds"]),
-            decided_at=data["decided_at"],
-            from_cache=bool(data.get("from_cache", False)),
-        )
+        """What `to_dict` wrote; DecisionError when `data` is not a decision this agent can use."""
+        try:
+            decision = cls(
+                model=_typed(data, "model", str),
+                variant=_typed(data, "variant", str),
+                variant_path=Path(_typed(data, "variant_path", str)),
+                runtime=_typed(data, "runtime", str),
+                device=_typed(data, "device", str),
+                options=_load_options(_typed(data, "options", dict)),
+                candidate=Candidate.from_dict(data["candidate"]),
+                objective=_typed(data, "objective", str),
+                score_unit=_typed(data, "score_unit", str),
+                profile=_typed(data, "profile", str),
+                key=SelectionKey.from_dict(data["key"]),
+                results=[CandidateResult.from_dict(r) for r in _typed(data, "results", list)],
+                selection_seconds=float(_typed(data, "selection_seconds", int, float)),
+                decided_at=_typed(data, "decided_at", str),
+                from_cache=bool(data.get("from_cache", False)),
+            )
+        except KeyError as exc:
+            raise DecisionError(f"stored decision: {exc} is missing") from None
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise DecisionError(f"stored decision: {exc}") from None
+        if [r.verdict for r in decision.results].count(CHOSEN) != 1:
+            raise DecisionError("stored decision: not exactly one candidate is chosen")
+        if decision.variant not in decision.key.variants:
+            raise DecisionError(f"stored decision: variant {decision.variant!r} is not in its key")
+        return decision
+
+
+def _load_options(data: dict[str, Any]) -> LoadOptions:
+    """Stored options, checked: the runtime gets them as they are."""
+    threads = _typed(data, "threads", int, NoneType)
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise ValueError(f"threads {threads} is not between 1 and {MAX_THREADS}")
+    extra = _typed(data, "extra", dict)
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
+        raise TypeError(f"extra options {extra!r} are not all text")
+    return LoadOptions(_typed(data, "device", str), threads, dict(extra))
+
+
+def _typed(data: dict[str, Any], name: str, *kinds: type) -> Any:
+    """data[name] if it is one of `kinds` (true and false are no numbers); TypeError if not."""
+    value = data[name]
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        expected = " or ".join("null" if k is NoneType else k.__name__ for k in kinds)
+        raise TypeError(f"{name} is {value!r}, not {expected}")
+    return value

@@ -70,7 +70,7 @@ class ModelRepository:
         model_dir = self.root / name
         if not model_dir.is_dir():
             raise RepositoryError(f"no model {name!r} in {self.root}")
-        found = [p.name for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+        found = [p.name for p in model_dir.iterdir() if p.is_dir() and _is_version(p.name)]
         return sorted(found, key=int)
 
     def source(self, name: str, version: str) -> ModelVersionSource:
@@ -97,3 +97,8 @@ class ModelRepository:
         except ModelConfigError as exc:
             raise RepositoryError(str(exc)) from exc
         return ModelVersionSource(name, version, version_dir, model_files, config)
+
+
+def _is_version(name: str) -> bool:
+    # ASCII only: str.isdigit() is also true for "²" and "٣", which are no version numbers
+    return name.isascii() and name.isdigit()

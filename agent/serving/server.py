@@ -60,7 +60,7 @@ class RunningServer:
 
 def split_address(address: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
+    if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ValueError(f"address {address!r} must be HOST:PORT (PORT 0..65535)")
     return host.strip("[]") or default_host, int(port)
 
