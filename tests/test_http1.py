@@ -5,6 +5,7 @@ timeouts and a graceful close."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -321,6 +322,97 @@ def test_chunked_bodies_are_joined():
         client.close()
 
     serve(test)
+
+
+CHUNKED = b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def test_a_chunked_body_of_tiny_chunks_is_kept_as_one_piece():
+    """A bytes object per 2-byte chunk would cost ~25 times the body's size."""
+
+    async def test(server, connect):
+        client = await connect()
+        await client.send(CHUNKED + b"2\r\nab\r\n" * 5000)
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            (connection,) = server.connections
+            if connection.size == 10_000:
+                break
+        assert connection.size == 10_000 and len(connection.chunks) == 1
+        await client.send(b"0\r\n\r\n" + post("/echo", b"after"))
+        status, headers, echoed = await client.response()
+        assert (status, echoed, headers["x-body-type"]) == (200, b"ab" * 5000, "bytearray")
+        status, headers, echoed = await client.response()  # single pieces: as they came
+        assert (status, echoed, headers["x-body-type"]) == (200, b"after", "bytes")
+        client.close()
+
+    serve(test)
+
+
+def test_trailer_fields_are_ignored_and_not_the_next_requests():
+    async def test(server, connect):
+        client = await connect()
+        trailers = b"X-Trailer: 1\r\nHost: evil\r\n" + b"X-Many: v\r\n" * 60
+        extra = b"".join(b"X-H%d: v\r\n" % i for i in range(50))
+        await client.send(
+            CHUNKED + b"2\r\nab\r\n0\r\n" + trailers + b"\r\n" + post("/echo?2", b"next", extra)
+        )
+        status, headers, body = await client.response()
+        assert (status, body, headers["x-header-names"]) == (
+            200,
+            b"ab",
+            "host,transfer-encoding",
+        )
+        # its own 52 headers, none of the trailer's (nor counted with its 62 fields)
+        status, headers, body = await client.response()
+        names = headers["x-header-names"].split(",")
+        assert (status, body, len(names)) == (200, b"next", 52)
+        assert "x-trailer" not in names and "x-many" not in names
+        client.close()
+
+    serve(test)
+
+
+async def send_ignoring_close(client: Client, pieces, pause: float = 0.0) -> None:
+    with contextlib.suppress(ConnectionError):
+        for piece in pieces:
+            await client.send(piece)
+            await asyncio.sleep(pause)
+
+
+def test_a_trailer_section_is_bounded_like_a_head():
+    many = [b"X-%d: v\r\n" % i for i in range(http1.MAX_HEADERS + 1)]
+    cases = {
+        "1 MiB of one value": (b"X-T: ", [b"a" * 16384] * 64, 0.0),
+        "a trickle, a read at a time": (b"X-T: ", [b"a" * 1024] * 200, 0.002),
+        "too many fields": (b"", [*many, b"\r\n"], 0.0),
+    }
+
+    async def test(server, connect):
+        for case, (start, pieces, pause) in cases.items():
+            client = await connect()
+            await client.send(CHUNKED + b"2\r\nab\r\n0\r\n" + start)
+            sender = asyncio.create_task(send_ignoring_close(client, pieces, pause))
+            status, _, body = await client.response()
+            assert status == 431, (case, body)
+            sender.cancel()
+            client.close()
+
+    serve(test)
+
+
+def test_a_trailer_section_that_trickles_in_gets_408():
+    async def test(server, connect):
+        client = await connect()
+        await client.send(CHUNKED + b"2\r\nab\r\n0\r\nX-T: ")
+        sender = asyncio.create_task(send_ignoring_close(client, [b"a"] * 100, 0.05))
+        status, _, body = await client.response()  # bytes keep coming, the trailer never ends
+        assert status == 408 and "no more of the body" in json.loads(body)["error"]
+        assert not sender.done()  # refused in time, not when the client stopped
+        sender.cancel()
+        client.close()
+
+    serve(test, request_timeout=1.0)
 
 
 def test_bodies_over_the_limit_are_refused():

@@ -19,7 +19,7 @@ import struct
 import hpack
 import pytest
 
-from agent.serving import http2
+from agent.serving import http2, http2_headers
 from agent.serving.http2 import ErrorCode
 
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS = 0x0, 0x1, 0x2, 0x3, 0x4
@@ -526,15 +526,28 @@ async def test_flow_control_and_settings_violations_end_the_connection(client, d
         ([*REQUEST[:3], (b":status", b"200"), *REQUEST[3:]], "not a request pseudo-header"),
         ([REQUEST[0], *REQUEST], "repeated"),
         ([*REQUEST, (b"x-bad", b"a\r\nb")], "NUL, CR or LF"),
+        ([*REQUEST, (b"x-bad", b" a")], "whitespace"),
+        ([*REQUEST, (b"x-bad", b"a\t")], "whitespace"),
+        ([*REQUEST[:3], (b":authority", b"localhost "), *REQUEST[4:]], "whitespace"),
     ],
     ids=["upper-case", "connection", "te", "no-path", "pseudo-late", "response-pseudo",
-         "repeated", "crlf"],
+         "repeated", "crlf", "leading-space", "trailing-tab", "pseudo-trailing-space"],
 )  # fmt: skip
 async def test_malformed_requests_are_reset_and_the_connection_goes_on(client, headers, why):
     reply = await exchange(client, body_of(8), headers=headers)
     assert reply["reset"] == ErrorCode.PROTOCOL_ERROR
     assert not client.handler.requests
     assert (await exchange(client, body_of(8)))["body"] == body_of(8)
+
+
+def test_whitespace_is_refused_only_at_either_end_of_a_value():
+    def check(value: bytes):
+        return http2_headers.request_headers([*REQUEST, (b"x-v", value)])
+
+    for value in (b" a", b"a ", b"\ta", b"a\t", b" ", b"\t"):
+        assert "whitespace" in check(value), value
+    for value in (b"", b"a", b"a b", b"a\tb"):
+        assert check(value)[b"x-v"] == value
 
 
 async def test_content_length_must_match_the_body(client):

@@ -10,10 +10,12 @@ What it does:
   HTTP/1.0 clients, `Expect: 100-continue`, chunked request bodies, `HEAD`;
 - limits: request line + headers (`MAX_HEAD_BYTES`, 431), header count, body (`max_body`, 400):
   a `Content-Length` over the limit is refused before any of the body is read, a chunked body as
-  soon as it passes the limit;
+  soon as it passes the limit; what a chunked body sends without data (chunk framing, the
+  trailer section) counts like a head, in bytes and in time; trailer fields are ignored;
 - a body with a `Content-Length` of `DIRECT_BODY_BYTES` or more is read from the socket straight
   into one buffer of its size (no per-read bytes objects, no parser copies, no join), whose
-  memory is committed only as the body arrives, whatever length the client claims;
+  memory is committed only as the body arrives, whatever length the client claims; a chunked
+  body collects in one bytearray, so its memory is that of its data, however small its chunks;
 - malformed HTTP (llhttp is strict: no `Content-Length` beside `Transfer-Encoding`, no bare LF,
   no obsolete line folding) gets 400 and the connection closes;
 - a connection idle past `keepalive_timeout` is closed; a request whose head is not in whole
@@ -53,7 +55,8 @@ LINGER_S = 2.0  # after an error: how long to drain what the client still sends 
 
 class Request:
     """One request as the application sees it. Header names are lower case; repeated headers
-    are joined with ", ". `body` is bytes, or a writable memoryview for a body read directly."""
+    are joined with ", ". `body` is bytes, a writable memoryview for a body read directly, or a
+    bytearray for a chunked one."""
 
     __slots__ = ("body", "headers", "keep_alive", "method", "path", "query")
 
@@ -233,6 +236,11 @@ class _Connection(asyncio.BufferedProtocol):
         self.chunks: list[bytes] = []
         self.size = 0
         self.direct: memoryview | None = None  # the body's buffer, when read directly
+        # a chunked body: its size after the last read that brought data, and the bytes and
+        # start of the reads since then, which brought none
+        self.data_seen = 0
+        self.dataless_bytes = 0
+        self.dataless_since = 0.0
         # requests read and not yet answered, in order; the one in the front is being handled
         self.queue: deque[tuple[Request, tuple[Handler, tuple] | Response]] = deque()
         self.busy = False  # answering the queue
@@ -307,8 +315,32 @@ class _Connection(asyncio.BufferedProtocol):
             return
         if self.state in (_HEAD, _IDLE) and self.head_bytes > MAX_HEAD_BYTES:
             self._refuse(431, f"request line and headers exceed {MAX_HEAD_BYTES} bytes")
-        elif self.state == _BODY and self.direct is not None and self.size < self.length:
-            self.state = _DIRECT
+        elif self.state == _BODY:
+            if self.direct is not None:
+                if self.size < self.length:
+                    self.state = _DIRECT
+            elif self.length is None:
+                self._chunked_read(nbytes)
+
+    def _chunked_read(self, nbytes: int) -> None:
+        """After a read of a chunked body: reads that bring no data (chunk framing, the
+        trailer section) are bounded like a head, to MAX_HEAD_BYTES and request_timeout in all
+        (a read that brought data is not counted, so a trailer section may have up to one read
+        more). Counted here, by the read: httptools joins the pieces of a trailer field's
+        value itself (bytes +=) and hands over only whole fields."""
+        if self.size != self.data_seen:
+            self.data_seen = self.size
+            self.dataless_bytes = 0
+            return
+        if self.dataless_bytes:
+            self.since = self.dataless_since  # a trickle does not restart the clock
+        else:
+            self.dataless_since = self.since
+        self.dataless_bytes += nbytes
+        if self.dataless_bytes > MAX_HEAD_BYTES:
+            self._refuse(
+                431, f"a chunked body's framing or trailer section exceeds {MAX_HEAD_BYTES} bytes"
+            )
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -399,7 +431,11 @@ class _Connection(asyncio.BufferedProtocol):
                 return
             if not self.queue and not self.closing:
                 self.transport.write(_CONTINUE)
-        if self.length is not None and self.length >= DIRECT_BODY_BYTES:
+        if self.length is None:
+            if has_body:  # chunked
+                self.chunks = _ChunkedBody()
+                self.data_seen = self.dataless_bytes = 0
+        elif self.length >= DIRECT_BODY_BYTES:
             # Not a bytearray: that is zero-filled, so a client claiming a large length and
             # sending nothing would make us commit it all. np.empty's pages are only
             # committed as the body arrives.
@@ -416,6 +452,13 @@ class _Connection(asyncio.BufferedProtocol):
             self._refuse(400, self._too_large())
         else:
             self.chunks.append(piece)
+
+    def on_chunk_complete(self) -> None:
+        if self.header_count:
+            # trailer fields of the last chunk, collected by on_header: ignored, and not the
+            # next request's
+            self.headers = {}
+            self.header_count = 0
 
     def on_message_complete(self) -> None:
         if self.state != _BODY:
@@ -576,6 +619,20 @@ class _Connection(asyncio.BufferedProtocol):
                     self._refuse(408, f"the request's head was not in whole after {limit:g} s")
                 else:
                     self._refuse(408, f"no more of the body came for {limit:g} s")
+
+
+class _ChunkedBody(list):
+    """A chunked body's pieces, joined as they come into one bytearray (the only item): a bytes
+    object per chunk costs ~40 bytes beside its data, which `max_body` does not count (a body of
+    2-byte chunks would take 25 times its size). A list, for on_body and on_message_complete."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        super().__init__((bytearray(),))
+
+    def append(self, piece: bytes) -> None:
+        self[0] += piece
 
 
 class _TooManyHeaders(httptools.HttpParserError):

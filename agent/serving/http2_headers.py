@@ -137,6 +137,7 @@ _CONNECTION_SPECIFIC = frozenset(
 )
 _BAD_NAME_BYTES = frozenset(b"\x00\r\n :") | frozenset(range(0x41, 0x5B))  # and upper case
 _BAD_VALUE_BYTES = frozenset(b"\x00\r\n")
+_WHITESPACE = (b" ", b"\t")  # not at either end of a value (RFC 9113 8.2.1)
 
 
 def request_headers(fields) -> dict[bytes, bytes] | str:
@@ -146,6 +147,8 @@ def request_headers(fields) -> dict[bytes, bytes] | str:
     for name, value in fields:
         if not _BAD_VALUE_BYTES.isdisjoint(value):
             return f"header {name!r} has a NUL, CR or LF in its value"
+        if value[:1] in _WHITESPACE or value[-1:] in _WHITESPACE:
+            return f"header {name!r} has a value that starts or ends with whitespace"
         if name[:1] == b":":
             if regular:
                 return f"pseudo-header {name!r} after a regular header"
