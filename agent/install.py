@@ -13,6 +13,7 @@ are prepared and how the tests run it.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import pwd
 import shlex
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.identity import IdentityStore, enroll
+from agent.identity.enroll import check_server_url
 from provisioning.ca import utc_now
 from provisioning.keys import write_file_atomic
 
@@ -148,27 +150,54 @@ def render_config(layout: Layout, server: str, device_id: str, region: str) -> s
 # Any setting can be overridden by an EDGEFLEET_* environment variable.
 # This node is device {device_id} of region {region}; its key and certificate are in
 # {layout.identity_dir} (renewed automatically, see docs/identity.md).
-state_dir = "{layout.state_dir}"
+state_dir = {toml_string(str(layout.state_dir))}
 
 [control_plane]
 # Enrollment endpoint; the device and gRPC endpoints come with the certificate.
-url = "{server}"
+url = {toml_string(server)}
 """
+
+
+def toml_string(value: str) -> str:
+    """`value` as a TOML basic string: JSON's escapes are TOML's too, and DEL is the one
+    control character that JSON leaves as it is."""
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def installed_config(layout: Layout) -> dict:
     """The config an earlier install wrote under `layout.root`, or {} if there is none."""
     path = layout.on_disk(layout.config_path)
     try:
-        return tomllib.loads(path.read_text())
+        config = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
-    except (OSError, tomllib.TOMLDecodeError, RecursionError) as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
         raise InstallError(f"cannot read {path}: {exc}") from exc
+    # The settings that install wrote, checked here so that every command can use them as such.
+    state_dir = config.get("state_dir", str(STATE_DIR))
+    if not (
+        isinstance(state_dir, str) and state_dir.isprintable() and Path(state_dir).is_absolute()
+    ):
+        raise InstallError(
+            f"{path}: state_dir must be an absolute path, not {state_dir!r}; fix the file or "
+            "pass --state-dir"
+        )
+    control_plane = config.get("control_plane", {})
+    if not isinstance(control_plane, dict) or not isinstance(control_plane.get("url", ""), str):
+        raise InstallError(
+            f'{path}: [control_plane] must be a table with url = "https://..."; fix the file '
+            "or pass --server"
+        )
+    return config
 
 
 def install(plan: InstallPlan) -> InstallReport:
     layout = plan.layout
+    if not str(layout.state_dir).isprintable():
+        # It goes into the config and the unit, where a newline would start a new setting.
+        raise InstallError(
+            f"the state dir {str(layout.state_dir)!r} has control characters; choose another"
+        )
     state_dir = layout.on_disk(layout.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     state_dir.chmod(0o750)
@@ -181,7 +210,12 @@ def install(plan: InstallPlan) -> InstallReport:
         current = asyncio.run(enroll(plan.server, plan.token, store, ca_file=plan.ca_file))
         enrolled_now = True
     identity = current.identity
-    server = store.enrollment().get("server_url") or plan.server
+    recorded = store.enrollment().get("server_url")
+    server = (
+        check_server_url(recorded, f"the server_url in {store.enrollment_file}")
+        if recorded
+        else check_server_url(plan.server)
+    )
 
     report = InstallReport(identity.device_id, identity.region, enrolled_now)
     exec_start = plan.exec_start or default_exec_start()
@@ -191,7 +225,7 @@ def install(plan: InstallPlan) -> InstallReport:
     }
     for path, content in files.items():
         target = layout.on_disk(path)
-        if target.exists() and target.read_text() == content:
+        if target.exists() and target.read_bytes() == content.encode():
             report.unchanged.append(target)
         else:
             write_file_atomic(target, content.encode(), 0o644)

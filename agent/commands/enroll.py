@@ -38,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.token:
         raise UserError("--token is required (or set EDGEFLEET_TOKEN)")
+    if args.state_dir is not None and not args.state_dir.is_absolute():
+        raise UserError("--state-dir must be an absolute path")
     layout = Layout(root=args.root)
     try:
         config = installed_config(layout)

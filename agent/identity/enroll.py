@@ -19,7 +19,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from agent.identity.client import get_bytes, post_json
+from agent.identity.client import MAX_CA_BYTES, get_bytes, post_json
 from agent.identity.errors import IdentityError
 from agent.identity.store import DeviceCredentials, IdentityStore
 from provisioning.csr import build_csr
@@ -38,14 +38,14 @@ async def enroll(
     ca_file: Path | None = None,
 ) -> DeviceCredentials:
     """Enroll this device at `server_url` (the control plane's enrollment endpoint)."""
-    server_url = server_url.rstrip("/")
-    if not server_url.startswith("https://"):
-        raise IdentityError(f"--server {server_url!r} must be an https:// URL")
+    server_url = check_server_url(server_url)
     token = parse_token(token_text)
     if ca_file is not None:
         ca_pem = Path(ca_file).read_bytes()
     else:
-        ca_pem = await get_bytes(f"{server_url}/v1/ca.pem", ssl_context=False)
+        ca_pem = await get_bytes(
+            f"{server_url}/v1/ca.pem", ssl_context=False, max_bytes=MAX_CA_BYTES
+        )
     ca_cert = _load_ca(ca_pem)
     if ca_pin(ca_cert) != token.ca_pin:
         raise IdentityError(
@@ -70,6 +70,15 @@ async def enroll(
             raise IdentityError(f"the control plane sent an unreadable TUF root: {exc}") from exc
         pin_enrollment_root(store.directory.parent, root)
     return credentials
+
+
+def check_server_url(url: object, what: str = "--server") -> str:
+    """`url` without a trailing slash, if it is an https:// URL that a config file can hold."""
+    if not isinstance(url, str) or not url.startswith("https://"):
+        raise IdentityError(f"{what} {url!r} must be an https:// URL")
+    if any(char.isspace() or not char.isprintable() for char in url):
+        raise IdentityError(f"{what} {url!r} must not contain spaces or control characters")
+    return url.rstrip("/")
 
 
 def check_issued(reply: dict[str, Any], ca_cert: x509.Certificate) -> x509.Certificate:

@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 
 from cryptography import x509
 
-from agent.identity.client import post_json
+from agent.identity.client import TIMEOUT_S, post_json
 from agent.identity.enroll import check_issued, enrollment_record
 from agent.identity.errors import CertificateExpired, IdentityError
 from agent.identity.store import DeviceCredentials, IdentityStore
@@ -47,6 +47,8 @@ class RenewalPolicy:
     # Retries after a failed renewal: exponential from first to max, with jitter.
     retry_first: timedelta = timedelta(seconds=30)
     retry_max: timedelta = timedelta(hours=1)
+    # A renewal request that gets no full answer within this long has failed.
+    request_timeout: timedelta = timedelta(seconds=TIMEOUT_S)
 
 
 class CertificateRenewer:
@@ -76,8 +78,9 @@ class CertificateRenewer:
         """One renewal attempt; IdentityError (CertificateExpired past expiry) if it fails."""
         current = self._require_current()
         enrollment = self._store.enrollment()
-        device_url = (enrollment.get("endpoints") or {}).get("device_url")
-        if not device_url:
+        endpoints = enrollment.get("endpoints")
+        device_url = endpoints.get("device_url") if isinstance(endpoints, dict) else None
+        if not device_url or not isinstance(device_url, str):
             raise IdentityError(f"{self._store.enrollment_file} names no device_url; re-enroll")
         key = new_private_key()
         try:
@@ -85,6 +88,7 @@ class CertificateRenewer:
                 f"{device_url.rstrip('/')}/v1/devices/self/renew",
                 {"csr": build_csr(key, current.identity.device_id).decode()},
                 ssl_context=current.ssl_context(),
+                timeout_s=self.policy.request_timeout.total_seconds(),
             )
         except IdentityError as exc:
             if self._clock() >= current.certificate.not_valid_after_utc:
@@ -104,28 +108,33 @@ class CertificateRenewer:
         return renewed
 
     async def run(self) -> None:
-        """Renew forever: sleep until due, renew, retry with backoff on failure."""
+        """Renew forever: sleep until due, renew, retry with backoff on failure.
+
+        Only cancellation ends it. Any other failure (control plane down or stalled, a damaged
+        file, a bug) is logged and retried: a renewer that stops lets the certificate expire.
+        """
         failures = 0
         while True:
-            current = self._require_current()
-            now = self._clock()
-            due = self.due_at(current)
-            if now < due:
-                await self._sleep(min(due - now, self.policy.max_sleep).total_seconds())
-                continue
             try:
+                current = self._require_current()
+                wait = self.due_at(current) - self._clock()
+                if wait > timedelta(0):
+                    await self._sleep(min(wait, self.policy.max_sleep).total_seconds())
+                    continue
                 await self.renew()
                 failures = 0
             except CertificateExpired as exc:
                 failures += 1
                 log.error(str(exc))
                 await self._sleep(self._backoff(failures))
-            except IdentityError as exc:
+            except Exception as exc:
                 failures += 1
                 delay = self._backoff(failures)
                 log.warning(
                     "certificate renewal failed; will retry",
-                    extra={"error": str(exc), "retry_in_s": round(delay)},
+                    extra={"error": str(exc) or repr(exc), "retry_in_s": round(delay)},
+                    # An IdentityError says what is wrong; anything else needs its traceback.
+                    exc_info=not isinstance(exc, IdentityError),
                 )
                 await self._sleep(delay)
 

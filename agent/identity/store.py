@@ -97,12 +97,24 @@ class IdentityStore:
         return DeviceCredentials(key_file, cert_file, self.ca_file, cert)
 
     def enrollment(self) -> dict[str, Any]:
+        """The enrollment record; IdentityError if it is missing or damaged."""
+        path = self.enrollment_file
         try:
-            return json.loads(self.enrollment_file.read_text())
+            record = json.loads(path.read_bytes())
         except FileNotFoundError as exc:
             raise IdentityError(
                 f"{self.directory} holds no enrollment; run: edgefleet-agent install"
             ) from exc
+        except (OSError, ValueError, RecursionError) as exc:  # unreadable, not UTF-8, not JSON
+            raise IdentityError(
+                f"{path} is damaged ({exc}); re-enroll: edgefleet-agent enroll --token TOKEN"
+            ) from exc
+        if not isinstance(record, dict):
+            raise IdentityError(
+                f"{path} is damaged (not a JSON object); re-enroll: "
+                "edgefleet-agent enroll --token TOKEN"
+            )
+        return record
 
     def save(
         self,
