@@ -106,6 +106,9 @@ def default_exec_start() -> tuple[str, ...]:
     return (sys.executable, "-m", "agent.cli")
 
 
+UNIT_UNSAFE = frozenset(" \t\"'\\%")  # see install(): characters a unit line reads otherwise
+
+
 def render_unit(layout: Layout, exec_start: tuple[str, ...]) -> str:
     command = shlex.join((*exec_start, "serve", "--models", str(layout.models_dir)))
     return f"""\
@@ -193,10 +196,13 @@ def installed_config(layout: Layout) -> dict:
 
 def install(plan: InstallPlan) -> InstallReport:
     layout = plan.layout
-    if not str(layout.state_dir).isprintable():
-        # It goes into the config and the unit, where a newline would start a new setting.
+    text = str(layout.state_dir)
+    if not text.isprintable() or any(c in UNIT_UNSAFE for c in text):
+        # It goes into the config and the systemd unit, where a newline starts a new setting,
+        # a space splits ReadWritePaths= in two and `%` is a specifier.
         raise InstallError(
-            f"the state dir {str(layout.state_dir)!r} has control characters; choose another"
+            f"the state dir {text!r} has control characters, spaces, quotes, backslashes or "
+            "'%', which a systemd unit would read otherwise; choose another"
         )
     state_dir = layout.on_disk(layout.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)

@@ -281,7 +281,7 @@ def enrolled_layout(tmp_path: Path, state_dir: str) -> Layout:
     return layout
 
 
-@pytest.mark.parametrize("state_dir", ['/var/lib/edge"fleet', "/var/lib/edge\\fleet", "/v/ü ☃"])
+@pytest.mark.parametrize("state_dir", ["/var/lib/edgefleet", "/v/ü☃-[x]=y#z"])
 def test_install_writes_a_config_the_agent_reads_back_as_given(tmp_path, state_dir):
     layout = enrolled_layout(tmp_path, state_dir)
     install(InstallPlan("https://127.0.0.1:1", "t", layout=layout, start=False))
@@ -291,9 +291,10 @@ def test_install_writes_a_config_the_agent_reads_back_as_given(tmp_path, state_d
     assert config.http == "127.0.0.1:8000"
 
 
-def test_install_refuses_a_state_dir_with_control_characters(tmp_path):
-    layout = Layout(root=tmp_path / "root", state_dir=Path("/var/lib/x" + INJECTION))
-    with pytest.raises(InstallError, match="control characters"):
+@pytest.mark.parametrize("suffix", [INJECTION, " two", "\ttab", '"q"', "'q'", "back\\slash", "%h"])
+def test_install_refuses_a_state_dir_a_unit_or_config_would_read_otherwise(tmp_path, suffix):
+    layout = Layout(root=tmp_path / "root", state_dir=Path("/var/lib/x" + suffix))
+    with pytest.raises(InstallError, match="which a systemd unit would read otherwise"):
         install(InstallPlan("https://127.0.0.1:1", "t", layout=layout, start=False))
     assert not (tmp_path / "root").exists()
 
