@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives import serialization
 
 from controlplane.errors import ConfigError
 from provisioning.ca import CertificateAuthority, renewal_time, utc_now
+from provisioning.crl import write_crl
 from provisioning.identity import DeviceIdentity
 from provisioning.keys import (
     PRIVATE_MODE,
@@ -170,12 +171,12 @@ def write_broker_config(
         client_key.public_key(), CONTROL_PLANE_USER, region, now=now
     )
     pem = serialization.Encoding.PEM
+    write_crl(files.crl, x509.load_pem_x509_crl(crl_pem), issuer=ca)  # first: it may be stale
     write_private_key(files.key, broker_key)
     write_file_atomic(files.cert, broker_cert.public_bytes(pem))
     write_private_key(files.client_key, client_key)
     write_file_atomic(files.client_cert, client_cert.public_bytes(pem))
     write_file_atomic(files.ca, ca.certificate_pem)
-    write_file_atomic(files.crl, crl_pem)
     write_file_atomic(files.acl, render_acl(revoked_device_ids).encode())
     write_file_atomic(files.conf, render_conf(files, port=port, bind=bind, run_as=run_as).encode())
     files.run_dir.mkdir(exist_ok=True)
@@ -216,8 +217,9 @@ class Broker:
     def apply(self, crl_pem: bytes, revoked_device_ids: Iterable[str]) -> bool:
         """Publish the CRL and ACL to the broker directory and make the broker reload them.
 
-        Returns whether a running broker was signalled."""
-        write_file_atomic(self.files.crl, crl_pem)
+        Returns whether a running broker was signalled. Raises StaleCRL, and leaves both files
+        as they are, when the directory already holds a newer CRL."""
+        write_crl(self.files.crl, x509.load_pem_x509_crl(crl_pem), issuer=self._ca)
         write_file_atomic(self.files.acl, render_acl(revoked_device_ids).encode())
         return self.reload()
 

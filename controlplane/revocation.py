@@ -6,12 +6,17 @@
     broker   (CRL + ACL rewritten, SIGHUP, then the live MQTT connection is taken over)
 
 The CLI (`edgefleet device revoke`) and a running server both go through `Revocation.revoke`.
+Publishers (a revocation, the server's periodic republish, `edgefleet broker-config`) run in
+different processes, so they take turns on a lock file next to the CRL (`.crl.lock`): one that
+read the revoked list before another revocation must not write after it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -25,10 +30,12 @@ from controlplane.errors import NotFound
 from controlplane.registry import DeviceRegistry
 from controlplane.storage import bump_counter
 from provisioning.ca import CertificateAuthority, utc_now
-from provisioning.crl import build_crl, write_crl
+from provisioning.crl import build_crl, published_number, write_crl
 from provisioning.identity import DeviceIdentity
 
 log = logging.getLogger(__name__)
+
+CRL_NUMBER = "crl_number"  # counter in the settings table
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,21 +83,54 @@ class Revocation:
 
     def publish(self, *, to_broker: bool = True) -> bool:
         """Write a fresh CRL (and broker ACL); return whether a broker was reloaded."""
+        with self.locked():
+            crl = build_crl(
+                self._ca,
+                self._registry.revoked_entries(),
+                number=self._next_crl_number(),
+                now=self._clock(),
+                lifetime=self._crl_lifetime,
+            )
+            write_crl(self._crl_path, crl, issuer=self._ca)
+            if self._broker is None or not to_broker:
+                return False
+            return self._broker.apply(
+                crl.public_bytes(serialization.Encoding.PEM), self._registry.revoked_device_ids()
+            )
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the CRL publishers' lock (one publisher at a time, across processes)."""
+        path = self._crl_path.with_name(".crl.lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+b") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("waiting for another CRL publisher", extra={"lock": str(path)})
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _next_crl_number(self) -> int:
+        """The next CRL number: above the published CRL's even when the database's counter is
+        behind it (a database restored from a backup), so the number never goes down."""
         with self._db.atomic():
-            number = bump_counter(self._db, "crl_number")
-        crl = build_crl(
-            self._ca,
-            self._registry.revoked_entries(),
-            number=number,
-            now=self._clock(),
-            lifetime=self._crl_lifetime,
-        )
-        write_crl(self._crl_path, crl)
-        if self._broker is None or not to_broker:
-            return False
-        return self._broker.apply(
-            crl.public_bytes(serialization.Encoding.PEM), self._registry.revoked_device_ids()
-        )
+            number = bump_counter(self._db, CRL_NUMBER)
+            published = published_number(self._crl_path, self._ca)
+            if number <= published:
+                log.warning(
+                    "CRL counter %d is behind the published CRL %d; continuing after it",
+                    number,
+                    published,
+                )
+                number = published + 1
+                self._db.execute(
+                    "UPDATE settings SET value = ? WHERE name = ?", [number, CRL_NUMBER]
+                )
+        return number
 
     def current_crl(self) -> x509.CertificateRevocationList | None:
         try:
