@@ -52,12 +52,12 @@ class PublisherRegistry:
         root_signers: list[Signer],
     ) -> Publisher:
         """Add a publisher, or change the models of one (same name and key)."""
-        if not MODEL_NAME.match(name):
+        if not MODEL_NAME.fullmatch(name):
             raise TufRepositoryError(f"publisher name {name!r} must match {MODEL_NAME.pattern}")
         if not models:
             raise TufRepositoryError("name at least one model (or a pattern such as 'vision-*')")
         for pattern in models:
-            if not MODEL_PATTERN.match(pattern):
+            if not MODEL_PATTERN.fullmatch(pattern):
                 raise TufRepositoryError(
                     f"{pattern!r} is not a model name or a pattern such as 'vision-*'"
                 )

@@ -53,8 +53,10 @@ from provisioning.errors import ProvisioningError
 from provisioning.keys import PRIVATE_MODE, load_private_key, write_file_atomic
 
 ONLINE_ROLES = (Targets.type, Snapshot.type, Timestamp.type)
-_VERSIONED = re.compile(r"^(\d+)\.(root|targets|snapshot)\.json$")
-_HASHED_TARGET = re.compile(r"^(?:.*/)?([0-9a-f]{64})\.[^/]+$")
+# Applied with fullmatch. A version is at most 20 digits (2**64): a longer name is no file here,
+# and asking the file system about one fails with "file name too long".
+_VERSIONED = re.compile(r"(\d{1,20})\.(root|targets|snapshot)\.json")
+_HASHED_TARGET = re.compile(r"(?:.*/)?([0-9a-f]{64})\.[^/]+")
 _CHUNK = 1 << 20
 
 
@@ -209,14 +211,14 @@ class TufRepository:
 
     def metadata_file(self, name: str) -> Path | None:
         """The file to serve for a metadata request (`timestamp.json`, `7.targets.json`, ...)."""
-        if name != "timestamp.json" and not _VERSIONED.match(name):
+        if name != "timestamp.json" and not _VERSIONED.fullmatch(name):
             return None
         path = self.metadata_dir / name
         return path if path.is_file() else None
 
     def target_file(self, url_path: str) -> Path | None:
         """The blob behind a consistent-snapshot target URL (`cnn/2/<sha256>.onnx-fp32.tar`)."""
-        match = _HASHED_TARGET.match(url_path)
+        match = _HASHED_TARGET.fullmatch(url_path)
         if not match:
             return None
         path = self.blobs_dir / match.group(1)
@@ -370,7 +372,7 @@ class TufRepository:
         newest: dict[str, int] = {}
         files = []
         for path in self.metadata_dir.iterdir():
-            match = _VERSIONED.match(path.name)
+            match = _VERSIONED.fullmatch(path.name)
             if match and match.group(2) != Root.type:  # every root version stays: chain of trust
                 version, role = int(match.group(1)), match.group(2)
                 newest[role] = max(newest.get(role, 0), version)

@@ -11,11 +11,18 @@ absolute paths, `..`, links, device nodes, FIFOs and anything else that is not a
 directory, and stopping at the caps of `ArchiveLimits` (member count, member size, total size,
 path length). It extracts into a directory it creates, so nothing outside can be touched; on
 any refusal the caller discards that directory whole.
+
+`snapshot` copies a package directory that someone else may still be writing (a publisher's
+checkout) into a private directory, following no link, so that what is verified and packed
+afterwards is one fixed set of bytes.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import stat
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +63,66 @@ def pack(root: Path, files: list[str] | tuple[str, ...], destination: Path) -> P
             with open(path, "rb") as handle:
                 tar.addfile(info, handle)
     return destination
+
+
+def snapshot(root: Path, destination: Path, skip: tuple[str, ...] = ()) -> list[str]:
+    """Copy the plain files under `root` into the new directory `destination`.
+
+    Returns the relative paths copied. Top-level names in `skip` are left out. Every directory
+    and file is opened relative to its parent's descriptor without following links, so a
+    symbolic link, a device or a FIFO is refused (ArchiveError) even if it replaces a file
+    while the copy runs.
+    """
+    destination = Path(destination)
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        destination.mkdir(mode=0o700)
+        return _copy_directory(root_fd, destination, "", skip)
+    finally:
+        os.close(root_fd)
+
+
+def _copy_directory(
+    dir_fd: int, destination: Path, prefix: str, skip: tuple[str, ...]
+) -> list[str]:
+    copied: list[str] = []
+    for name in sorted(os.listdir(dir_fd)):
+        if name in skip:
+            continue
+        relative = prefix + name
+        mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+        if stat.S_ISDIR(mode):
+            child = _open_plain(name, dir_fd, os.O_DIRECTORY, relative)
+            try:
+                (destination / relative).mkdir(mode=0o700)
+                copied += _copy_directory(child, destination, relative + "/", ())
+            finally:
+                os.close(child)
+        elif stat.S_ISREG(mode):
+            source = _open_plain(name, dir_fd, os.O_NONBLOCK, relative)  # a FIFO must not block
+            with open(source, "rb") as handle:
+                if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                    raise ArchiveError(
+                        f"{relative} is not a regular file; packages hold plain files only"
+                    )
+                with open(destination / relative, "xb") as out:
+                    shutil.copyfileobj(handle, out, _CHUNK)
+            copied.append(relative)
+        else:
+            kind = "symbolic link" if stat.S_ISLNK(mode) else "special file"
+            raise ArchiveError(f"{relative} is a {kind}; packages hold plain files only")
+    return copied
+
+
+def _open_plain(name: str, dir_fd: int, flags: int, relative: str) -> int:
+    try:
+        return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | flags, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # replaced by a link since it was listed
+            raise ArchiveError(
+                f"{relative} is a symbolic link; packages hold plain files only"
+            ) from None
+        raise
 
 
 def safe_extract(

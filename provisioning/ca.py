@@ -13,6 +13,7 @@ not see a fresh certificate as "not yet valid".
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -44,6 +45,38 @@ class Lifetimes:
     # Backdating of notBefore: peers whose clocks run up to this far behind the CA still accept
     # a certificate the moment it is issued. Harmless: the holder had no use for it earlier.
     clock_skew: timedelta = timedelta(hours=1)
+
+
+# One DNS label (letters, digits, inner '-'); a name is labels joined by dots, 253 at most.
+_DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_MAX_DNS_NAME = 253
+
+
+def server_host(host: str) -> str:
+    """A host name or IP address as it goes into a server certificate, or ProvisioningError.
+
+    IP addresses and ASCII names come back as given; a name with non-ASCII letters comes back
+    IDNA-encoded (`bücher.example` -> `xn--bcher-kva.example`), the form TLS clients compare.
+    A leading `*.` label makes a wildcard name.
+    """
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    try:
+        name = host.encode("idna").decode("ascii") if not host.isascii() else host
+    except UnicodeError:
+        name = ""
+    labels = name.split(".")
+    if labels[0] == "*":
+        labels = labels[1:]
+    if not labels or len(name) > _MAX_DNS_NAME or not all(map(_DNS_LABEL.fullmatch, labels)):
+        raise ProvisioningError(
+            f"host name {host!r} is not valid: give a DNS name such as broker.example.com "
+            "(labels of letters, digits and '-', joined by dots) or an IP address"
+        )
+    return name
 
 
 def utc_now() -> datetime:
@@ -186,7 +219,7 @@ class CertificateAuthority:
         """
         check_name("region", region)
         names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(REGION_URN + region)]
-        for host in dict.fromkeys(hostnames):
+        for host in dict.fromkeys(server_host(h) for h in hostnames):
             try:
                 names.append(x509.IPAddress(ipaddress.ip_address(host)))
             except ValueError:

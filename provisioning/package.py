@@ -39,13 +39,18 @@ The manifest says what the package is and how a node checks it:
 
 Arrays live in .npz files, not in TOML. `Manifest.parse` checks every key and value strictly
 and names the offending key in its error; `Package.load` also checks the files and the golden
-arrays against the declared inputs and outputs.
+arrays against the declared inputs and outputs. A golden file is read member by member: each
+array's .npy header is checked (numeric dtype, at most `MAX_GOLDEN_BYTES` for the whole file)
+before anything is allocated, since a few hundred bytes of header can declare terabytes.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -58,6 +63,7 @@ MANIFEST_FILE = "edgefleet.toml"
 SIGNATURE_FILE = "model.sig"
 
 # Model names become URL path segments, metric labels and directory names on the node.
+# Apply these with fullmatch: `$` alone also matches before a trailing newline.
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 VARIANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 REGION = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -75,6 +81,8 @@ _MODEL_SUFFIXES = {
 _DATATYPES = tuple(sorted(DATATYPES - {"BYTES"}))
 _MAX_FILES = 64
 _MAX_DIMS = 8
+# All arrays of one golden file together; a node loads them to self-test every package.
+MAX_GOLDEN_BYTES = 256 * 2**20
 
 
 class ManifestError(ValueError):
@@ -214,12 +222,7 @@ class Package:
 
     def golden_vectors(self, golden: GoldenSet) -> GoldenVectors:
         """Load one golden file and check its arrays against the declared inputs/outputs."""
-        path = self.root / golden.file
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                arrays = {key: archive[key] for key in archive.files}
-        except (OSError, ValueError) as exc:
-            raise ManifestError(f"{golden.file}: not a readable .npz file: {exc}") from None
+        arrays = _load_npz(self.root / golden.file, golden.file)
         inputs = _golden_group(arrays, "input/", self.manifest.inputs, golden.file)
         outputs = _golden_group(arrays, "output/", self.manifest.outputs, golden.file)
         unknown = sorted(k for k in arrays if not k.startswith(("input/", "output/")))
@@ -235,7 +238,7 @@ class Package:
 
 
 def version_tuple(text: str) -> tuple[int, ...]:
-    if not AGENT_VERSION.match(text):
+    if not AGENT_VERSION.fullmatch(text):
         raise ManifestError(f"{text!r} is not a version like 1.2.3")
     parts = tuple(int(p) for p in text.split("."))
     return parts + (0,) * (4 - len(parts))
@@ -254,6 +257,68 @@ def check_relative_path(text: str, where: str) -> str:
     if any(ord(c) < 32 for c in text):
         raise ManifestError(f"{where}: {text!r} contains control characters")
     return text
+
+
+def _load_npz(path: Path, source: str) -> dict[str, np.ndarray]:
+    """The arrays of a .npz file, refused before loading if their headers declare too much."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+            declared = 0
+            for member in members:
+                declared += _npy_bytes(archive, member, source)
+                if declared > MAX_GOLDEN_BYTES:
+                    raise ManifestError(
+                        f"{source}: {member.filename!r} takes its arrays to {declared} bytes, "
+                        f"over the cap of {MAX_GOLDEN_BYTES // 2**20} MiB per golden file; "
+                        "golden vectors need only a few samples"
+                    )
+            arrays = {}
+            for member in members:
+                with archive.open(member) as stream:
+                    arrays[member.filename.removesuffix(".npy")] = np.lib.format.read_array(
+                        stream, allow_pickle=False
+                    )
+            return arrays
+    except ManifestError:
+        raise
+    except (
+        OSError,
+        EOFError,
+        ValueError,
+        RuntimeError,  # an encrypted member
+        NotImplementedError,  # an unknown compression method
+        zipfile.BadZipFile,
+        zlib.error,
+        MemoryError,
+    ) as exc:
+        raise ManifestError(f"{source}: not a readable .npz file: {exc}") from None
+
+
+def _npy_bytes(archive: zipfile.ZipFile, member: zipfile.ZipInfo, source: str) -> int:
+    """How many bytes the array in `member` declares, from its .npy header alone."""
+    if not member.filename.endswith(".npy"):
+        raise ManifestError(
+            f"{source}: {member.filename!r} is not a .npy array; a golden file holds only "
+            "arrays input/<name> and output/<name>"
+        )
+    with archive.open(member) as stream:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+        else:
+            raise ManifestError(
+                f"{source}: {member.filename!r} is .npy format {version}; save it with numpy.savez"
+            )
+    if dtype.hasobject:
+        raise ManifestError(
+            f"{source}: {member.filename!r} holds Python objects; golden arrays are numeric"
+        )
+    if any(d < 0 for d in shape):
+        raise ManifestError(f"{source}: {member.filename!r} declares the shape {shape}")
+    return math.prod(shape) * dtype.itemsize
 
 
 def _golden_group(
@@ -306,11 +371,11 @@ class _Reader:
     def manifest(self, data: dict[str, Any]) -> Manifest:
         self.known_keys(data, self.TOP, "")
         name = self.string(data, "name", "", required=True)
-        if not MODEL_NAME.match(name):
+        if not MODEL_NAME.fullmatch(name):
             raise self.fail("name", f"{name!r} must match {MODEL_NAME.pattern}")
         version = self.version(data.get("version"))
         min_agent = self.string(data, "min_agent_version", "", default="0")
-        if not AGENT_VERSION.match(min_agent):
+        if not AGENT_VERSION.fullmatch(min_agent):
             raise self.fail("min_agent_version", f"{min_agent!r} is not a version like 0.1.0")
         regions = self.regions(data.get("allowed_regions"))
         inputs = self.tensors(data, "inputs")
@@ -398,7 +463,7 @@ class _Reader:
         if not isinstance(value, list) or not value:
             raise self.fail("allowed_regions", 'expected a non-empty list such as ["ae"] or ["*"]')
         for region in value:
-            if region != ANY_REGION and not (isinstance(region, str) and REGION.match(region)):
+            if region != ANY_REGION and not (isinstance(region, str) and REGION.fullmatch(region)):
                 raise self.fail("allowed_regions", f"{region!r} is not a region name")
         return tuple(dict.fromkeys(value))
 
@@ -447,7 +512,7 @@ class _Reader:
                 item, {"name", "runtime", "precision", "files", "atol", "rtol"}, where[:-1]
             )
             name = self.string(item, "name", where, required=True)
-            if not VARIANT_NAME.match(name):
+            if not VARIANT_NAME.fullmatch(name):
                 raise self.fail(f"{where}name", f"{name!r} must match {VARIANT_NAME.pattern}")
             if name in {v.name for v in variants}:
                 raise self.fail(f"{where}name", f"{name!r} is used by two variants")

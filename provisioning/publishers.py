@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from securesystemslib.exceptions import FormatError
 from securesystemslib.formats import encode_canonical
 from securesystemslib.signer import Signature, Signer
 from tuf.api.exceptions import UnsignedMetadataError
@@ -132,11 +133,16 @@ class PublisherList:
                 ),
                 publishers=tuple(Publisher.from_dict(p) for p in signed["publishers"]),
             )
+            canonical = encode_canonical(signed).encode("utf-8")
         except PublisherTrustError:
             raise
+        except FormatError:  # its message repeats the whole document
+            raise PublisherTrustError(
+                "malformed publisher list: it holds a value canonical JSON cannot encode (a float?)"
+            ) from None
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise PublisherTrustError(f"malformed publisher list: {exc!r}") from None
-        if listing.payload() != encode_canonical(signed).encode("utf-8"):
+        if listing.payload() != canonical:
             raise PublisherTrustError("publisher list holds fields this agent does not know")
         try:
             root.verify_delegate(Root.type, listing.payload(), signatures)

@@ -8,6 +8,7 @@ import io
 import sqlite3
 
 import pytest
+from cryptography import x509
 
 from controlplane import cli as controlplane_cli
 from controlplane.config import load_config
@@ -131,3 +132,31 @@ def test_a_database_that_is_a_directory_is_named(config_path):
     assert refused(rc, err, "cannot open"), err
     with pytest.raises(sqlite3.Error):
         sqlite3.connect(config.database_path).execute("SELECT 1")
+
+
+@pytest.mark.parametrize("host", ["", "bad host", "broker..example", "-broker.example"])
+def test_broker_config_refuses_a_host_name_a_certificate_cannot_hold(config_path, tmp_path, host):
+    broker = tmp_path / "broker"
+    rc, _, err = edgefleet(
+        "broker-config", str(broker), f"--hostname={host}", "--config", str(config_path)
+    )
+    assert refused(rc, err, f"--hostname: host name {host!r} is not valid"), err
+    assert not broker.exists()
+
+
+def test_broker_config_puts_an_international_name_in_its_a_label_form(config_path, tmp_path):
+    broker = tmp_path / "broker"
+    rc, out, err = edgefleet(
+        "broker-config", str(broker), "--port", "18883", "--hostname", "bücher.example",
+        "--hostname", "::1", "--config", str(config_path),
+    )  # fmt: skip
+    assert rc == 0, err
+    assert 'url = "mqtts://xn--bcher-kva.example:18883"' in out
+    cert = x509.load_pem_x509_certificate((broker / "broker.pem").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["xn--bcher-kva.example"]
+    rc, out, err = edgefleet(
+        "broker-config", str(broker), "--port", "18883", "--hostname", "::1",
+        "--config", str(config_path),
+    )  # fmt: skip
+    assert rc == 0 and 'url = "mqtts://[::1]:18883"' in out, err

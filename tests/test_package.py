@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,11 @@ def test_manifest_parses_every_field():
         (('name = "cnn"', 'name = "cnn"\nlicense = "MIT"'), "unknown key(s) license"),
         (("atol = 0.05", "atol = -1"), "variants[1].atol"),
         (("atol = 0.05", "tolerance = 1"), "unknown key(s) tolerance"),
+        # `$` alone matches before a trailing newline: names must not end in one
+        (('name = "cnn"', 'name = "cnn\\n"'), "name: 'cnn\\n' must match"),
+        (('name = "onnx-fp32"', 'name = "onnx-fp32\\n"'), "variants[0].name: 'onnx-fp32\\n'"),
+        (('allowed_regions = ["ae",', 'allowed_regions = ["ae\\n",'), "'ae\\n' is not a region"),
+        (('min_agent_version = "0.1.0"', 'min_agent_version = "0.1.0\\n"'), "min_agent_version"),
         # nested past tomllib's recursion: an unsigned package must not crash the update
         (("atol = 0.05", "atol = " + "[" * 100_000 + "]" * 100_000), "not valid TOML"),
     ],
@@ -171,6 +177,50 @@ def test_package_load_checks_files_and_golden_arrays(package):
     )
     with pytest.raises(ManifestError, match="input/input is float64, declared FP32"):
         Package.load(package, variants=["onnx-fp32"])
+
+
+def _npy(shape: tuple[int, ...], descr: str = "<f4") -> bytes:
+    """A .npy member that declares `shape` but holds almost nothing."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": descr, "fortran_order": False, "shape": shape}
+    )
+    return header.getvalue() + b"\0" * 64
+
+
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        # 256 TiB declared in a 622-byte file: refused from the header, before any allocation
+        (
+            {"input/input.npy": _npy((2**40, 64)), "output/output.npy": _npy((1, 10))},
+            "'input/input.npy' takes its arrays to 281474976710656 bytes, over the cap of "
+            "256 MiB per golden file",
+        ),
+        # each array under the cap, together over it
+        (
+            {"input/input.npy": _npy((2**20, 64)), "output/output.npy": _npy((2**20, 10))},
+            "'output/output.npy' takes its arrays to 310378496 bytes, over the cap of 256 MiB",
+        ),
+        ({"input/input.npy": _npy((1, 64), "|O")}, "holds Python objects"),
+        ({"input/input.npy": _npy((1, 64)), "notes.txt": b"x"}, "'notes.txt' is not a .npy"),
+        ({"input/input.npy": b"\x93NUMPY\x01"}, "not a readable .npz file"),
+        ({"input/input.npy": _npy((1, 64))[:-80]}, "not a readable .npz file"),
+    ],
+    ids=["terabytes", "over-in-all", "objects", "not-npy", "bad-header", "truncated"],
+)
+def test_golden_files_are_checked_before_their_arrays_are_loaded(package, members, message):
+    with zipfile.ZipFile(package / "golden.npz", "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    with pytest.raises(ManifestError, match=re.escape(message)):
+        Package.load(package)
+
+
+def test_a_golden_file_that_is_no_zip_is_a_manifest_error(package):
+    (package / "golden.npz").write_bytes(b"PK\x03\x04" + b"\xff" * 100)
+    with pytest.raises(ManifestError, match=re.escape("golden.npz: not a readable .npz")):
+        Package.load(package)
 
 
 # --- signatures ---------------------------------------------------------------------------------

@@ -118,6 +118,11 @@ def test_publisher_list_needs_the_root_threshold(repo, tmp_path):
     for hostile in (b"[" * 50_000 + b"]" * 50_000, b'{"signed": ' * 5000, b"\xff", b"null"):
         with pytest.raises(PublisherTrustError, match="malformed publisher list"):
             PublisherList.verify(hostile, root)
+    for where in (document["signed"], document["signed"]["publishers"][0]):
+        where["note"] = 0.5  # canonical JSON has no floats
+        with pytest.raises(PublisherTrustError, match="canonical JSON cannot encode"):
+            PublisherList.verify(json.dumps(document).encode(), root)
+        del where["note"]
 
     (tmp_path / "one-key").mkdir()
     copied = tmp_path / "one-key" / "root-1.pem"
@@ -171,6 +176,14 @@ def test_artifact_endpoint_serves_metadata_and_ranges_over_mtls(fleet):
     assert part.headers["Content-Range"] == f"bytes 1000-{info.length - 1}/{info.length}"
     assert part.data == whole[1000:]
     assert pool.request("GET", f"{base}/targets/mlp/1/{'0' * 64}.onnx-fp32.tar").status == 404
+
+
+def test_metadata_names_no_file_can_have_are_not_found(fleet):
+    pool = _device_pool(fleet)
+    base = fleet.server.url + "/v1/tuf/metadata"
+    for name in ("9" * 300 + ".root.json", "1.root.json\n"):  # ENAMETOOLONG; `$` before \n
+        assert fleet.repository.metadata_file(name) is None
+    assert pool.request("GET", f"{base}/{'9' * 300}.root.json").status == 404
 
 
 def test_artifact_endpoint_requires_a_device_certificate(fleet):

@@ -74,7 +74,7 @@ class DesiredState:
             if not isinstance(item, dict) or set(item) - {"name", "version"}:
                 raise DesiredStateError(f"{where}: expected a table with name and version")
             name, version = item.get("name"), item.get("version")
-            if not isinstance(name, str) or not MODEL_NAME.match(name):
+            if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
                 raise DesiredStateError(f"{where}.name: {name!r} is not a model name")
             if not _integer(version, 1):
                 raise DesiredStateError(f"{where}.version: expected an integer 1 to {MAX_INTEGER}")

@@ -43,19 +43,25 @@ def run(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives import serialization
 
     from controlplane.broker import Broker, write_broker_config
+    from provisioning.ca import server_host
     from provisioning.errors import ProvisioningError
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port} is not a TCP port")
+    try:
+        wanted = [server_host(host) for host in args.hostname]
+    except ProvisioningError as exc:
+        raise UserError(f"--hostname: {exc}") from None
     plane = open_plane(args)
     try:
+        hostnames = wanted or [server_host(host) for host in plane.config.public_hosts]
         plane.revocation.publish(to_broker=False)
         crl = plane.revocation.current_crl()
         files = write_broker_config(
             args.directory,
             plane.ca,
             region=plane.config.region,
-            hostnames=args.hostname or plane.config.public_hosts,
+            hostnames=hostnames,
             crl_pem=crl.public_bytes(serialization.Encoding.PEM),
             revoked_device_ids=plane.registry.revoked_device_ids(),
             port=args.port,
@@ -75,5 +81,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"  run:   mosquitto -c {files.conf}")
     print("  in the control plane's config (so revocations reach the broker):")
     print(f'    [broker]\n    dir = "{files.directory}"')
-    print(f'    url = "mqtts://{(args.hostname or plane.config.public_hosts)[0]}:{args.port}"')
+    print(f'    url = "mqtts://{_url_host(hostnames[0])}:{args.port}"')
     return 0
+
+
+def _url_host(host: str) -> str:
+    """An IPv6 address goes in brackets in a URL: mqtts://[::1]:8883."""
+    return f"[{host}]" if ":" in host else host
