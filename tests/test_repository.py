@@ -10,7 +10,7 @@ from tritonclient.utils import InferenceServerException
 
 from agent.samples import sample_input
 from agent.serving.config import ModelConfig, ModelConfigError
-from agent.serving.repository import ModelRepository
+from agent.serving.repository import ModelRepository, RepositoryError
 from agent.serving.server import ServeOptions
 from tests.conftest import ServerThread
 
@@ -84,6 +84,15 @@ def test_only_ascii_digit_directories_are_versions(tmp_path):
     for name in ("1", "10", "2", "²", "٣", "v3"):  # "²" and "٣" pass str.isdigit()
         (tmp_path / "mlp" / name).mkdir(parents=True)
     assert ModelRepository(tmp_path).versions("mlp") == ["1", "2", "10"]
+
+
+def test_a_directory_name_ending_in_a_newline_is_no_model(tmp_path):
+    for name in ("mlp", "cnn\n"):  # `$` alone would match before the newline
+        (tmp_path / name / "1").mkdir(parents=True)
+    repository = ModelRepository(tmp_path)
+    assert repository.model_names() == ["mlp"]
+    with pytest.raises(RepositoryError):
+        repository.versions("cnn\n")
 
 
 def test_a_stray_unicode_digit_directory_does_not_stop_serving(private_repo):

@@ -60,12 +60,12 @@ class ModelRepository:
         if not self.root.is_dir():
             raise RepositoryError(f"model repository {self.root} is not a directory")
         return sorted(
-            p.name for p in self.root.iterdir() if p.is_dir() and MODEL_NAME.match(p.name)
+            p.name for p in self.root.iterdir() if p.is_dir() and MODEL_NAME.fullmatch(p.name)
         )
 
     def versions(self, name: str) -> list[str]:
         """Numeric version directories of a model, oldest first."""
-        if not MODEL_NAME.match(name):
+        if not MODEL_NAME.fullmatch(name):
             raise RepositoryError(f"invalid model name {name!r}")
         model_dir = self.root / name
         if not model_dir.is_dir():
