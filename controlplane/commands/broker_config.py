@@ -56,18 +56,19 @@ def run(args: argparse.Namespace) -> int:
     try:
         hostnames = wanted or [server_host(host) for host in plane.config.public_hosts]
         plane.revocation.publish(to_broker=False)
-        crl = plane.revocation.current_crl()
-        files = write_broker_config(
-            args.directory,
-            plane.ca,
-            region=plane.config.region,
-            hostnames=hostnames,
-            crl_pem=crl.public_bytes(serialization.Encoding.PEM),
-            revoked_device_ids=plane.registry.revoked_device_ids(),
-            port=args.port,
-            bind=args.bind,
-            run_as=args.run_as,
-        )
+        with plane.revocation.locked():  # a revocation meanwhile is in what is read here
+            crl = plane.revocation.current_crl()
+            files = write_broker_config(
+                args.directory,
+                plane.ca,
+                region=plane.config.region,
+                hostnames=hostnames,
+                crl_pem=crl.public_bytes(serialization.Encoding.PEM),
+                revoked_device_ids=plane.registry.revoked_device_ids(),
+                port=args.port,
+                bind=args.bind,
+                run_as=args.run_as,
+            )
         # A broker already running from this directory picks up the new files.
         reloaded = files.pid.exists() and Broker(files.directory, plane.ca).reload()
     except (ProvisioningError, OSError) as exc:
