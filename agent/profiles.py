@@ -40,6 +40,12 @@ OBJECTIVES = ("latency", "throughput", "efficiency")
 RUNTIME_NAMES = ("onnxruntime", "openvino", "litert")
 OPENVINO_HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
 OPENVINO_PRECISIONS = ("f32", "bf16", "f16")
+# The largest values a profile may give. Past these a number is a typo, and an agent would wait
+# on a timer longer than a timer can be set or allocate a batch larger than its memory.
+MAX_SECONDS = 86_400.0  # any time limit or budget: a day
+MAX_RUNS = 100_000  # warm-up and minimum timed runs per candidate
+MAX_BATCH_SIZE = 65_536
+MAX_WATTS = 100_000.0
 
 PROFILES_DIR_ENV = "EDGEFLEET_PROFILES_DIR"
 PROFILE_ENV = "EDGEFLEET_PROFILE"  # forces a profile by name or path
@@ -443,7 +449,12 @@ class _Validator:
         return SelectionSettings(
             objective=objective,
             warmup_runs=self.integer(
-                data, "warmup_runs", f"{where}.warmup_runs", default=defaults.warmup_runs, minimum=0
+                data,
+                "warmup_runs",
+                f"{where}.warmup_runs",
+                default=defaults.warmup_runs,
+                minimum=0,
+                maximum=MAX_RUNS,
             ),
             benchmark_seconds=self.number(
                 data,
@@ -458,7 +469,12 @@ class _Validator:
                 default=defaults.runoff_seconds,
             ),
             min_runs=self.integer(
-                data, "min_runs", f"{where}.min_runs", default=defaults.min_runs, minimum=1
+                data,
+                "min_runs",
+                f"{where}.min_runs",
+                default=defaults.min_runs,
+                minimum=1,
+                maximum=MAX_RUNS,
             ),
             max_selection_seconds=self.number(
                 data,
@@ -467,7 +483,12 @@ class _Validator:
                 default=defaults.max_selection_seconds,
             ),
             batch_size=self.integer(
-                data, "batch_size", f"{where}.batch_size", default=defaults.batch_size, minimum=1
+                data,
+                "batch_size",
+                f"{where}.batch_size",
+                default=defaults.batch_size,
+                minimum=1,
+                maximum=MAX_BATCH_SIZE,
             ),
         )
 
@@ -586,7 +607,7 @@ class _Validator:
     def power(self, data: dict[str, Any]) -> dict[str, float]:
         power = {}
         for device in data:
-            power[device.upper()] = self.number(data, device, f"power.{device}")
+            power[device.upper()] = self.number(data, device, f"power.{device}", MAX_WATTS)
         return power
 
     # scalars
@@ -628,20 +649,29 @@ class _Validator:
         where: str,
         default: int | None = None,
         minimum: int | None = None,
+        maximum: int | None = None,
     ) -> int:
         value = data.get(key, default)
         if not isinstance(value, int) or isinstance(value, bool):
             raise self.fail(where, f"expected an integer, got {value!r}")
         if minimum is not None and value < minimum:
             raise self.fail(where, f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise self.fail(where, f"must be <= {maximum}, got {value}")
         return value
 
     def number(
-        self, data: dict[str, Any], key: str, where: str, default: float | None = None
+        self,
+        data: dict[str, Any],
+        key: str,
+        where: str,
+        maximum: float = MAX_SECONDS,
+        default: float | None = None,
     ) -> float:
+        """A number in (0, maximum]; seconds unless told otherwise. nan and inf are refused."""
         value = data.get(key, default)
         if not isinstance(value, int | float) or isinstance(value, bool):
             raise self.fail(where, f"expected a number, got {value!r}")
-        if value <= 0:
-            raise self.fail(where, f"must be > 0, got {value}")
+        if not 0 < value <= maximum:
+            raise self.fail(where, f"must be > 0 and <= {maximum:g}, got {value}")
         return float(value)

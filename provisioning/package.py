@@ -222,7 +222,7 @@ class Package:
 
     def golden_vectors(self, golden: GoldenSet) -> GoldenVectors:
         """Load one golden file and check its arrays against the declared inputs/outputs."""
-        arrays = _load_npz(self.root / golden.file, golden.file)
+        arrays = load_npz(self.root / golden.file, golden.file)
         inputs = _golden_group(arrays, "input/", self.manifest.inputs, golden.file)
         outputs = _golden_group(arrays, "output/", self.manifest.outputs, golden.file)
         unknown = sorted(k for k in arrays if not k.startswith(("input/", "output/")))
@@ -259,7 +259,7 @@ def check_relative_path(text: str, where: str) -> str:
     return text
 
 
-def _load_npz(path: Path, source: str) -> dict[str, np.ndarray]:
+def load_npz(path: Path, source: str) -> dict[str, np.ndarray]:
     """The arrays of a .npz file, refused before loading if their headers declare too much."""
     try:
         with zipfile.ZipFile(path) as archive:

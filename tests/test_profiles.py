@@ -129,6 +129,38 @@ device = "CPU"
         ),
         (GOOD.replace('["x86_64"]', '"x86_64"'), "match.architecture", "list of strings"),
         (GOOD + "[limits]\nmax_compile_seconds = 0\n", "limits.max_compile_seconds", "> 0"),
+        # inf overflows select(); nan makes every time limit 0 s; 1e300 is a typo
+        *(
+            (
+                GOOD + f"[limits]\nmax_compile_seconds = {value}\n",
+                "limits.max_compile_seconds",
+                f"must be > 0 and <= 86400, got {shown}",
+            )
+            for value, shown in (("inf", "inf"), ("nan", "nan"), ("1e300", "1e+300"))
+        ),
+        (GOOD + "max_compile_seconds = -inf\n", "allow[0].max_compile_seconds", "got -inf"),
+        (GOOD + "[power]\nCPU = inf\n", "power.CPU", "must be > 0 and <= 100000, got inf"),
+        # a batch of 10**9 is hundreds of GiB of inputs
+        (
+            GOOD.replace('"latency"', '"throughput"\nbatch_size = 1_000_000_000'),
+            "selection.batch_size",
+            "must be <= 65536, got 1000000000",
+        ),
+        (
+            GOOD.replace('"latency"', '"latency"\nbenchmark_seconds = nan'),
+            "selection.benchmark_seconds",
+            "got nan",
+        ),
+        (
+            GOOD.replace('"latency"', '"latency"\nwarmup_runs = 10_000_000'),
+            "selection.warmup_runs",
+            "must be <= 100000",
+        ),
+        (
+            GOOD.replace('"latency"', '"latency"\nmin_runs = 10_000_000'),
+            "selection.min_runs",
+            "must be <= 100000",
+        ),
         (
             GOOD.replace('architecture = ["x86_64"]', "cpu_model = ['Core(']"),
             "match.cpu_model",

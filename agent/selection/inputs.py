@@ -10,15 +10,20 @@ candidate's tensors are matched by name and, failing that, by position.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from provisioning.package import ManifestError, load_npz
 from runtimes.datatypes import from_numpy, to_numpy
 
 GOLDEN_FILE = "golden.npz"
 _SEED = 20261122
+# The inputs the agent makes itself, all tensors together: random inputs and throughput batches.
+# A model declares its shapes in a few bytes, so a static 2**20 x 2**20 input is a small file.
+MAX_INPUT_ELEMENTS = 2**25  # 128 MiB of float32 (random floats are drawn in float64: 256 MiB)
 
 # (name, datatype, shape) as the worker reports a session's tensors.
 Spec = tuple[str, str, tuple[int, ...]]
@@ -46,16 +51,19 @@ class Reference:
 
 
 def load_golden(path: Path) -> Reference | None:
-    """The golden vectors in `path` (a golden.npz), or None when there is no such file."""
+    """The golden vectors in `path` (a golden.npz), or None when there is no such file.
+
+    The file is read as a package's golden file is: each array's .npy header is checked (numeric
+    dtype, a cap on the whole file's bytes) before anything is allocated or decompressed.
+    """
     if not path.is_file():
         return None
-    with np.load(path, allow_pickle=False) as archive:
-        inputs = {
-            k.removeprefix("input/"): archive[k] for k in archive.files if k.startswith("input/")
-        }
-        outputs = {
-            k.removeprefix("output/"): archive[k] for k in archive.files if k.startswith("output/")
-        }
+    try:
+        arrays = load_npz(path, str(path))
+    except ManifestError as exc:
+        raise InputError(str(exc)) from None
+    inputs = {k.removeprefix("input/"): a for k, a in arrays.items() if k.startswith("input/")}
+    outputs = {k.removeprefix("output/"): a for k, a in arrays.items() if k.startswith("output/")}
     if not inputs or not outputs:
         raise InputError(f"{path}: expected arrays named input/<name> and output/<name>")
     return Reference(
@@ -67,15 +75,22 @@ def load_golden(path: Path) -> Reference | None:
 
 
 def random_inputs(specs: list[Spec]) -> dict[str, np.ndarray]:
-    """Deterministic inputs for these tensors; dynamic dimensions become 1.
+    """Deterministic inputs for these tensors; dynamic dimensions (-1) become 1.
 
     Floats are uniform in [0, 1) (the range of normalised images and most features); integers
     are small non-negative values, valid as class or token ids for any vocabulary.
     """
+    shapes = {name: tuple(d if d >= 0 else 1 for d in shape) for name, _, shape in specs}
+    elements = sum(math.prod(shape) for shape in shapes.values())
+    if elements > MAX_INPUT_ELEMENTS:
+        raise InputError(
+            f"the inputs take {elements} elements, over the cap of {MAX_INPUT_ELEMENTS} for "
+            "random inputs"
+        )
     rng = np.random.default_rng(_SEED)
     inputs = {}
-    for name, datatype, shape in specs:
-        concrete = tuple(d if d > 0 else 1 for d in shape)
+    for name, datatype, _ in specs:
+        concrete = shapes[name]
         if datatype == "BYTES":
             raise InputError(
                 f"input {name!r} is BYTES: random inputs cannot exercise it; ship golden vectors"
@@ -127,8 +142,13 @@ def outputs_as_reference(
 
 
 def batched(inputs: dict[str, np.ndarray], specs: list[Spec], batch: int) -> dict[str, np.ndarray]:
-    """Inputs repeated along a dynamic first dimension, for the throughput objective."""
+    """Inputs repeated along a dynamic first dimension, for the throughput objective.
+
+    The batch is made smaller where `batch` items would take more than MAX_INPUT_ELEMENTS.
+    """
     by_name = {s[0]: s for s in specs}
     if batch <= 1 or any(by_name[n][2][:1] != (-1,) for n in inputs):
         return inputs
+    per_item = sum(a[:1].size for a in inputs.values())
+    batch = max(1, min(batch, MAX_INPUT_ELEMENTS // max(per_item, 1)))
     return {n: np.repeat(a[:1], batch, axis=0) for n, a in inputs.items()}

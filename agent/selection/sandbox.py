@@ -10,18 +10,21 @@ candidate costs its own time limit and nothing else.
 from __future__ import annotations
 
 import os
+import re
 import select
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
-
-from agent.selection.worker import read_reply, write_message
+from typing import Any, BinaryIO
 
 _ROOT = Path(__file__).resolve().parents[2]  # the directory holding the agent package
 # Starting Python and importing numpy can be slow on a small board; it is not the candidate's time.
 STARTUP_SECONDS = 60.0
+# select() cannot wait past ~2**63 ns; no step of a selection waits a week.
+LONGEST_WAIT_SECONDS = 7 * 86_400.0
+# A line Python's warnings module writes ("path:line: SomeWarning: message"): not why a worker died.
+_WARNING_LINE = re.compile(r"\S.*:\d+: \w*Warning: ")
 
 
 class SandboxError(Exception):
@@ -60,7 +63,7 @@ class Sandbox:
             self._start()
         assert self._process is not None and self._process.stdin is not None
         try:
-            write_message(self._process.stdin, request)
+            _write(self._process.stdin, request)
         except (BrokenPipeError, OSError):
             raise SandboxCrashed(self._crash_reason()) from None
         return self._receive(timeout, what=f"{request['op']} did not finish within {timeout:g} s")
@@ -83,7 +86,7 @@ class Sandbox:
         if self.running:
             assert self._process is not None and self._process.stdin is not None
             try:
-                write_message(self._process.stdin, {"op": "exit"})
+                _write(self._process.stdin, {"op": "exit"})
                 self._process.wait(timeout=5)
             except (OSError, subprocess.TimeoutExpired):
                 pass
@@ -106,20 +109,21 @@ class Sandbox:
             env=env,
         )
         assert self._process.stdin is not None
-        write_message(self._process.stdin, {"op": "ping"})
+        _write(self._process.stdin, {"op": "ping"})
         self._receive(self.startup_seconds, what="the selection worker did not start")
 
     def _receive(self, timeout: float, what: str) -> dict[str, Any]:
         assert self._process is not None and self._process.stdout is not None
         stream = self._process.stdout
-        ready, _, _ = select.select([stream], [], [], max(0.0, timeout))
+        wait = min(timeout, LONGEST_WAIT_SECONDS) if timeout > 0 else 0.0  # nan: no wait
+        ready, _, _ = select.select([stream], [], [], wait)
         if not ready:
             self.kill()
             raise SandboxTimeout(what)
         # The reply has started (replies are written in one piece); a worker that dies mid-reply
         # shows up as a short read.
         try:
-            reply = read_reply(stream)
+            reply = _read(stream)
         except Exception as exc:  # not plain data, or not a pickle: the worker is not trusted
             self.kill()
             message = f"the selection worker sent a reply the agent refuses: {exc}"
@@ -139,7 +143,33 @@ class Sandbox:
         tail = ""
         if self._stderr:
             self._stderr.seek(0)
-            lines = self._stderr.read().decode(errors="replace").strip().splitlines()
-            tail = lines[-1] if lines else ""
+            tail = _last_words(self._stderr.read().decode(errors="replace"))
         how = f"signal {-code}" if code is not None and code < 0 else f"exit status {code}"
         return f"the selection worker died ({how}){': ' + tail if tail else ''}"
+
+
+def _last_words(stderr: str) -> str:
+    """The worker's last stderr line that says something: not blank, not a Python warning (nor
+    the source line a warning quotes under it)."""
+    last, after_warning = "", False
+    for line in stderr.splitlines():
+        quoted = after_warning and line[:1].isspace()
+        after_warning = bool(_WARNING_LINE.match(line))
+        if line.strip() and not after_warning and not quoted:
+            last = line.strip()
+    return last
+
+
+# The worker's module is imported when first used, not by this module: `python -m
+# agent.selection.worker` imports this package first, and runpy warns (on every worker start)
+# when the module it is about to run as __main__ has been imported already.
+def _write(stream: BinaryIO, message: Any) -> None:
+    from agent.selection.worker import write_message
+
+    write_message(stream, message)
+
+
+def _read(stream: BinaryIO) -> Any:
+    from agent.selection.worker import read_reply
+
+    return read_reply(stream)

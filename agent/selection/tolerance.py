@@ -12,6 +12,7 @@ CNN's logits by ~1e-2 and fp16 by ~1e-3, so those pass only when the model says 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,9 +64,14 @@ class Tolerance:
             numbers = {}
             for key in ("atol", "rtol"):
                 value = values.get(key, getattr(base, key))
-                if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                # nan compares false with everything: `error > nan` would pass any output.
+                if (
+                    isinstance(value, bool)
+                    or not isinstance(value, int | float)
+                    or not 0 <= value <= sys.float_info.max
+                ):
                     raise ToleranceError(
-                        f"tolerance.{datatype}.{key}: expected a number >= 0, got {value!r}"
+                        f"tolerance.{datatype}.{key}: expected a finite number >= 0, got {value!r}"
                     )
                 numbers[key] = float(value)
             bounds[datatype.upper()] = Bound(**numbers)

@@ -1,0 +1,234 @@
+"""Selection given hostile or absurd inputs: a golden.npz that is no zip, declares terabytes or is
+a zip bomb; a model whose static input shape is terabytes; a batch size past memory; a worker
+that dies. Each is refused or recorded with its reason, and the agent stays up."""
+
+from __future__ import annotations
+
+import math
+import struct
+import zipfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+from agent.profiles import AllowedDevice, RuntimeOptions, SelectionSettings, load_profile
+from agent.selection import SelectionError, choose, load_golden
+from agent.selection.inputs import MAX_INPUT_ELEMENTS, InputError, batched, random_inputs
+from agent.selection.sandbox import Sandbox, SandboxCrashed
+from agent.serving.server import ServeOptions
+from runtimes.discovery import RuntimeDevice
+from tests.conftest import ServerThread
+
+PROFILES = Path(__file__).resolve().parent.parent / "firmware-profiles"
+ORT = AllowedDevice("onnxruntime", "CPU", RuntimeOptions(), 60)
+ORT_DEVICES = [RuntimeDevice("onnxruntime", "CPU")]
+
+
+def ort_profile():
+    quick = SelectionSettings(warmup_runs=1, benchmark_seconds=0.02, runoff_seconds=0.03)
+    loaded = load_profile(PROFILES / "generic-cpu.toml")
+    return replace(loaded, selection=replace(quick, min_runs=3), allow=(ORT,))
+
+
+def identity_model(path: Path, shape: list[int]) -> Path:
+    """y = x in float32 with this static input shape: a few bytes whatever the shape says."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "identity",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def npy_header(shape: tuple[int, ...], descr: str = "<f4") -> bytes:
+    """A .npy version 1.0 header declaring `shape`, with no array data after it."""
+    text = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape!r}, }}"
+    text += " " * ((64 - (10 + len(text) + 1) % 64) % 64) + "\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode()
+
+
+def write_npz(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return path
+
+
+# --- golden.npz ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"PK\x03\x04" + b"\0" * 100, b"not a zip at all", b""],
+    ids=["zip-magic-then-garbage", "text", "empty"],
+)
+def test_a_golden_file_that_is_no_zip_is_an_input_error(tmp_path, content):
+    path = tmp_path / "golden.npz"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=r"golden\.npz: not a readable \.npz file"):
+        load_golden(path)
+
+
+def test_a_truncated_golden_file_is_an_input_error(tmp_path):
+    path = tmp_path / "golden.npz"
+    np.savez(path, **{"input/x": np.zeros((1, 16), np.float32), "output/y": np.zeros(4)})
+    path.write_bytes(path.read_bytes()[:-40])  # the central directory cut off
+    with pytest.raises(InputError, match=r"not a readable \.npz file"):
+        load_golden(path)
+
+
+@pytest.mark.parametrize(
+    "members",
+    [
+        # 128 TiB declared in a 500-byte file: numpy would try to allocate it.
+        {"input/x.npy": npy_header((1 << 45,)), "output/y.npy": npy_header((1,)) + bytes(4)},
+        # Two arrays of 160 MiB each: every array is small enough, the file is not.
+        {"input/x.npy": npy_header((40 << 20,)), "output/y.npy": npy_header((40 << 20,))},
+    ],
+    ids=["one-huge-array", "over-the-cap-together"],
+)
+def test_golden_arrays_over_the_cap_are_refused_from_their_headers(tmp_path, members):
+    path = write_npz(tmp_path / "golden.npz", members)
+    with pytest.raises(InputError, match="over the cap of 256 MiB per golden file"):
+        load_golden(path)
+
+
+def test_a_golden_zip_bomb_is_refused_before_it_is_inflated(tmp_path):
+    # 512 MiB of zeros deflates to ~0.5 MiB; the header alone says how much it would take.
+    path = tmp_path / "golden.npz"
+    count = 1 << 27
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        with archive.open("input/x.npy", "w", force_zip64=True) as member:
+            member.write(npy_header((count,)))
+            chunk = bytes(1 << 24)
+            for _ in range(4 * count // len(chunk)):
+                member.write(chunk)
+        archive.writestr("output/y.npy", npy_header((1,)) + bytes(4))
+    assert path.stat().st_size < 4 << 20
+    with pytest.raises(InputError, match=r"'input/x\.npy' takes its arrays to 536870912 bytes"):
+        load_golden(path)
+
+
+def test_golden_arrays_of_python_objects_are_refused(tmp_path):
+    path = tmp_path / "golden.npz"
+    objects = np.array([{"a": 1}], dtype=object)
+    np.savez(path, **{"input/x": objects, "output/y": np.zeros(1, np.float32)})
+    with pytest.raises(InputError, match="holds Python objects"):
+        load_golden(path)
+
+
+def test_a_good_golden_file_still_loads(tmp_path):
+    path = tmp_path / "golden.npz"
+    x, y = np.ones((1, 16), np.float32), np.zeros((1, 4), np.float32)
+    np.savez(path, **{"input/x": x, "output/y": y})
+    golden = load_golden(path)
+    assert golden is not None
+    assert golden.inputs["x"].shape == (1, 16) and golden.datatypes == {"y": "FP32"}
+
+
+def test_a_broken_golden_file_makes_its_model_unavailable_not_the_agent_fail(tmp_path):
+    repo = tmp_path / "repo"
+    identity_model(repo / "broken" / "1" / "model.onnx", [1, 4])
+    (repo / "broken" / "1" / "golden.npz").write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    options = ServeOptions(
+        repo, "127.0.0.1:0", None, None, select=True, state_dir=tmp_path, profile="generic-cpu"
+    )
+    with ServerThread(options) as agent:
+        (entry,) = agent.dataplane.repository_index()
+    assert entry.state == "UNAVAILABLE"
+    assert "golden.npz: not a readable .npz file" in entry.reason
+
+
+# --- random inputs and batches ------------------------------------------------------------------
+
+
+def test_random_inputs_over_the_cap_are_refused_before_allocation():
+    # 2**20 x 2**20 floats: numpy would raise MemoryError, which no caller handles.
+    with pytest.raises(InputError, match=f"1099511627776 elements, over the cap of {1 << 25}"):
+        random_inputs([("x", "FP32", (1 << 20, 1 << 20))])
+    # The cap is on all inputs together.
+    half = (MAX_INPUT_ELEMENTS // 2 + 1,)
+    with pytest.raises(InputError, match="over the cap"):
+        random_inputs([("a", "FP32", half), ("b", "INT64", half)])
+
+
+def test_a_model_declaring_a_huge_static_input_fails_selection_with_the_reason(tmp_path):
+    directory = tmp_path / "huge" / "1"
+    identity_model(directory / "model.onnx", [1 << 20, 1 << 20])
+    with pytest.raises(SelectionError, match="over the cap of 33554432 for random inputs"):
+        choose(directory, profile=ort_profile(), devices=ORT_DEVICES)
+
+
+def test_a_static_zero_dimension_stays_zero_and_a_dynamic_one_becomes_one():
+    inputs = random_inputs([("x", "FP32", (0, 4)), ("y", "INT64", (-1, 3))])
+    assert inputs["x"].shape == (0, 4)
+    assert inputs["y"].shape == (1, 3)
+
+
+def test_a_model_with_a_static_zero_dimension_is_selected(tmp_path):
+    directory = tmp_path / "empty" / "1"
+    identity_model(directory / "model.onnx", [0, 4])
+    decision = choose(directory, profile=ort_profile(), devices=ORT_DEVICES)
+    assert decision.chosen.candidate.runtime == "onnxruntime"
+
+
+def test_a_throughput_batch_is_cut_to_fit_the_input_cap():
+    inputs = {"x": np.ones((1, 1024), np.float32)}
+    specs = [("x", "FP32", (-1, 1024))]
+    assert batched(inputs, specs, 8)["x"].shape == (8, 1024)
+    # 10**9 items of 1024 floats would be 4 TiB.
+    assert batched(inputs, specs, 10**9)["x"].shape == (MAX_INPUT_ELEMENTS // 1024, 1024)
+
+
+# --- the worker ---------------------------------------------------------------------------------
+
+
+class RunsInTheWorker:
+    """Unpickled by the worker as part of a request, runs `code` there: a crashing runtime."""
+
+    def __init__(self, code: str):
+        self.code = code
+
+    def __reduce__(self):
+        return (exec, (self.code,))
+
+
+def test_the_worker_starts_without_a_warning(monkeypatch):
+    # runpy warns when the module it runs was imported by its own package first.
+    monkeypatch.setenv("PYTHONWARNINGS", "error::RuntimeWarning")
+    with Sandbox() as sandbox:
+        assert sandbox.call({"op": "ping"}, timeout=60)["ok"]
+
+
+def test_a_dead_worker_is_recorded_with_its_last_words_not_a_warning():
+    dies = RunsInTheWorker(
+        "import os, sys, warnings\n"
+        "print('RuntimeError: the driver lost the device', file=sys.stderr)\n"
+        "warnings.warn('a runtime cleaning up as it goes')\n"
+        "sys.stderr.flush()\n"
+        "os.abort()\n"
+    )
+    with Sandbox() as sandbox, pytest.raises(SandboxCrashed) as crashed:
+        sandbox.call({"op": "ping", "payload": dies}, timeout=60)
+    assert str(crashed.value) == (
+        "the selection worker died (signal 6): RuntimeError: the driver lost the device"
+    )
+
+
+def test_a_worker_dying_silently_has_no_tail_in_its_reason():
+    with Sandbox() as sandbox, pytest.raises(SandboxCrashed) as crashed:
+        sandbox.call({"op": "ping", "payload": RunsInTheWorker("import os; os.abort()")}, 60)
+    assert str(crashed.value) == "the selection worker died (signal 6)"
+
+
+def test_an_unbounded_wait_is_clamped_not_an_overflow():
+    with Sandbox() as sandbox:
+        assert sandbox.call({"op": "ping"}, timeout=math.inf)["ok"]
