@@ -190,3 +190,21 @@ def test_model_config_limits():
         ModelConfig.from_dict({"threads": True})
     cfg = ModelConfig.from_dict({"max_batch_size": 8, "preferred_batch_sizes": [4, 2, 4]})
     assert cfg.preferred_batch_sizes == (2, 4)
+
+
+@pytest.mark.timeout(60)  # a regression reads /dev/zero until memory runs out, or waits forever
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda p: p.symlink_to("/dev/zero"), "not a regular file"),
+        (lambda p: p.symlink_to(p.parent / "gone.toml"), "No such file"),
+        (lambda p: p.write_text("# padding\n" * 110_000), "larger than 1 MiB"),
+    ],
+    ids=["dev-zero", "dangling-link", "oversized"],
+)
+def test_a_model_toml_that_is_no_small_file_is_refused(private_repo, make, reason):
+    config = private_repo / "mlp" / "1" / "model.toml"
+    config.unlink()
+    make(config)
+    with pytest.raises(RepositoryError, match=reason):
+        ModelRepository(private_repo).source("mlp", "1")

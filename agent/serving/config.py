@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from runtimes.base import LoadOptions
+
+# model.toml holds a handful of settings; anything larger is a mistake, not a config to parse.
+MAX_CONFIG_BYTES = 1024 * 1024
 
 
 class ModelConfigError(ValueError):
@@ -60,7 +65,7 @@ class ModelConfig:
     @classmethod
     def from_file(cls, path: Path) -> ModelConfig:
         try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+            raw = tomllib.loads(_read_config(path).decode("utf-8"))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
             raise ModelConfigError(f"{path}: {exc}") from exc
         return cls.from_dict(raw, source=str(path))
@@ -85,6 +90,23 @@ class ModelConfig:
         if any(s > config.max_batch_size for s in config.preferred_batch_sizes):
             raise ModelConfigError(f"{source}: a preferred batch size exceeds max_batch_size")
         return config
+
+
+def _read_config(path: Path) -> bytes:
+    """The bytes of a regular file of at most MAX_CONFIG_BYTES; ModelConfigError otherwise.
+
+    Opened without blocking and checked once open: a FIFO would wait for a writer forever and
+    /dev/zero would never end, and a check by name first could be raced."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ModelConfigError(f"{path}: not a regular file; model.toml must be a file")
+        data = file.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ModelConfigError(
+            f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; model.toml holds a few settings"
+        )
+    return data
 
 
 _LIMITS = {

@@ -2,13 +2,17 @@
 
 It owns the loaded model versions, their states (for the repository index and readiness), and
 the inference path: find the version, validate, queue on its scheduler, wait with a deadline,
-pick the requested outputs, count it all in Prometheus.
+pick the requested outputs, count it all in Prometheus. A model file is loaded in a child
+process before the agent loads it itself (`TrialLoads`): one that crashes its runtime costs its
+own version, not the agent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,11 +33,13 @@ from agent.serving.repository import ModelRepository, ModelVersionSource, Reposi
 from agent.serving.scheduler import Job, Outcome, Scheduler
 from agent.serving.tensors import InferenceRequest, InferenceResponse, Tensor
 from runtimes import load as load_session
-from runtimes.base import RuntimeAdapterError, Session
+from runtimes.base import LoadOptions, ModelLoadError, RuntimeAdapterError, Session
 from runtimes.datatypes import from_numpy
+from runtimes.loader import default_runtime_for
 
 if TYPE_CHECKING:
     from agent.selection import Selector
+    from agent.selection.sandbox import Sandbox
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +50,14 @@ EXTENSIONS = ("binary_tensor_data", "model_repository", "metrics")
 
 READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
 UNLOADED_ON_REQUEST = "unloaded"
+
+# How long a model file may take to load in the trial child (TrialLoads) before its version is
+# UNAVAILABLE: generous, as a large model on a slow board or an NPU compile takes a while.
+TRIAL_LOAD_SECONDS = 300.0
+# (content digest, runtime, options) of the model files that loaded in a trial child.
+_PASSED_TRIALS: set[tuple[str, str, str]] = set()
+# How the selection worker ended, in a SandboxCrashed message: "(signal 11)", "(exit status 1)".
+_EXIT = re.compile(r"\((signal \d+|exit status [^)]*)\)")
 
 
 @dataclass(slots=True)
@@ -83,8 +97,13 @@ class DataPlane:
 
     async def start(self) -> None:
         """Load every model in the repository; a model that fails is reported, not fatal."""
-        for name in self.repository.model_names():
-            await self.load_model(name, at_start=True)
+        names = await asyncio.to_thread(self.repository.model_names)
+        trials = TrialLoads()  # one child process for the whole start
+        try:
+            for name in names:
+                await self._load_model(name, trials, at_start=True)
+        finally:
+            await asyncio.to_thread(trials.close)
         self._started = True
 
     async def stop(self) -> None:
@@ -212,16 +231,24 @@ class DataPlane:
             entries = [e for e in entries if e.state == READY]
         return entries
 
-    async def load_model(self, name: str, *, at_start: bool = False) -> None:
+    async def load_model(self, name: str) -> None:
         """(Re)load every version of `name` from the repository; a reload replaces in place.
 
         A version that fails keeps its previous load serving, if it had one, and the call raises
-        ModelLoadFailed naming every failure (at start they are only logged and indexed).
+        ModelLoadFailed naming every failure.
         """
+        trials = TrialLoads()
+        try:
+            await self._load_model(name, trials)
+        finally:
+            await asyncio.to_thread(trials.close)
+
+    async def _load_model(self, name: str, trials: TrialLoads, *, at_start: bool = False) -> None:
+        """load_model's work; at start, failures are only logged and indexed."""
         failures: list[str] = []
         async with self._lock(name):
             try:
-                versions = self.repository.versions(name)
+                versions = await asyncio.to_thread(self.repository.versions, name)
             except RepositoryError as exc:
                 if at_start:
                     log.warning("%s", exc)
@@ -234,7 +261,7 @@ class DataPlane:
             for version in versions:
                 states[version] = VersionState(LOADING)
                 try:
-                    model = await self._load_version(name, version)
+                    model = await self._load_version(name, version, trials)
                 except (RepositoryError, RuntimeAdapterError, ModelIncompatible) as exc:
                     log.warning("model %s version %s failed to load: %s", name, version, exc)
                     if version in loaded:  # a failed reload must not take down a working copy
@@ -289,15 +316,19 @@ class DataPlane:
         else:
             self._latest.pop(name, None)
 
-    async def _load_version(self, name: str, version: str) -> ServedModel:
-        source = self.repository.source(name, version)
+    async def _load_version(self, name: str, version: str, trials: TrialLoads) -> ServedModel:
+        source = await asyncio.to_thread(self.repository.source, name, version)
         config = source.config
         if self.selector is not None and not config.pins_everything(len(source.model_files)):
+            # Selection loaded this very file in its worker when it measured (a stored decision
+            # is keyed by the file's digest), so the agent does not try it again.
             session, model_file = await self._open_selected(source)
         else:
             model_file = source.model_file()
+            options = config.load_options()
+            await asyncio.to_thread(trials.check, model_file, config.runtime, options)
             session = await asyncio.to_thread(
-                load_session, model_file, runtime=config.runtime, options=config.load_options()
+                load_session, model_file, runtime=config.runtime, options=options
             )
         try:
             ServedModel.check_compatible(session, source.config)
@@ -336,6 +367,78 @@ class DataPlane:
             "stored decision" if decision.from_cache else "measured now",
         )
         return await asyncio.to_thread(decision.load), decision.variant_path
+
+
+class TrialLoads:
+    """Loads each model file in a child process before the agent loads it itself.
+
+    No runtime fully checks a model file before trusting it (LiteRT has no flatbuffer verifier),
+    and a file that crashes the runtime in the agent would take every model down with it. In a
+    child, a crash or a hang costs only that version: UNAVAILABLE, with the reason. The child is
+    the selection worker: one serves a whole start, file after file, and is replaced only after
+    a crash; `close` ends it, so it holds no memory while the agent serves. A file whose content
+    already loaded in a child of this process, with the same runtime and options, is not tried
+    again (a reload, a copy). A file the runtime refuses cleanly is left to the agent's own load,
+    which reports it as before.
+    """
+
+    def __init__(self, seconds: float = TRIAL_LOAD_SECONDS):
+        self.seconds = seconds
+        self._sandbox: Sandbox | None = None
+
+    def check(self, path: Path, runtime: str | None, options: LoadOptions) -> None:
+        """Load `path` in the child; ModelLoadError if the child dies or overruns. Blocks."""
+        runtime = runtime or default_runtime_for(path)
+        key = (_content_digest(path), runtime, repr(options))
+        if key in _PASSED_TRIALS:
+            return
+        # Not at import: the selection package costs the serving agent ~100 ms and its memory.
+        from agent.selection.sandbox import Sandbox, SandboxCrashed, SandboxTimeout
+
+        if self._sandbox is None:
+            self._sandbox = Sandbox()
+        request = {
+            "op": "load",
+            "id": "trial",
+            "path": str(path),
+            "runtime": runtime,
+            "options": options,
+        }
+        try:
+            reply = self._sandbox.call(request, timeout=self.seconds)
+            if reply["ok"]:
+                self._sandbox.call({"op": "close", "id": "trial"}, timeout=self.seconds)
+        except SandboxTimeout:
+            raise ModelLoadError(
+                f"loading {path.name} did not finish within {self.seconds:g} s in a trial "
+                "process (stopped); the agent did not load it"
+            ) from None
+        except SandboxCrashed as exc:
+            how = _EXIT.search(str(exc))
+            raise ModelLoadError(
+                f"the runtime crashed loading {path.name} ({how[1] if how else exc}) in a trial "
+                "process, so the agent did not load it; the file is likely corrupt: replace it"
+            ) from None
+        if reply["ok"]:
+            _PASSED_TRIALS.add(key)
+
+    def close(self) -> None:
+        if self._sandbox is not None:
+            self._sandbox.close()
+            self._sandbox = None
+
+
+def _content_digest(path: Path) -> str:
+    """sha256 of a model file, and of an OpenVINO IR's weights beside it."""
+    digest = hashlib.sha256()
+    for part in (path, path.with_suffix(".bin")) if path.suffix.lower() == ".xml" else (path,):
+        try:
+            with part.open("rb") as file:
+                while chunk := file.read(1 << 20):
+                    digest.update(chunk)
+        except OSError as exc:
+            raise ModelLoadError(f"cannot read {part.name}: {exc}") from None
+    return digest.hexdigest()
 
 
 async def _retire(model: ServedModel) -> None:

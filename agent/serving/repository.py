@@ -74,7 +74,10 @@ class ModelRepository:
         return sorted(found, key=int)
 
     def source(self, name: str, version: str) -> ModelVersionSource:
-        """Find the model file and read model.toml; RepositoryError says what is wrong."""
+        """Find the model file and read model.toml; RepositoryError says what is wrong.
+
+        This reads the disk: from asyncio, call it in a thread (a slow or hung mount must not
+        stop the server answering its health checks)."""
         version_dir = self.root / name / version
         model_files = tuple(
             sorted(
@@ -93,7 +96,9 @@ class ModelRepository:
                 raise RepositoryError(f"{path}: OpenVINO IR without its .bin weights file")
         config_file = version_dir / "model.toml"
         try:
-            config = ModelConfig.from_file(config_file) if config_file.exists() else ModelConfig()
+            # is_symlink too: a dangling link is a mistake to report, not a missing model.toml
+            present = config_file.exists() or config_file.is_symlink()
+            config = ModelConfig.from_file(config_file) if present else ModelConfig()
         except ModelConfigError as exc:
             raise RepositoryError(str(exc)) from exc
         return ModelVersionSource(name, version, version_dir, model_files, config)
