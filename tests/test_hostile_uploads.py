@@ -8,43 +8,25 @@ the gRPC codec cases decode hand-built messages.
 
 from __future__ import annotations
 
-import struct
-
 import numpy as np
 import pytest
 
 from agent.serving import grpc_codec, http2
 from agent.serving.errors import InvalidInput
 from protocol import inference_pb2 as pb
+from tests import test_http2
 from tests.test_http2 import (
     DATA,
     END_HEADERS,
     END_STREAM,
     HEADERS,
     REQUEST,
-    WINDOW_UPDATE,
     Client,
-    Echo,
-    Transport,
     frame,
     settle,
 )
 
-
-@pytest.fixture
-async def client():
-    handler = Echo()
-    transport = Transport()
-    connection = http2.Connection(handler, 8, lambda c: None, http2.ReadBuffer(64 * 1024))
-    connection.connection_made(transport)
-    c = Client(connection, transport)
-    c.handler = handler
-    c.preface(initial_window_size=1 << 24)
-    c.send(frame(WINDOW_UPDATE, 0, 0, struct.pack(">L", 1 << 30)))
-    c.frames()
-    yield c
-    if not transport.closed:
-        connection.connection_lost(None)
+client = test_http2.client  # the same frame-level client, as a fixture here too
 
 
 def start(c: Client, first: bytes) -> http2.Request:
