@@ -48,6 +48,7 @@ Answer = Callable[[InferenceResponse | None, ServingError | None], None]
 
 EXTENSIONS = ("binary_tensor_data", "model_repository", "metrics")
 
+_NUMBER = re.compile(r"\s*\+?[0-9]+\s*")  # a version as Triton's std::stol reads it
 READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
 UNLOADED_ON_REQUEST = "unloaded"
 
@@ -138,6 +139,8 @@ class DataPlane:
             found = self._latest.get(name)
         else:
             found = versions.get(version) if versions else None
+            if found is None and versions and _NUMBER.fullmatch(version):
+                found = versions.get(str(int(version)))  # "01", "+1": version 1, as Triton reads it
         if found is not None:
             return found
         state = self._states.get(name, {})

@@ -114,6 +114,13 @@ class ServedModel:
                         f"unknown output {out.name!r} for model {self.name}; "
                         f"outputs are {', '.join(self.outputs)}"
                     )
+                params = out.parameters
+                if params and ("classification" in params or "shared_memory_region" in params):
+                    raise InvalidInput(
+                        f"output {out.name!r} asks for "
+                        f"{'classification' if 'classification' in params else 'shared memory'}, "
+                        "an extension this server does not have (see GET /v2 for its extensions)"
+                    )
         return inputs, rows
 
 

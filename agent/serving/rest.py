@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 from collections.abc import Coroutine
 from typing import Any
 from urllib.parse import unquote
@@ -163,10 +164,18 @@ class RestFrontEnd:
         ready = self.dataplane.model_ready(name, version)
         return Response(200 if ready else 503)
 
-    def infer(self, request: Request, reply: Reply, name: str, version: str | None) -> None:
+    def infer(
+        self, request: Request, reply: Reply, name: str, version: str | None
+    ) -> Response | None:
+        body = request.body
+        encoding = request.headers.get("content-encoding")
         try:
+            if encoding is not None:
+                body = self._inflate(body, encoding)
+                if isinstance(body, Response):
+                    return body
             infer_request = rest_codec.decode_request(
-                request.body, request.headers.get(_INFERENCE_HEADER), name, version
+                body, request.headers.get(_INFERENCE_HEADER), name, version
             )
         except InvalidInput as exc:
             self.dataplane.count_rejected(name, version, exc)
@@ -190,6 +199,28 @@ class RestFrontEnd:
             reply(answer)
 
         self.dataplane.submit(infer_request, done)
+        return None
+
+    def _inflate(self, body: bytes | memoryview, encoding: str) -> bytes | memoryview | Response:
+        """A request body sent with Content-Encoding (tritonclient's request_compression_algorithm),
+        inflated to at most the body limit; 415 for an encoding other than gzip or deflate."""
+        kind = encoding.strip().lower()
+        if kind == "identity":
+            return body
+        wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(kind)
+        if wbits is None:
+            message = f"Content-Encoding {encoding!r} is not supported: use gzip or deflate"
+            return _error(415, message)
+        inflater = zlib.decompressobj(wbits)
+        try:
+            inflated = inflater.decompress(body, self.max_body + 1)
+        except zlib.error as exc:
+            raise InvalidInput(f"the {kind} request body is corrupt: {exc}") from None
+        if len(inflated) > self.max_body:
+            raise InvalidInput(f"the {kind} request body inflates beyond {self.max_body} bytes")
+        if not inflater.eof:
+            raise InvalidInput(f"the {kind} request body is truncated")
+        return inflated
 
     def repository_index(self, request: Request, reply: Reply) -> Response:
         doc = _json_body(request)

@@ -8,6 +8,7 @@ for `binary_data` or the request sets `binary_data_output`.
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 import sys
@@ -115,9 +116,20 @@ def _load(body: bytes | memoryview) -> dict:
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+        doc = _load_non_finite(body, exc)
     if not isinstance(doc, dict):
         raise InvalidInput("request body must be a JSON object")
+    return doc
+
+
+def _load_non_finite(body: bytes | memoryview, error: orjson.JSONDecodeError) -> dict:
+    """What orjson refused, read again as Triton reads JSON: with the NaN, Infinity and
+    -Infinity tokens that tritonclient (Python's json) writes for non-finite floats."""
+    try:
+        doc = json.loads(bytes(body))
+        orjson.dumps(doc)  # what orjson refused for other reasons (lone surrogates) stays refused
+    except (ValueError, RecursionError, orjson.JSONEncodeError):
+        raise InvalidInput(f"request body is not valid JSON: {error}") from None
     return doc
 
 
@@ -333,12 +345,22 @@ def encode_response(
 
 def _dumps(doc) -> bytes:
     try:
-        return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+        body = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
     except orjson.JSONEncodeError:  # a dtype orjson cannot take as-is: plain Python lists
-        for out in doc["outputs"]:
-            if isinstance(out.get("data"), np.ndarray):
-                out["data"] = out["data"].tolist()
-        return orjson.dumps(doc)
+        body = orjson.dumps(_as_lists(doc))
+    if b"null" in body:
+        # orjson writes NaN and +-Infinity as null; Triton writes NaN, Infinity and -Infinity,
+        # which tritonclient (Python's json) reads back exactly. Slower, and rare (a name with
+        # "null" in it takes this path too, to the same result).
+        return json.dumps(_as_lists(doc), separators=(",", ":")).encode()
+    return body
+
+
+def _as_lists(doc):
+    for out in doc["outputs"]:
+        if isinstance(out.get("data"), np.ndarray):
+            out["data"] = out["data"].tolist()
+    return doc
 
 
 def _to_json(t: Tensor):
