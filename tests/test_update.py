@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import http.server
 import io
 import itertools
 import json
@@ -36,6 +37,7 @@ from agent.update import (
 )
 from agent.update.health import HealthWatch, parse_sample
 from agent.update.journal import Journal
+from agent.update.lifecycle import Lifecycle
 from provisioning.signing import key_id, load_public_key
 from tests.conftest import ServerThread
 from tests.fleet import Fleet, new_publisher_key
@@ -614,3 +616,49 @@ def test_desired_state_numbers_the_journal_and_health_watch_cannot_use(tmp_path,
         "version = 9223372036854775807\n[health]\nmax_error_rate = 1\nmin_requests = 0\n"
     )
     assert DesiredState.load(path).models[0].version == 2**63 - 1
+
+
+class _RefusingAgent(http.server.BaseHTTPRequestHandler):
+    """Answers every reload with HTTP 500 and /metrics with no series."""
+
+    def do_POST(self) -> None:
+        self._reply(500, b'{"error": "nope"}')
+
+    def do_GET(self) -> None:
+        self._reply(200, b"")
+
+    def _reply(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_refused_reload_after_activation_leaves_the_job_active(world, tmp_path):
+    """The files and the journal have switched; the agent refusing to reload fails nothing."""
+    fleet, name = world.fleet, "demo-reload"
+    fleet.publish(1, name=name)
+    fleet.publish(2, name=name)
+    agent = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RefusingAgent)
+    threading.Thread(target=agent.serve_forever, daemon=True).start()
+    try:
+        node = fleet.node(tmp_path / "node", agent_url=f"http://127.0.0.1:{agent.server_port}")
+        (first,) = fleet.apply(node, {name: 1})
+        assert first.state == ACTIVE, first
+        (outcome,) = fleet.apply(node, {name: 2}, HealthPolicy(window_s=0.2, poll_s=0.05))
+    finally:
+        agent.shutdown()
+        agent.server_close()
+    assert outcome.state == ACTIVE, outcome
+    journal = Journal(node.settings.database)
+    assert journal.job(outcome.job_id).state == ACTIVE
+    assert journal.role(name, "active").version == 2
+    events = [label for label, _, _ in journal.events(outcome.job_id)]
+    assert events[-2:] == ["RELOAD", "HEALTH"]  # the refusal noted, the version still watched
+    assert sorted(int(p.name) for p in (node.models_dir / name).iterdir()) == [1, 2]
+    with Lifecycle(node.settings) as lifecycle:  # nothing fails a job that went live
+        assert not lifecycle._abandon(journal.job(outcome.job_id), "a late step failed")
+    assert journal.job(outcome.job_id).state == ACTIVE

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import http.client
 import socket
+import time
 from urllib.parse import quote, urlsplit
 
 from agent.update.errors import ActivationFailed
 
 _TIMEOUT_S = 120.0  # loading a large model can take a while
+# Most bytes read from one reply; /metrics of a busy agent is a few hundred KiB.
+MAX_REPLY_BYTES = 16 * 1024 * 1024
+_CHUNK = 64 * 1024
 
 
 class AgentUnreachable(ActivationFailed):
@@ -42,15 +46,48 @@ class AgentClient:
         return body.decode("utf-8", errors="replace")
 
     def _request(self, method: str, path: str) -> tuple[int, bytes]:
+        """One request, answered within `timeout` seconds in all (not per socket read)."""
+        deadline = time.monotonic() + self.timeout
         connection = self._connection()
         try:
             connection.request(method, path, body=b"" if method == "POST" else None)
+            sock = connection.sock  # getresponse() drops it when the reply closes the connection
             response = connection.getresponse()
-            return response.status, response.read()
-        except OSError as exc:
-            raise AgentUnreachable(f"cannot reach the agent at {self.url}: {exc}") from None
+            return response.status, self._read(sock, response, deadline)
+        except (OSError, http.client.HTTPException) as exc:
+            # HTTPException: something on the agent's address that does not speak HTTP.
+            raise AgentUnreachable(
+                f"cannot reach the agent at {self.url}: {type(exc).__name__}: {exc}"
+            ) from None
         finally:
             connection.close()
+
+    def _read(
+        self,
+        sock: socket.socket | None,
+        response: http.client.HTTPResponse,
+        deadline: float,
+    ) -> bytes:
+        chunks, size = [], 0
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AgentUnreachable(
+                    f"the agent at {self.url} did not answer within {self.timeout:g} s"
+                )
+            if sock is not None:
+                sock.settimeout(left)
+            chunk = response.read1(_CHUNK)
+            if not chunk:
+                if response.length:  # read1 does not raise for a reply cut short
+                    raise http.client.IncompleteRead(b"".join(chunks), response.length)
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > MAX_REPLY_BYTES:
+                raise AgentUnreachable(
+                    f"the agent at {self.url} answered more than {MAX_REPLY_BYTES} bytes"
+                )
+            chunks.append(chunk)
 
     def _connection(self) -> http.client.HTTPConnection:
         if self.url.startswith("unix:"):

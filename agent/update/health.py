@@ -6,10 +6,15 @@ requests (client mistakes such as malformed input are not the model's fault and 
 and the 95th percentile of the latency histogram, interpolated within its bucket the way
 Prometheus' histogram_quantile does. With fewer than `min_requests` requests it gives no
 verdict. The clock and sleep are parameters so tests need no real waiting.
+
+Counters are followed series by series from one poll to the next, as Prometheus' increase()
+does: a counter that went down was reset (the agent restarted), so its increase is its new
+value. A poll whose metrics cannot be read or parsed gives no verdict; the next one may.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -18,12 +23,24 @@ from dataclasses import dataclass, field
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.update.config import HealthPolicy
+from agent.update.errors import UpdateError
 
 # Failure reasons that are the client's fault, not the model's.
 CLIENT_ERRORS = frozenset({"InvalidInput", "ModelNotFound"})
 _SUCCESS = "edgefleet_inference_request_success"
 _FAILURE = "edgefleet_inference_request_failure"
 _LATENCY = "edgefleet_inference_request_latency_seconds"
+
+log = logging.getLogger(__name__)
+
+
+# One counter series of a (model, version): ("success", ""), ("failure", reason) or
+# ("bucket", upper bound).
+SeriesKey = tuple[str, str | float]
+
+
+class MetricsUnreadable(ValueError):
+    """The agent's /metrics text is not Prometheus text."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,13 +49,18 @@ class Sample:
     failure: float = 0.0
     buckets: tuple[tuple[float, float], ...] = ()  # (upper bound, cumulative count)
 
-    def minus(self, earlier: Sample) -> Sample:
-        before = dict(earlier.buckets)
-        return Sample(
-            self.success - earlier.success,
-            self.failure - earlier.failure,
-            tuple((le, count - before.get(le, 0.0)) for le, count in self.buckets),
-        )
+    @classmethod
+    def of(cls, series: dict[SeriesKey, float]) -> Sample:
+        success = failure = 0.0
+        buckets: dict[float, float] = {}
+        for (kind, label), value in series.items():
+            if kind == "success":
+                success += value
+            elif kind == "failure" and label not in CLIENT_ERRORS:
+                failure += value
+            elif kind == "bucket":
+                buckets[float(label)] = value
+        return cls(success, failure, tuple(sorted(buckets.items())))
 
     @property
     def requests(self) -> float:
@@ -71,20 +93,55 @@ class Verdict:
     details: dict = field(default_factory=dict)
 
 
+def parse_series(text: str, model: str, version: str) -> dict[SeriesKey, float]:
+    """The counters of (model, version) in `text`; MetricsUnreadable if it is not Prometheus
+    text. Values that no counter can hold (negative, NaN, infinite) and bucket bounds that are
+    not numbers are left out."""
+    series: dict[SeriesKey, float] = {}
+    try:
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.labels.get("model") != model or s.labels.get("version") != version:
+                    continue
+                if not (isinstance(s.value, float | int) and 0 <= s.value < math.inf):
+                    continue
+                if s.name == f"{_SUCCESS}_total":
+                    key: SeriesKey = ("success", "")
+                elif s.name == f"{_FAILURE}_total":
+                    key = ("failure", s.labels.get("reason", ""))
+                elif s.name == f"{_LATENCY}_bucket":
+                    le = _bound(s.labels.get("le"))
+                    if le is None:
+                        continue
+                    key = ("bucket", le)
+                else:
+                    continue
+                series[key] = series.get(key, 0.0) + s.value
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        raise MetricsUnreadable(f"the agent's metrics are not Prometheus text: {exc}") from None
+    return series
+
+
 def parse_sample(text: str, model: str, version: str) -> Sample:
-    success = failure = 0.0
-    buckets: dict[float, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.labels.get("model") != model or s.labels.get("version") != version:
-                continue
-            if s.name == f"{_SUCCESS}_total":
-                success += s.value
-            elif s.name == f"{_FAILURE}_total" and s.labels.get("reason") not in CLIENT_ERRORS:
-                failure += s.value
-            elif s.name == f"{_LATENCY}_bucket":
-                buckets[float(s.labels["le"])] = s.value
-    return Sample(success, failure, tuple(sorted(buckets.items())))
+    return Sample.of(parse_series(text, model, version))
+
+
+def increase(
+    earlier: dict[SeriesKey, float], now: dict[SeriesKey, float]
+) -> dict[SeriesKey, float]:
+    """How much each counter grew; one that went down was reset and grew by its new value."""
+    return {
+        key: value - earlier.get(key, 0.0) if value >= earlier.get(key, 0.0) else value
+        for key, value in now.items()
+    }
+
+
+def _bound(le: str | None) -> float | None:
+    try:
+        bound = float(le)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(bound) else bound
 
 
 class HealthWatch:
@@ -103,21 +160,35 @@ class HealthWatch:
 
     def watch(self, model: str, version: int) -> Verdict:
         policy = self.policy
-        base = parse_sample(self.read_metrics(), model, str(version))
+        last = self._read(model, str(version))
+        grown: dict[SeriesKey, float] = {}
         started = self.clock()
         verdict = Verdict(True, "no requests yet")
         while self.clock() - started < policy.window_s:
             self.sleep(min(policy.poll_s, max(0.0, policy.window_s - (self.clock() - started))))
-            window = parse_sample(self.read_metrics(), model, str(version)).minus(base)
-            verdict = self.judge(window, self.clock() - started)
+            now = self._read(model, str(version))
+            if now is None:
+                continue  # no reading, no verdict for this poll
+            if last is not None:
+                for key, value in increase(last, now).items():
+                    grown[key] = grown.get(key, 0.0) + value
+            last = now
+            verdict = self.judge(Sample.of(grown), self.clock() - started)
             if not verdict.healthy:
                 return verdict
         return verdict
 
+    def _read(self, model: str, version: str) -> dict[SeriesKey, float] | None:
+        try:
+            return parse_series(self.read_metrics(), model, version)
+        except (UpdateError, MetricsUnreadable) as exc:  # agent gone or not speaking Prometheus
+            log.warning("health watch of %s@%s: no reading (%s)", model, version, exc)
+            return None
+
     def judge(self, window: Sample, elapsed: float) -> Verdict:
         policy = self.policy
         requests = int(window.requests)
-        if requests < policy.min_requests:
+        if requests < policy.min_requests or window.requests <= 0:
             return Verdict(
                 True, f"only {requests} requests in {elapsed:.0f} s: not enough to judge", requests
             )

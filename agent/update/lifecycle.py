@@ -31,7 +31,7 @@ from tuf.api import exceptions as tuf_exceptions
 from tuf.api.metadata import TargetFile
 
 from agent import __version__ as AGENT_VERSION
-from agent.update.agent_client import AgentClient, AgentUnreachable
+from agent.update.agent_client import AgentClient
 from agent.update.checkpoints import Checkpoints
 from agent.update.choice import Choice, choose_variant, prepare_serving, self_test
 from agent.update.config import HealthPolicy, UpdateSettings
@@ -158,7 +158,9 @@ class Lifecycle:
             if exc.retryable:
                 log.warning("update of %s@%s paused: %s", job.model, job.version, reason)
                 return self._outcome(job, PENDING, reason)
-            self._abandon(job, reason)
+            if not self._abandon(job, reason):  # it went live before the step that failed
+                job = self.journal.job(job.id)
+                return self._outcome(job, job.state, reason)
             return self._outcome(job, FAILED, reason)
         except OSError as exc:  # disk full, permissions: the job can resume once fixed
             return self._outcome(job, PENDING, f"{type(exc).__name__}: {exc}")
@@ -407,7 +409,11 @@ class Lifecycle:
                 discard(layout.served(old.model, old.version), layout.trash)
                 discard(layout.stored(old.model, old.version), layout.store / ".trash")
         with self._timed("reload"):
-            self._reload(job.model)
+            refused = self._reload(job.model)
+        if refused is not None:
+            # The job is ACTIVE and its files serve from the agent's next (re)load: not a failure
+            # of the update, and the health watch still judges the version.
+            self.journal.note(job.id, "RELOAD", refused)
         shutil.rmtree(work, ignore_errors=True)
         for target in job.targets:
             layout.verified(_sha(target)).unlink(missing_ok=True)
@@ -481,16 +487,28 @@ class Lifecycle:
         self.checkpoints.reached(state)
         return job
 
-    def _abandon(self, job: Job, reason: str) -> None:
-        """Mark `job` FAILED and delete everything it downloaded or unpacked."""
+    def _abandon(self, job: Job, reason: str) -> bool:
+        """Mark `job` FAILED and delete everything it downloaded or unpacked; False, and nothing
+        done, if the journal already has it finished (ACTIVE: its files are serving)."""
+        current = self.journal.job(job.id)
+        if current.done:
+            log.warning(
+                "update of %s@%s is %s; not failing it: %s",
+                job.model,
+                job.version,
+                current.state,
+                reason,
+            )
+            return False
         self.journal.fail(job, reason)
         log.warning("update of %s@%s failed: %s", job.model, job.version, reason)
         shutil.rmtree(self.layout.job_dir(job.id), ignore_errors=True)
         if _unusable(job) is not None:  # no file names from targets that failed the check
-            return
+            return True
         for target in job.targets:
             self.layout.partial(_sha(target)).unlink(missing_ok=True)
             self.layout.verified(_sha(target)).unlink(missing_ok=True)
+        return True
 
     def _serve(self, model: str, version: int) -> None:
         """Put the stored, verified `version` into the serving repository (atomically)."""
@@ -532,14 +550,20 @@ class Lifecycle:
                     shutil.rmtree(entry, ignore_errors=True)
         return changed
 
-    def _reload(self, model: str) -> None:
+    def _reload(self, model: str) -> str | None:
+        """Have the agent reload `model`; why it did not, or None if it did (or there is none).
+
+        Called only once the files and the journal agree, so a refusal changes neither: the
+        agent loads the files when it next starts or reloads.
+        """
         if self.agent is None:
-            return
+            return None
         try:
             self.agent.reload(model)
-        except AgentUnreachable as exc:
-            # Files are in place; the agent loads them when it starts.
-            log.warning("could not tell the agent to reload %s: %s", model, exc)
+        except ActivationFailed as exc:  # unreachable, or it answered an error
+            log.warning("could not have the agent reload %s: %s", model, exc)
+            return f"the agent did not reload {model}: {exc}"
+        return None
 
     def _package(self, job: Job) -> Package:
         variants = [t["variant"] for t in job.targets]
