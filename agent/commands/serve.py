@@ -131,7 +131,26 @@ async def _serve(options, identity_dir: Path) -> None:
     from agent.serving.server import start
 
     log = logging.getLogger("edgefleet.serve")
-    server = await start(options)
+    # Handlers go in before start(): the front ends listen while the models load, and a signal
+    # then must stop the start (start() closes what it opened), not kill the process.
+    stop = asyncio.Event()
+    starting = asyncio.ensure_future(start(options))
+
+    def on_signal() -> None:
+        if not stop.is_set():
+            stop.set()
+            starting.cancel()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        server = await starting
+    except asyncio.CancelledError:
+        if not stop.is_set():
+            raise
+        log.info("stopping: signalled while loading the models")
+        return
     where = []
     if server.http_port:
         host = options.http.rpartition(":")[0]
@@ -144,10 +163,6 @@ async def _serve(options, identity_dir: Path) -> None:
     models = ", ".join(f"{e.name}/{e.version} {e.state}" for e in index)
     log.info("serving %s; models: %s", ", ".join(where), models or "none")
     renewal = _start_renewal(identity_dir, log)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping: draining requests")
     if renewal is not None:

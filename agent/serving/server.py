@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,8 @@ from agent.serving.repository import ModelRepository
 from agent.serving.rest import DEFAULT_MAX_BODY, RestFrontEnd
 
 log = logging.getLogger(__name__)
+
+_SOCKET_PROBE_TIMEOUT = 1.0  # s to wait for a listener on an existing socket file to accept
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +49,7 @@ class RunningServer:
     _http: HttpServer
     _grpc: object | None
     _housekeeping: asyncio.Task | None = None
+    _socket_file: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket file we bound
 
     async def stop(self, grace: float = 5.0) -> None:
         if self._housekeeping is not None:
@@ -53,9 +58,12 @@ class RunningServer:
             await self._grpc.stop(grace)
         await self._http.close(grace)
         await self.dataplane.stop()
-        if self.socket is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self.socket.unlink()
+        if self.socket is not None and self._socket_file is not None:
+            _unlink_if_same(self.socket, self._socket_file)
+
+
+class SocketPathError(OSError):
+    """The unix socket path is taken: another process serves on it, or it is not a socket."""
 
 
 def split_address(address: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
@@ -71,33 +79,90 @@ def bind(address: str) -> socket.socket:
     return socket.create_server((host, port), family=_family(host), reuse_port=False)
 
 
+def bind_unix(path: Path) -> socket.socket:
+    """A listening unix socket at `path`. A socket file left by a run that did not stop cleanly
+    is replaced; one another process still answers on, or a path that is not a socket, is refused
+    (SocketPathError) rather than taken over."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            sock.bind(str(path))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            _remove_stale_socket(path)
+            sock.bind(str(path))
+        os.chmod(path, 0o660)
+        sock.listen()
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def start(options: ServeOptions) -> RunningServer:
+    """Bind the front ends, then load the models. If that fails or is cancelled (a signal while
+    the models load), whatever was started is stopped again and the socket file removed."""
     selector = await asyncio.to_thread(_selector, options) if options.select else None
     dataplane = DataPlane(ModelRepository(options.models), selector=selector)
     rest = RestFrontEnd(dataplane, max_body=options.max_body_bytes)
-    http = rest.server()
-    http_port = None
-    if options.http:
-        sock = bind(options.http)
-        await http.listen(sock)
-        http_port = sock.getsockname()[1]
-    if options.socket:
-        path = Path(options.socket)
-        if path.exists() and path.is_socket():
-            path.unlink()  # left over from a previous run that did not stop cleanly
-        await http.listen_unix(str(path))
-        os.chmod(path, 0o660)
-    grpc_server = grpc_port = None
-    if options.grpc:
-        from agent.serving.grpc_server import start_grpc_server
+    running = RunningServer(dataplane, None, None, None, rest.server(), None)
+    try:
+        if options.http:
+            sock = bind(options.http)
+            await running._http.listen(sock)
+            running.http_port = sock.getsockname()[1]
+        if options.socket:
+            path = Path(options.socket)
+            sock = bind_unix(path)
+            running.socket = path
+            bound = os.stat(path)
+            running._socket_file = (bound.st_dev, bound.st_ino)
+            await running._http.listen(sock)
+        if options.grpc:
+            from agent.serving.grpc_server import start_grpc_server
 
-        grpc_server, grpc_port = await start_grpc_server(
-            dataplane, options.grpc, options.max_body_bytes
-        )
-    await dataplane.start()
-    running = RunningServer(dataplane, http_port, grpc_port, options.socket, http, grpc_server)
+            running._grpc, running.grpc_port = await start_grpc_server(
+                dataplane, options.grpc, options.max_body_bytes
+            )
+        await dataplane.start()
+    except BaseException:
+        try:
+            await running.stop(grace=0)
+        except Exception:  # the start's own error is the one to report
+            log.exception("cleaning up after a failed start")
+        raise
     running._housekeeping = asyncio.create_task(_return_memory_when_idle(dataplane))
     return running
+
+
+def _remove_stale_socket(path: Path) -> None:
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise SocketPathError(f"{path} exists and is not a socket; not replacing it")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(_SOCKET_PROBE_TIMEOUT)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            pass  # nobody listens: left over from a run that did not stop cleanly
+        except TimeoutError:  # a listener too busy to accept is still a listener
+            raise SocketPathError(f"{path} is in use by another process") from None
+        else:
+            raise SocketPathError(f"{path} is in use by another process")
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _unlink_if_same(path: Path, bound: tuple[int, int]) -> None:
+    """Remove our socket file, not one another process has bound at the same path since."""
+    with contextlib.suppress(FileNotFoundError):
+        now = path.lstat()
+        if (now.st_dev, now.st_ino) == bound:
+            path.unlink()
 
 
 async def _return_memory_when_idle(dataplane: DataPlane, every: float = 1.0) -> None:
