@@ -191,9 +191,10 @@ class ControlPlaneServer:
         generation = registry.revocation_generation()
         if generation == self._seen_generation:
             return 0
-        self._seen_generation = generation
         revoked = [s for s in self.streams.serials() if registry.is_revoked(s)]
         ended = self.streams.end(revoked)
+        # Only now: if a read above failed (a locked database), the next pass tries again.
+        self._seen_generation = generation
         if ended:
             log.info("ended streams of revoked certificates", extra={"serials": revoked})
         return ended

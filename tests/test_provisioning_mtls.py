@@ -184,3 +184,42 @@ async def test_bytes_that_are_no_message_are_invalid_and_unparsed_for_a_refused_
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await hello(garbage, timeout=env.timeout)
     assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_a_failed_registry_read_does_not_skip_ending_a_revoked_stream(control_plane):
+    """The check of open streams is retried after a failed read (a database locked by another
+    process), instead of being marked done for that revocation."""
+    import sqlite3
+
+    env = control_plane
+    device = await env.enroll()
+    target, creds = env.endpoints.grpc_target, device.grpc_channel_credentials()
+    async with grpc.aio.secure_channel(target, creds) as channel:
+        stream = fleet_pb2_grpc.FleetStub(channel).Heartbeat()
+        await stream.write(fleet_pb2.Beat(seq=1))
+        assert (await stream.read()).seq == 1
+        registry = env.plane.registry
+        real = registry.is_revoked
+        calls = []
+
+        def locked_once(serial):
+            calls.append(serial)
+            if len(calls) == 1:
+                raise sqlite3.OperationalError("database is locked")
+            return real(serial)
+
+        registry.is_revoked = locked_once
+        try:
+            rc, _, err = await asyncio.to_thread(
+                env.cli, "device", "revoke", device.identity.device_id
+            )
+            assert rc == 0, err
+            for _ in range(200):  # the server's maintenance loop polls every 0.05 s
+                if len(calls) >= 2:
+                    break
+                await asyncio.sleep(0.05)
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await asyncio.wait_for(stream.read(), env.timeout)
+        finally:
+            registry.is_revoked = real
+    assert ended.value.code() == grpc.StatusCode.PERMISSION_DENIED

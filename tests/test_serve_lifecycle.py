@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 
 from agent.samples import write_sample_repository
-from tests.test_serve_command import start_agent, stop, wait_for_log
+from tests.test_serve_command import rest_port, start_agent, stop, wait_for_log
 
 
 def ask_ready(path) -> bytes:
@@ -138,3 +139,55 @@ def test_a_start_that_fails_after_binding_the_socket_removes_it(sample_repo, tmp
         assert proc.wait(60) == 1, log.read_text()
     assert "cannot listen" in log.read_text()
     assert not sock.exists()
+
+
+def test_a_second_signal_while_draining_stops_at_once(sample_repo, tmp_path):
+    proc, log = start_agent("--models", str(sample_repo))
+    text = wait_for_log(proc, log, r"serving REST")
+    # a request whose body never comes keeps the drain waiting for its grace period
+    held = socket.create_connection(("127.0.0.1", rest_port(text)))
+    held.sendall(b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 999\r\n\r\n{")
+    try:
+        proc.send_signal(signal.SIGTERM)
+        wait_for_log(proc, log, r"stopping: draining requests")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 1
+        assert "stopping at once: signalled again while draining" in log.read_text()
+    finally:
+        held.close()
+
+
+def test_sighup_neither_kills_nor_stops_the_agent(sample_repo, tmp_path):
+    sock = tmp_path / "agent.sock"
+    proc, log = serve_on(sample_repo, sock, tmp_path)
+    wait_for_log(proc, log, r"serving REST")
+    proc.send_signal(signal.SIGHUP)
+    wait_for_log(proc, log, r"SIGHUP ignored")
+    assert ask_ready(sock).startswith(b"HTTP/1.1 200")
+    assert stop(proc) == 0
+    assert not sock.exists()
+
+
+async def test_both_front_ends_drain_within_one_grace_period():
+    """REST and gRPC drain at once: one stop waits for the other's end."""
+    import asyncio
+
+    from agent.serving.server import RunningServer
+
+    rest_draining = asyncio.Event()
+
+    class Rest:
+        async def close(self, grace):
+            rest_draining.set()
+
+    class Grpc:
+        async def stop(self, grace):
+            await asyncio.wait_for(rest_draining.wait(), 10)  # one after the other: times out
+
+    class Plane:
+        async def stop(self):
+            pass
+
+    server = RunningServer(Plane(), None, None, None, Rest(), Grpc())
+    await server.stop(grace=5)
+    assert rest_draining.is_set()

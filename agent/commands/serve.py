@@ -126,6 +126,7 @@ def _run_loop(main) -> None:
 async def _serve(options, identity_dir: Path) -> None:
     import asyncio
     import logging
+    import os
     import signal
 
     from agent.serving.server import start
@@ -140,10 +141,19 @@ async def _serve(options, identity_dir: Path) -> None:
         if not stop.is_set():
             stop.set()
             starting.cancel()
+            return
+        # A second signal while draining: stop now, as an impatient operator means.
+        log.warning("stopping at once: signalled again while draining")
+        os._exit(1)
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
+    # SIGHUP means "reload" to a daemon and "hang up" to a terminal's child; neither may kill
+    # the agent without cleanup. Models reload through the repository API.
+    loop.add_signal_handler(
+        signal.SIGHUP, lambda: log.info("SIGHUP ignored: reload models with the repository API")
+    )
     try:
         server = await starting
     except asyncio.CancelledError:

@@ -54,9 +54,11 @@ class RunningServer:
     async def stop(self, grace: float = 5.0) -> None:
         if self._housekeeping is not None:
             self._housekeeping.cancel()
+        # Both front ends drain at once: the grace period is the whole stop's, not each one's.
+        draining = [self._http.close(grace)]
         if self._grpc is not None:
-            await self._grpc.stop(grace)
-        await self._http.close(grace)
+            draining.append(self._grpc.stop(grace))
+        await asyncio.gather(*draining)
         await self.dataplane.stop()
         if self.socket is not None and self._socket_file is not None:
             _unlink_if_same(self.socket, self._socket_file)
