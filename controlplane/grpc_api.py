@@ -24,6 +24,8 @@ from controlplane.registry import Device, DeviceRegistry
 from protocol import fleet_pb2, fleet_pb2_grpc
 from provisioning.identity import serial_hex
 
+MAX_STREAMS_PER_DEVICE = 16  # open streaming calls per certificate
+
 _caller: contextvars.ContextVar[tuple[Device, x509.Certificate]] = contextvars.ContextVar(
     "edgefleet_grpc_caller"
 )
@@ -51,6 +53,9 @@ class LiveStreams:
             events.discard(event)
             if not events:
                 del self._events[serial]
+
+    def count(self, serial: str) -> int:
+        return len(self._events.get(serial, ()))
 
     def serials(self) -> list[str]:
         return list(self._events)
@@ -102,6 +107,17 @@ class DeviceGate(grpc.aio.ServerInterceptor):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         return device, cert
 
+    async def _watch(self, serial: str, context: grpc.aio.ServicerContext) -> asyncio.Event:
+        """Register a long-lived call of this certificate, so a revocation can end it; at most
+        MAX_STREAMS_PER_DEVICE at once (an agent holds one or two)."""
+        if self._streams.count(serial) >= MAX_STREAMS_PER_DEVICE:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"certificate {serial} already holds {MAX_STREAMS_PER_DEVICE} open streams; "
+                "close one first",
+            )
+        return self._streams.open(serial)
+
     def _unary(self, behaviour: Callable, decode: Callable, *, watch: bool):
         async def call(request, context):
             caller = await self._admit(context)
@@ -110,7 +126,7 @@ class DeviceGate(grpc.aio.ServerInterceptor):
             if not watch:
                 return await behaviour(request, context)
             serial = serial_hex(caller[1])
-            revoked = self._streams.open(serial)
+            revoked = await self._watch(serial, context)
             try:
                 return await _until_done(behaviour(request, context), revoked)
             except _Revoked:
@@ -127,7 +143,7 @@ class DeviceGate(grpc.aio.ServerInterceptor):
             _caller.set(caller)
             request = await decode(request, context)
             serial = serial_hex(caller[1])
-            revoked = self._streams.open(serial)
+            revoked = await self._watch(serial, context)
             try:
                 async for reply in _until(behaviour(request, context), revoked):
                     yield reply

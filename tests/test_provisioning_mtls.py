@@ -223,3 +223,38 @@ async def test_a_failed_registry_read_does_not_skip_ending_a_revoked_stream(cont
         finally:
             registry.is_revoked = real
     assert ended.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_a_device_holds_a_bounded_number_of_streams(control_plane):
+    from controlplane.grpc_api import MAX_STREAMS_PER_DEVICE
+
+    env = control_plane
+    device, other = await env.enroll(), await env.enroll()
+    target = env.endpoints.grpc_target
+    async with (
+        grpc.aio.secure_channel(target, device.grpc_channel_credentials()) as channel,
+        grpc.aio.secure_channel(target, other.grpc_channel_credentials()) as other_channel,
+    ):
+        stub = fleet_pb2_grpc.FleetStub(channel)
+        streams = []
+        for seq in range(MAX_STREAMS_PER_DEVICE):
+            stream = stub.Heartbeat()
+            await stream.write(fleet_pb2.Beat(seq=seq))
+            assert (await stream.read()).seq == seq
+            streams.append(stream)
+        extra = stub.Heartbeat()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await extra.write(fleet_pb2.Beat(seq=99))
+            await extra.read()
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "open streams" in refused.value.details()
+        # another device is not held back, and closing a stream makes room again
+        beat = fleet_pb2_grpc.FleetStub(other_channel).Heartbeat()
+        await beat.write(fleet_pb2.Beat(seq=1))
+        assert (await beat.read()).seq == 1
+        await streams[0].done_writing()
+        assert await streams[0].read() == grpc.aio.EOF  # the server ended it
+        await streams[0].code()
+        again = stub.Heartbeat()
+        await again.write(fleet_pb2.Beat(seq=7))
+        assert (await again.read()).seq == 7
