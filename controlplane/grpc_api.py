@@ -200,6 +200,7 @@ class _Revoked(Exception):
 async def _until(replies: AsyncIterator, revoked: asyncio.Event) -> AsyncIterator:
     """Yield from `replies` until it ends or `revoked` is set (then raise _Revoked)."""
     waiter = asyncio.ensure_future(revoked.wait())
+    step = None
     try:
         while True:
             step = asyncio.ensure_future(anext(replies))
@@ -214,6 +215,10 @@ async def _until(replies: AsyncIterator, revoked: asyncio.Event) -> AsyncIterato
                 return
     finally:
         waiter.cancel()
+        if step is not None and step.done() and not step.cancelled():
+            step.exception()  # cancelled (a stop) after the step ended: its outcome is seen
+        elif step is not None:
+            step.cancel()
         await replies.aclose()
 
 

@@ -160,3 +160,53 @@ def test_broker_config_puts_an_international_name_in_its_a_label_form(config_pat
         "--config", str(config_path),
     )  # fmt: skip
     assert rc == 0 and 'url = "mqtts://[::1]:18883"' in out, err
+
+
+async def test_serve_ignores_sighup_and_stops_cleanly_with_streams_open(config_path, tmp_path):
+    """`edgefleet serve` as operators run it: SIGHUP is logged and ignored; SIGTERM with a
+    device's stream open stops it with exit 0, logged, and no error lines."""
+    import asyncio
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    import grpc
+
+    from agent.identity import IdentityStore, enroll
+    from protocol import fleet_pb2, fleet_pb2_grpc
+
+    rc, out, err = edgefleet("token", "create", "--config", str(config_path))
+    assert rc == 0, err
+    token = out.splitlines()[0]
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "controlplane.cli", "serve", "--config", str(config_path)],
+        stdout=subprocess.PIPE, stderr=log.open("wb"), text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")},
+    )  # fmt: skip
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)
+        enroll_url = re.search(r"enrollment (\S+)", line).group(1)
+        grpc_target = re.search(r"gRPC (\S+)", line).group(1)
+        device = await enroll(enroll_url, token, IdentityStore(tmp_path / "device"))
+        async with grpc.aio.secure_channel(grpc_target, device.grpc_channel_credentials()) as ch:
+            stream = fleet_pb2_grpc.FleetStub(ch).Heartbeat()
+            await stream.write(fleet_pb2.Beat(seq=1))
+            assert (await stream.read()).seq == 1
+            proc.send_signal(signal.SIGHUP)
+            for _ in range(100):
+                if "SIGHUP ignored" in log.read_text():
+                    break
+                await asyncio.sleep(0.1)
+            await stream.write(fleet_pb2.Beat(seq=2))
+            assert (await stream.read()).seq == 2  # still serving
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(proc.wait, 60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert "SIGHUP ignored" in text and '"stopping"' in text and '"stopped"' in text, text
+    assert '"level": "error"' not in text, text

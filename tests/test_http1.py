@@ -683,3 +683,19 @@ assert "aiohttp" not in sys.modules, sorted(m for m in sys.modules if "aiohttp" 
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_request_unanswered_when_the_grace_ends_gets_503_not_a_reset():
+    async def test(server, connect):
+        client = await connect()
+        await client.send(b"GET /slow?30 HTTP/1.1\r\nHost: t\r\n\r\n")  # answers in 30 s
+        idle = await connect()
+        await asyncio.sleep(0.1)
+        await server.close(grace=0.2)
+        status, headers, body = await client.response()
+        assert status == 503 and headers["connection"] == "close"
+        assert b"the server is stopping; retry" in body
+        assert await client.closed()
+        assert await idle.closed()  # nothing was owed on it
+
+    serve(test)

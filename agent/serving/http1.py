@@ -178,8 +178,9 @@ class HttpServer:
         deadline = loop.time() + grace
         while self.connections and loop.time() < deadline:
             await asyncio.sleep(0.02)
-        for connection in list(self.connections):
-            connection.abort()
+        cut = sum(connection.stop_now() for connection in list(self.connections))
+        if cut:
+            log.warning("stopping: %d request(s) unanswered after %g s got 503", cut, grace)
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -605,6 +606,24 @@ class _Connection(asyncio.BufferedProtocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+    def stop_now(self) -> bool:
+        """The server's grace is over: a request still waiting for its answer gets 503 (a
+        client must not take a reset for an answer); then the connection closes. True if a
+        request was cut off so."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return False
+        if not (self.waiting and self.queue):
+            transport.abort()
+            return False
+        request, _ = self.queue.popleft()
+        self.queue.clear()
+        self.waiting, self.closing = False, True
+        response = self.app.error(503, "the server is stopping; retry the request")
+        self._write(response, request.method == "HEAD", close=True)
+        transport.close()  # after what was written
+        return True
 
     def check_time(self, now: float) -> None:
         if self.linger is not None or self.transport is None:

@@ -20,6 +20,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import asyncio
+    import logging
     import signal
 
     from controlplane.artifacts_api import artifact_routes
@@ -27,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from provisioning.logs import configure_logging
 
     configure_logging()
+    log = logging.getLogger("edgefleet.controlplane")
     plane = open_plane(args)
 
     async def serve() -> None:
@@ -44,10 +46,14 @@ def run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        # SIGHUP ("reload" to a daemon) must not kill the server without closing its state.
+        loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP ignored"))
         try:
             await stop.wait()
+            log.info("stopping")
         finally:
             await server.stop()
+        log.info("stopped")
 
     try:
         asyncio.run(serve())
