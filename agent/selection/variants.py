@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.serving.repository import version_number
 from runtimes.loader import MODEL_SUFFIXES
 
 FORMATS = {".onnx": "onnx", ".xml": "openvino-ir", ".tflite": "tflite"}
@@ -47,7 +48,7 @@ def version_dir(model_dir: Path) -> Path:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise VariantError(f"{model_dir}: not a directory")
-    versions = [p for p in model_dir.iterdir() if p.is_dir() and _is_number(p.name)]
+    versions = [p for p in model_dir.iterdir() if p.is_dir() and version_number(p.name) is not None]
     if versions and not any(p.suffix.lower() in MODEL_SUFFIXES for p in model_dir.iterdir()):
         return max(versions, key=lambda p: int(p.name))
     return model_dir
@@ -95,7 +96,3 @@ def model_digest(variants: list[Variant]) -> str:
     for variant in sorted(variants, key=lambda v: v.name):
         sha.update(f"{variant.name}\0{variant.digest}\n".encode())
     return sha.hexdigest()
-
-
-def _is_number(name: str) -> bool:
-    return name.isascii() and name.isdigit()  # isdigit alone takes "²", which int() refuses

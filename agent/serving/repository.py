@@ -70,8 +70,8 @@ class ModelRepository:
         model_dir = self.root / name
         if not model_dir.is_dir():
             raise RepositoryError(f"no model {name!r} in {self.root}")
-        found = [p.name for p in model_dir.iterdir() if p.is_dir() and _is_version(p.name)]
-        return sorted(found, key=int)
+        found = [p.name for p in model_dir.iterdir() if p.is_dir()]
+        return sorted((v for v in found if version_number(v) is not None), key=int)
 
     def source(self, name: str, version: str) -> ModelVersionSource:
         """Find the model file and read model.toml; RepositoryError says what is wrong.
@@ -104,6 +104,7 @@ class ModelRepository:
         return ModelVersionSource(name, version, version_dir, model_files, config)
 
 
-def _is_version(name: str) -> bool:
-    # ASCII only: str.isdigit() is also true for "²" and "٣", which are no version numbers
-    return name.isascii() and name.isdigit()
+def version_number(name: str) -> int | None:
+    """The number a version (or job) directory's name stands for; None for other names.
+    ASCII digits only: str.isdigit() is also true for "²" and "٣", which int() refuses."""
+    return int(name) if name.isascii() and name.isdigit() else None

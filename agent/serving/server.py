@@ -150,13 +150,13 @@ def _remove_stale_socket(path: Path) -> None:
         try:
             probe.connect(str(path))
         except (ConnectionRefusedError, FileNotFoundError):
-            pass  # nobody listens: left over from a run that did not stop cleanly
+            # nobody listens: left over from a run that did not stop cleanly
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            return
         except TimeoutError:  # a listener too busy to accept is still a listener
-            raise SocketPathError(f"{path} is in use by another process") from None
-        else:
-            raise SocketPathError(f"{path} is in use by another process")
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
+            pass
+    raise SocketPathError(f"{path} is in use by another process")
 
 
 def _unlink_if_same(path: Path, bound: tuple[int, int]) -> None:

@@ -31,6 +31,7 @@ from tuf.api import exceptions as tuf_exceptions
 from tuf.api.metadata import TargetFile
 
 from agent import __version__ as AGENT_VERSION
+from agent.serving.repository import version_number
 from agent.update.agent_client import AgentClient
 from agent.update.checkpoints import Checkpoints
 from agent.update.choice import Choice, choose_variant, prepare_serving, self_test
@@ -215,7 +216,7 @@ class Lifecycle:
             else:
                 self._abandon(job, unusable)
         for job_dir in layout.jobs.iterdir():
-            job = open_jobs.get(_number(job_dir.name))
+            job = open_jobs.get(version_number(job_dir.name))
             if job is None:
                 shutil.rmtree(job_dir, ignore_errors=True)
                 continue
@@ -521,7 +522,7 @@ class Lifecycle:
         directory = self.layout.models_dir / model
         if not directory.is_dir():
             return []
-        versions = (_number(p.name) for p in directory.iterdir() if p.is_dir())
+        versions = (version_number(p.name) for p in directory.iterdir() if p.is_dir())
         return sorted(v for v in versions if v is not None)
 
     def _reconcile(self, model: str) -> bool:
@@ -546,7 +547,7 @@ class Lifecycle:
         store = self.layout.store / model
         if store.is_dir():
             for entry in store.iterdir():
-                if entry.is_dir() and _number(entry.name) not in keep:
+                if entry.is_dir() and version_number(entry.name) not in keep:
                     shutil.rmtree(entry, ignore_errors=True)
         return changed
 
@@ -630,12 +631,6 @@ def _unusable(job: Job) -> str | None:
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             return f"{TrustFailed.step}: damaged target in the update journal ({exc!r})"
     return None
-
-
-def _number(name: str) -> int | None:
-    """A version or job directory's number; None for other names (str.isdigit alone also
-    accepts digits such as '²' that int() refuses)."""
-    return int(name) if name.isascii() and name.isdigit() else None
 
 
 def _target_file(target: dict) -> TargetFile:
