@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import subprocess
+import sys
 import threading
 
 import psutil
@@ -104,6 +106,34 @@ def test_a_file_that_passed_its_trial_is_not_tried_again(sample_repo, tmp_path, 
     TrialLoads().check(copy, "onnxruntime", with_options)
     with pytest.raises(AssertionError, match="must not start"):
         TrialLoads().check(copy, "onnxruntime", LoadOptions(threads=2))
+
+
+def test_trial_loads_import_only_the_sandbox_of_the_selection_package(sample_repo, tmp_path):
+    """The trial child is the selection worker, but the serving agent needs only its sandbox:
+    the rest of the selection package (SQLite decision cache, profiles, packages) cost it ~7 MiB
+    of RSS when a trial load imported the package whole."""
+    shutil.copytree(sample_repo / "mlp", tmp_path / "models" / "mlp")
+    code = f"""
+import asyncio, sys
+from pathlib import Path
+from agent.serving.server import ServeOptions, start
+
+async def main():
+    server = await start(ServeOptions(models=Path({str(tmp_path / "models")!r}), http=None,
+                                      grpc=None, socket=Path({str(tmp_path / "s")!r})))
+    states = server.dataplane.repository_index()
+    await server.stop()
+    return states
+
+assert [(e.name, e.state) for e in asyncio.run(main())] == [("mlp", "READY")]
+assert "agent.selection.sandbox" in sys.modules  # the model was tried in a child
+wire = {"agent.selection.sandbox", "agent.selection.worker"}  # the child and its messages
+unwanted = sorted(m for m in sys.modules if m.startswith(("agent.selection.", "sqlite_utils"))
+                  and m not in wire)
+assert not unwanted, unwanted
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.timeout(60)  # a regression blocks the start for good: fail, do not hang

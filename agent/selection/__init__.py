@@ -18,16 +18,42 @@ by model digest, hardware fingerprint, runtime versions and profile, so a restar
 golden vectors, pin), which is what tests and the bench use.
 """
 
-from agent.selection.cache import DecisionCache
-from agent.selection.candidates import Candidate, Pin
-from agent.selection.decide import choose, pick
-from agent.selection.decision import CandidateResult, Decision
-from agent.selection.inputs import Reference, load_golden
-from agent.selection.key import SelectionKey
-from agent.selection.selector import Selector
-from agent.selection.settings import model_settings
-from agent.selection.tolerance import Tolerance, ToleranceError
-from agent.selection.trials import SelectionError
+from importlib import import_module
+
+# name -> module. Imported on first use (PEP 562): the serving agent imports only
+# agent.selection.sandbox for its trial loads, and the package's other modules (SQLite cache,
+# profiles, packages) would cost it ~7 MiB of RSS and ~100 modules it never uses.
+_EXPORTS = {
+    "DecisionCache": "cache",
+    "Candidate": "candidates",
+    "Pin": "candidates",
+    "choose": "decide",
+    "pick": "decide",
+    "CandidateResult": "decision",
+    "Decision": "decision",
+    "Reference": "inputs",
+    "load_golden": "inputs",
+    "SelectionKey": "key",
+    "Selector": "selector",
+    "model_settings": "settings",
+    "Tolerance": "tolerance",
+    "ToleranceError": "tolerance",
+    "SelectionError": "trials",
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __all__ = [
     "Candidate",
