@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 
+import numpy as np
 import psutil
 import pytest
 import tritonclient.http as httpclient
@@ -33,6 +34,19 @@ def write_crashing_tflite(sample_repo, path) -> None:
     flatbuffer verifier, dies of SIGSEGV loading it."""
     data = bytearray((sample_repo / "mlp-tflite" / "1" / "model.tflite").read_bytes())
     data[130] = data[132] = 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(data))
+
+
+def write_tflite_that_crashes_when_run(sample_repo, path) -> None:
+    """The sample MLP as .tflite whose subgraph input is its weights tensor: LiteRT loads it,
+    then dies of SIGSEGV writing an input into the read-only weights on the first run."""
+    import tflite
+
+    data = bytearray((sample_repo / "mlp-tflite" / "1" / "model.tflite").read_bytes())
+    graph = tflite.Model.GetRootAsModel(data, 0).Subgraphs(0)
+    names = [graph.Tensors(i).Name() for i in range(graph.TensorsLength())]
+    graph.InputsAsNumpy()[0] = names.index(b"weights")  # a view into `data`
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(bytes(data))
 
@@ -85,6 +99,58 @@ def test_a_model_file_that_crashes_its_runtime_makes_only_its_version_unavailabl
         assert proc.poll() is None
     finally:
         stop(proc)
+
+
+def test_a_model_file_that_crashes_its_first_run_makes_only_its_version_unavailable(
+    sample_repo, tmp_path
+):
+    root = tmp_path / "models"
+    shutil.copytree(sample_repo / "mlp", root / "mlp")
+    write_tflite_that_crashes_when_run(sample_repo, root / "bad" / "1" / "model.tflite")
+    proc, log = start_agent("--models", str(root), "--no-select")
+    try:
+        text = wait_for_log(proc, log, r"serving REST")
+        with httpclient.InferenceServerClient(f"127.0.0.1:{rest_port(text)}") as client:
+            bad = index(client)["bad"]
+            assert bad["state"] == "UNAVAILABLE"
+            assert (
+                "the runtime crashed running model.tflite once on random inputs (signal 11)"
+                in bad["reason"]
+            )
+            # its input (the weights tensor, [10, 64]) is never written to in the agent
+            assert client.is_model_ready("bad") is False
+            assert infer_mlp(client).shape == (1, 10)
+        assert proc.poll() is None
+    finally:
+        stop(proc)
+
+
+def test_a_clean_error_on_the_trial_run_is_not_held_against_the_file(tmp_path):
+    """Random inputs can be outside a model's domain: token ids past a vocabulary make a
+    Gather fail cleanly in the trial run, and the model still loads and serves good ids."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    vocabulary = np.arange(12, dtype=np.float32).reshape(2, 6)  # two rows: ids 0 and 1
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["rows"])],
+        "lookup",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [3])],
+        [helper.make_tensor_value_info("rows", TensorProto.FLOAT, [3, 6])],
+        [helper.make_tensor("table", TensorProto.FLOAT, [2, 6], vocabulary.ravel())],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "lookup" / "1" / "model.onnx"
+    path.parent.mkdir(parents=True)
+    onnx.save(model, path)
+    options = ServeOptions(models=tmp_path, http="127.0.0.1:0", grpc=None)
+    with ServerThread(options) as server, httpclient.InferenceServerClient(server.http_url) as c:
+        assert c.is_model_ready("lookup")  # its trial run (ids drawn from 0..7) failed cleanly
+        ids = httpclient.InferInput("ids", [3], "INT64")
+        ids.set_data_from_numpy(np.array([1, 0, 1], dtype=np.int64))
+        rows = c.infer("lookup", [ids]).as_numpy("rows")
+        np.testing.assert_array_equal(rows, vocabulary[[1, 0, 1]])
 
 
 def test_a_file_that_passed_its_trial_is_not_tried_again(sample_repo, tmp_path, monkeypatch):

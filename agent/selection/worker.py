@@ -154,6 +154,27 @@ class Worker:
             "memory_mb": (_rss() - self.rss_before[key]) / 2**20,
         }
 
+    def op_try_run(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One run on seeded random inputs of the session's declared shapes (dynamic dims 1).
+
+        For the serving agent's trial loads: a file that loads but crashes or hangs its runtime
+        on its first run does that here. An error the runtime raises is no crash: random inputs
+        can lie outside a model's domain (token ids past a vocabulary), so the reply is ok with
+        `ran` false and the reason; so it is when no inputs can be made (BYTES, too large).
+        """
+        from agent.selection.inputs import InputError, random_inputs
+
+        session = self.sessions[request["id"]]
+        try:
+            inputs = random_inputs([(s.name, s.datatype, s.shape) for s in session.inputs])
+        except InputError as exc:
+            return {"ok": True, "ran": False, "why": str(exc)}
+        try:
+            session.infer(inputs)
+        except Exception as exc:  # the runtime's own error: a clean refusal, not a crash
+            return {"ok": True, "ran": False, "why": str(exc) or type(exc).__name__}
+        return {"ok": True, "ran": True}
+
     def op_benchmark(self, request: dict[str, Any]) -> dict[str, Any]:
         """Warm-up runs, then timed runs until the time budget is spent and `min_runs` are done.
 

@@ -373,14 +373,19 @@ class DataPlane:
 
 
 class TrialLoads:
-    """Loads each model file in a child process before the agent loads it itself.
+    """Loads each model file in a child process, and runs it once there, before the agent
+    loads it itself.
 
     No runtime fully checks a model file before trusting it (LiteRT has no flatbuffer verifier),
-    and a file that crashes the runtime in the agent would take every model down with it. In a
-    child, a crash or a hang costs only that version: UNAVAILABLE, with the reason. The child is
+    and a file that crashes the runtime in the agent would take every model down with it. Some
+    files load and then crash on their first run (a .tflite whose input is a weights tensor
+    dies writing the input): the child runs each once on seeded random inputs of its declared
+    shapes. In a child, a crash or a hang costs only that version: UNAVAILABLE, with the reason.
+    A run cannot prove every input safe, only that ordinary ones are; a runtime's clean error
+    on random inputs (ids outside a vocabulary) is not held against the file. The child is
     the selection worker: one serves a whole start, file after file, and is replaced only after
     a crash; `close` ends it, so it holds no memory while the agent serves. A file whose content
-    already loaded in a child of this process, with the same runtime and options, is not tried
+    already passed in a child of this process, with the same runtime and options, is not tried
     again (a reload, a copy). A file the runtime refuses cleanly is left to the agent's own load,
     which reports it as before.
     """
@@ -390,7 +395,7 @@ class TrialLoads:
         self._sandbox: Sandbox | None = None
 
     def check(self, path: Path, runtime: str | None, options: LoadOptions) -> None:
-        """Load `path` in the child; ModelLoadError if the child dies or overruns. Blocks."""
+        """Load and run `path` in the child; ModelLoadError if it dies or overruns. Blocks."""
         runtime = runtime or default_runtime_for(path)
         key = (_content_digest(path), runtime, repr(options))
         if key in _PASSED_TRIALS:
@@ -407,20 +412,29 @@ class TrialLoads:
             "runtime": runtime,
             "options": options,
         }
+        doing = f"loading {path.name}"
         try:
             reply = self._sandbox.call(request, timeout=self.seconds)
             if reply["ok"]:
+                doing = f"running {path.name} once on random inputs"
+                ran = self._sandbox.call({"op": "try_run", "id": "trial"}, timeout=self.seconds)
+                if not ran.get("ran"):
+                    log.info(
+                        "trial of %s: not run to the end (%s); not held against it",
+                        path,
+                        ran.get("why"),
+                    )
                 self._sandbox.call({"op": "close", "id": "trial"}, timeout=self.seconds)
         except SandboxTimeout:
             raise ModelLoadError(
-                f"loading {path.name} did not finish within {self.seconds:g} s in a trial "
-                "process (stopped); the agent did not load it"
+                f"{doing} did not finish within {self.seconds:g} s in a trial process "
+                "(stopped); the agent did not load it"
             ) from None
         except SandboxCrashed as exc:
             how = _EXIT.search(str(exc))
             raise ModelLoadError(
-                f"the runtime crashed loading {path.name} ({how[1] if how else exc}) in a trial "
-                "process, so the agent did not load it; the file is likely corrupt: replace it"
+                f"the runtime crashed {doing} ({how[1] if how else exc}) in a trial process, "
+                "so the agent did not load it; the file is likely corrupt: replace it"
             ) from None
         if reply["ok"]:
             _PASSED_TRIALS.add(key)
