@@ -597,6 +597,29 @@ def test_stop_lets_calls_in_flight_finish_then_refuses_connections(sample_repo):
         socket.create_connection(("127.0.0.1", slow.port), timeout=5)
 
 
+def test_a_call_unanswered_when_the_grace_ends_gets_unavailable_not_a_closed_socket(sample_repo):
+    dataplane = SlowDataPlane(3.0)
+    slow = GrpcServerThread(sample_repo, dataplane=dataplane).__enter__()
+    errors = []
+
+    def call() -> None:
+        try:
+            stub.ModelInfer(pb.ModelInferRequest.FromString(infer_message()), timeout=30)
+        except grpc.RpcError as exc:
+            errors.append(exc)
+
+    with grpc.insecure_channel(slow.url) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        caller = threading.Thread(target=call)
+        caller.start()
+        assert dataplane.started.wait(10)
+        slow.call(slow.server.stop(grace=0.2))
+        caller.join(10)
+    slow.stop_loop()
+    assert errors and errors[0].code() == grpc.StatusCode.UNAVAILABLE
+    assert errors[0].details() == "the server is stopping; retry the call"
+
+
 def test_percent_encoding_of_status_messages():
     encode = grpc_server._percent_encode
     assert encode("plain text: ok") == b"plain text: ok"

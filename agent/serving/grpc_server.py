@@ -93,6 +93,7 @@ _RESPONSE_HEADERS = [
     (b"grpc-accept-encoding", ACCEPTED_ENCODINGS),
 ]
 _OK_TRAILERS = [(b"grpc-status", b"0")]
+STOPPING = "the server is stopping; retry the call"
 
 # What ModelInfer calls with its answer: (the serialized ModelInferResponse, None) or
 # (None, error).
@@ -290,7 +291,7 @@ class GrpcProtocol:
             if error is None:
                 self._ok(connection, request, response)
             else:
-                self._fail(connection, request, Status[error.grpc_code], str(error))
+                self.fail(connection, request, Status[error.grpc_code], str(error))
 
         return method(payload, done, timeout)
 
@@ -337,14 +338,14 @@ class GrpcProtocol:
 
     def _fail_with(self, connection, request, exc: Exception) -> None:
         if isinstance(exc, CallError):
-            self._fail(connection, request, exc.status, str(exc))
+            self.fail(connection, request, exc.status, str(exc))
         elif isinstance(exc, ServingError):
-            self._fail(connection, request, Status[exc.grpc_code], str(exc))
+            self.fail(connection, request, Status[exc.grpc_code], str(exc))
         else:  # a bug, not bad input: log it, answer, keep serving
             path = request.headers.get(b":path", b"?").decode(errors="replace")
             log.error("gRPC %s failed", path, exc_info=exc)
             message = f"internal error: {type(exc).__name__}: {exc}"
-            self._fail(connection, request, Status.INTERNAL, message)
+            self.fail(connection, request, Status.INTERNAL, message)
 
     def _message(self, request: http2.Request) -> bytes | memoryview:
         """The one length-prefixed message of a unary call, decompressed."""
@@ -405,7 +406,7 @@ class GrpcProtocol:
             f"the request exceeds the limit of {self.max_message_bytes} bytes per message "
             "(or the connection holds too many large requests at once)"
         )
-        self._fail(connection, request, Status.RESOURCE_EXHAUSTED, message)
+        self.fail(connection, request, Status.RESOURCE_EXHAUSTED, message)
 
     def headers_too_large(
         self, connection: http2.Connection, request: http2.Request, size: int
@@ -414,15 +415,15 @@ class GrpcProtocol:
             f"the request's metadata takes {size} bytes, over the limit of "
             f"{http2.MAX_HEADER_BYTES} (counted as HTTP/2 does: 32 per entry plus names and values)"
         )
-        self._fail(connection, request, Status.RESOURCE_EXHAUSTED, message)
+        self.fail(connection, request, Status.RESOURCE_EXHAUSTED, message)
 
     def body_stalled(
         self, connection: http2.Connection, request: http2.Request, seconds: float
     ) -> None:
         message = f"no more of the request came for {seconds:g} s; send the message whole"
-        self._fail(connection, request, Status.DEADLINE_EXCEEDED, message)
+        self.fail(connection, request, Status.DEADLINE_EXCEEDED, message)
 
-    def _fail(self, connection, request, status: Status, message: str) -> None:
+    def fail(self, connection, request, status: Status, message: str) -> None:
         """A Trailers-Only response: the status in the only HEADERS frame."""
         headers = [
             *_RESPONSE_HEADERS,
@@ -510,8 +511,20 @@ class GrpcServer:
         deadline = time.monotonic() + (grace or 0)
         while any(c.busy for c in self._connections) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
+        cut = 0
         for connection in list(self._connections):
+            # Calls still unanswered get a status of their own, as REST requests get 503,
+            # rather than a connection closed under them.
+            for request in connection.unanswered():
+                self._protocol.fail(connection, request, Status.UNAVAILABLE, STOPPING)
+                if request.call is not None:
+                    request.call.cancel()
+                cut += 1
             connection.goaway()
+        if cut:
+            log.warning(
+                "stopping: %d gRPC call(s) unanswered after %g s got UNAVAILABLE", cut, grace
+            )
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

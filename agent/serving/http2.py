@@ -1012,6 +1012,14 @@ class Connection(asyncio.BufferedProtocol):
     def busy(self) -> bool:
         return bool(self.requests)
 
+    def unanswered(self) -> list[Request]:
+        """Open streams that nothing has been sent on yet (no response headers), oldest first."""
+        return [
+            r
+            for r in self.requests.values()
+            if not (r.answered or r.refused or r.outgoing is not None)
+        ]
+
     def _fail(self, code: ErrorCode, message: str) -> None:
         log.debug("gRPC connection closed (%s): %s", code.name, message)
         if not self._closing and self._transport is not None:
