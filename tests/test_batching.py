@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 
@@ -216,6 +217,73 @@ async def test_a_cancelled_request_is_not_answered_and_frees_its_place():
     await scheduler.close()
 
 
+async def test_a_timed_out_request_frees_its_place_at_once():
+    """It holds no place in max_queue_size once answered 504, even before a worker drops it."""
+    gate = _Gate()
+    scheduler = _scheduler(gate, max_batch_size=8, max_queue_size=2)
+    x = np.ones((1, 4), np.float32)
+    held = _submit(scheduler, {"input": x})
+    await asyncio.sleep(0.05)  # the worker holds it at the gate
+    with pytest.raises(RequestTimeout):
+        await _submit(scheduler, {"input": x}, timeout=0.03)
+    assert scheduler.pending == 1
+    after = _submit(scheduler, {"input": x + 1})  # was QueueFull: the expired one still counted
+    gate.open.set()
+    await held
+    np.testing.assert_array_equal((await after).outputs["output"], (x + 1) * 2)
+    await _drained(scheduler)
+    await scheduler.close()
+
+
+async def test_a_failed_batch_runs_its_requests_one_by_one():
+    """One request's bad values fail only that request, not the others batched with it."""
+    runs: list[int] = []
+    gate = threading.Event()
+
+    def picky(inputs):
+        gate.wait(10)
+        x = inputs["input"]
+        runs.append(x.shape[0])
+        if (x < 0).any():
+            raise ValueError("indices element out of data bounds")
+        return {"output": x * 2}
+
+    metrics = Metrics().for_model("picky", "1")
+    config = ModelConfig(max_batch_size=8)
+    scheduler = Scheduler("picky", picky, config, metrics, asyncio.get_running_loop())
+    x = np.ones((1, 4), np.float32)
+    held = _submit(scheduler, {"input": x})
+    await asyncio.sleep(0.05)
+    good, bad, also_good = (
+        _submit(scheduler, {"input": x + 1}),
+        _submit(scheduler, {"input": -x}),
+        _submit(scheduler, {"input": x + 2}),
+    )
+    gate.set()
+    await held
+    np.testing.assert_array_equal((await good).outputs["output"], (x + 1) * 2)
+    np.testing.assert_array_equal((await also_good).outputs["output"], (x + 2) * 2)
+    with pytest.raises(InferenceFailed, match="out of data bounds"):
+        await bad
+    assert runs == [1, 3, 1, 1, 1]  # the batch of three failed, then each ran alone
+    await _drained(scheduler)
+    await scheduler.close()
+
+
+async def test_a_batch_closes_at_the_largest_preferred_size_the_queue_makes():
+    gate = _Gate()
+    scheduler = _scheduler(gate, max_batch_size=8, preferred_batch_sizes=(2, 4))
+    x = np.ones((1, 4), np.float32)
+    held = _submit(scheduler, {"input": x})
+    await asyncio.sleep(0.05)
+    waiting = [_submit(scheduler, {"input": x + i}) for i in range(7)]
+    gate.open.set()
+    await asyncio.gather(held, *waiting)
+    # 7 waiting: 4 (the largest preferred size they reach), 2, then the last one alone
+    assert gate.batches == [1, 4, 2, 1]
+    await scheduler.close()
+
+
 async def test_a_failing_answer_callback_costs_the_batch_nothing(caplog):
     gate = _Gate()
     scheduler = _scheduler(gate, max_batch_size=8)
@@ -390,3 +458,60 @@ def test_grpc_reports_full_queue_and_deadline(private_repo):
         gate.open.set()
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert "within 0.05 s" in err.value.details()
+
+
+def test_requests_listing_inputs_in_another_order_batch_by_name(
+    private_agent, private_repo, caplog
+):
+    """The batch key follows the model's input order: {a: [1, 2], b: [1, 3]} and
+    {b: [1, 2], a: [1, 3]} have different shapes per input and must not share a batch."""
+    caplog.set_level(logging.INFO, logger="agent.serving.scheduler")
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["a"], ["ya"]), helper.make_node("Identity", ["b"], ["yb"])],
+        "pair",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["n", "p"]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, ["n", "q"]),
+        ],
+        [
+            helper.make_tensor_value_info("ya", TensorProto.FLOAT, ["n", "p"]),
+            helper.make_tensor_value_info("yb", TensorProto.FLOAT, ["n", "q"]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    version_dir = private_repo / "pair" / "1"
+    version_dir.mkdir(parents=True)
+    onnx.save(model, version_dir / "model.onnx")
+    # a long delay: the two requests wait together, so only their keys keep them apart
+    (version_dir / "model.toml").write_text("max_batch_size = 8\nmax_queue_delay_us = 300000\n")
+    private_agent.call(private_agent.dataplane.load_model("pair"))
+
+    def tensor(name, width, value):
+        return {"name": name, "datatype": "FP32", "shape": [1, width], "data": [value] * width}
+
+    bodies = [
+        json.dumps({"inputs": [tensor("a", 2, 1.0), tensor("b", 3, 2.0)]}).encode(),
+        json.dumps({"inputs": [tensor("b", 2, 3.0), tensor("a", 3, 4.0)]}).encode(),
+    ]
+
+    async def both():
+        url = f"http://{private_agent.http_url}/v2/models/pair/infer"
+        async with aiohttp.ClientSession() as session:
+
+            async def post(body):
+                async with session.post(url, data=body) as response:
+                    return response.status, await response.json()
+
+            return await asyncio.gather(*(post(b) for b in bodies))
+
+    (s1, d1), (s2, d2) = asyncio.run(both())
+    assert (s1, s2) == (200, 200), (d1, d2)
+    out1 = {o["name"]: o["data"] for o in d1["outputs"]}
+    out2 = {o["name"]: o["data"] for o in d2["outputs"]}
+    assert out1 == {"ya": [1.0] * 2, "yb": [2.0] * 3}
+    assert out2 == {"ya": [4.0] * 3, "yb": [3.0] * 2}
+    assert "failed on a batch" not in caplog.text  # answered right the first time

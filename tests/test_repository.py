@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import shutil
+import threading
+import time
 
 import pytest
 import tritonclient.http as httpclient
@@ -10,9 +14,11 @@ from tritonclient.utils import InferenceServerException
 
 from agent.samples import sample_input
 from agent.serving.config import ModelConfig, ModelConfigError
+from agent.serving.dataplane import DataPlane
+from agent.serving.errors import ModelLoadFailed, ModelNotFound
 from agent.serving.repository import ModelRepository, RepositoryError
 from agent.serving.server import ServeOptions
-from tests.conftest import ServerThread
+from tests.conftest import LoopThread, ServerThread
 
 
 def _infer(client, model, version=""):
@@ -208,3 +214,138 @@ def test_a_model_toml_that_is_no_small_file_is_refused(private_repo, make, reaso
     make(config)
     with pytest.raises(RepositoryError, match=reason):
         ModelRepository(private_repo).source("mlp", "1")
+
+
+def _states(agent) -> dict[tuple[str, str], tuple[str, str]]:
+    return {(e.name, e.version): (e.state, e.reason) for e in agent.dataplane.repository_index()}
+
+
+def test_a_model_directory_without_versions_does_not_stop_the_start(private_repo):
+    (private_repo / "empty").mkdir()
+    options = ServeOptions(private_repo, "127.0.0.1:0", None, None)
+    with ServerThread(options) as server, httpclient.InferenceServerClient(server.http_url) as c:
+        assert _states(server)[("empty", "")] == (
+            "UNAVAILABLE",
+            "model 'empty' has no numeric version directory",
+        )
+        assert _infer(c, "mlp").as_numpy("output").shape == (1, 10)
+
+
+class _VanishingVersion(ModelRepository):
+    """A repository whose version 9 of `mlp` is deleted between listing and loading it."""
+
+    def versions(self, name: str) -> list[str]:
+        found = super().versions(name)
+        return [*found, "9"] if name == "mlp" else found
+
+
+def test_a_version_deleted_while_loading_is_unavailable_with_the_reason(private_repo):
+    dataplane = DataPlane(_VanishingVersion(private_repo))
+    loop = LoopThread()
+    loop.start_loop()
+    try:
+        loop.call(dataplane.start())
+        state = {(e.name, e.version): e for e in dataplane.repository_index()}
+        assert state[("mlp", "1")].state == "READY"
+        assert state[("mlp", "9")].state == "UNAVAILABLE"  # was LOADING for good
+        assert "cannot read" in state[("mlp", "9")].reason
+        with pytest.raises(ModelLoadFailed, match=r"version 9: cannot read .*No such file"):
+            loop.call(dataplane.load_model("mlp"))  # was a FileNotFoundError: HTTP 500
+        assert dataplane.model_ready("mlp", "1")
+    finally:
+        loop.call(dataplane.stop())
+        loop.stop_loop()
+
+
+@pytest.mark.parametrize("operation", ["load_model", "unload_model"])
+def test_a_load_or_unload_whose_caller_leaves_still_finishes(private_agent, operation):
+    """A gRPC client's deadline or reset cancels the call; the repository change must still
+    end in a real state, not LOADING or UNLOADING for good."""
+    dataplane = private_agent.dataplane
+
+    busy, want = {
+        "load_model": ("LOADING", ("READY", "")),
+        "unload_model": ("UNLOADING", ("UNAVAILABLE", "unloaded")),
+    }[operation]
+
+    async def leave_early() -> None:
+        task = asyncio.ensure_future(getattr(dataplane, operation)("mlp"))
+        for _ in range(100_000):  # until the change is under way (the loop's own view)
+            if _states(private_agent)[("mlp", "1")][0] == busy:
+                break
+            await asyncio.sleep(0 if operation == "unload_model" else 0.001)
+        else:
+            raise AssertionError(f"mlp never became {busy}")
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    private_agent.call(leave_early())
+    deadline = time.monotonic() + 30
+    while _states(private_agent)[("mlp", "1")] != want:
+        assert time.monotonic() < deadline, _states(private_agent)[("mlp", "1")]
+        time.sleep(0.05)
+    assert dataplane.ready()
+
+
+def test_a_model_deleted_from_disk_goes_on_load(client, private_agent, private_repo):
+    shutil.rmtree(private_repo / "mlp-tflite")
+    with pytest.raises(InferenceServerException, match="no model 'mlp-tflite'"):
+        client.load_model("mlp-tflite")
+    assert not any(name == "mlp-tflite" for name, _ in _states(private_agent))
+    with pytest.raises(InferenceServerException, match="not found"):
+        client.get_model_metadata("mlp-tflite")
+    # and a model whose last version directory went: unloaded, with the reason
+    shutil.rmtree(private_repo / "cnn-openvino" / "1")
+    with pytest.raises(InferenceServerException, match="no numeric version directory"):
+        client.load_model("cnn-openvino")
+    assert _states(private_agent)[("cnn-openvino", "")][1].endswith("no numeric version directory")
+    assert not client.is_model_ready("cnn-openvino")
+    assert client.is_server_ready()
+
+
+def test_loads_and_unloads_of_unknown_names_leave_no_lock_behind(private_agent):
+    async def many() -> None:
+        for i in range(200):
+            for operation in (
+                private_agent.dataplane.load_model,
+                private_agent.dataplane.unload_model,
+            ):
+                with contextlib.suppress(ModelNotFound):
+                    await operation(f"nobody-{i}")
+
+    private_agent.call(many())
+    assert len(private_agent.dataplane._locks) == 0
+
+
+def test_the_repository_index_reads_the_disk_off_the_event_loop(private_agent, client):
+    threads = []
+    repository = private_agent.dataplane.repository
+    listing = repository.model_names
+
+    def model_names():
+        threads.append(threading.current_thread())
+        return listing()
+
+    repository.model_names = model_names
+    assert any(e["name"] == "mlp" for e in client.get_model_repository_index())
+    assert threads and private_agent._thread not in threads
+
+
+def test_requests_to_a_model_that_is_not_ready_are_counted(client, private_agent):
+    client.unload_model("mlp")
+    for _ in range(3):
+        with pytest.raises(InferenceServerException, match="not ready"):
+            _infer(client, "mlp")
+    with pytest.raises(InferenceServerException, match="not found"):
+        _infer(client, "nobody")  # not counted: any client could make up names
+    registry = private_agent.dataplane.metrics.registry
+    labels = {"model": "mlp", "version": "1", "reason": "ModelNotReady"}
+    assert registry.get_sample_value("edgefleet_inference_request_failure_total", labels) == 3
+    assert (
+        registry.get_sample_value(
+            "edgefleet_inference_request_failure_total",
+            {"model": "nobody", "version": "", "reason": "ModelNotFound"},
+        )
+        is None
+    )

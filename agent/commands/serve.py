@@ -169,7 +169,7 @@ async def _serve(options, identity_dir: Path) -> None:
         where.append(f"gRPC {options.grpc.rpartition(':')[0]}:{server.grpc_port}")
     if server.socket:
         where.append(f"REST unix:{server.socket}")
-    index = server.dataplane.repository_index()
+    index = await server.dataplane.read_repository_index()
     models = ", ".join(f"{e.name}/{e.version} {e.state}" for e in index)
     log.info("serving %s; models: %s", ", ".join(where), models or "none")
     renewal = _start_renewal(identity_dir, log)

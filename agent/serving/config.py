@@ -26,7 +26,8 @@ class ModelConfig:
     max_queue_delay_us: int = 0
     # Batch sizes the scheduler prefers to close a batch at (Triton's preferred_batch_size).
     preferred_batch_sizes: tuple[int, ...] = ()
-    # Requests waiting beyond this bound are refused with 429 / RESOURCE_EXHAUSTED.
+    # Requests queued or running beyond this bound are refused with 429 / RESOURCE_EXHAUSTED;
+    # one that times out or is cancelled frees its place at once.
     max_queue_size: int = 256
     # Per-request deadline, queueing included; a client may ask for less.
     timeout_ms: int = 30_000

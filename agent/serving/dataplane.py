@@ -14,10 +14,11 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__, memory
 from agent.serving.errors import (
@@ -29,7 +30,12 @@ from agent.serving.errors import (
 )
 from agent.serving.metrics import Metrics
 from agent.serving.model import ModelIncompatible, ModelMetadata, ServedModel
-from agent.serving.repository import ModelRepository, ModelVersionSource, RepositoryError
+from agent.serving.repository import (
+    ModelMissing,
+    ModelRepository,
+    ModelVersionSource,
+    RepositoryError,
+)
 from agent.serving.scheduler import Job, Outcome, Scheduler
 from agent.serving.tensors import InferenceRequest, InferenceResponse, Tensor
 from runtimes import load as load_session
@@ -52,6 +58,8 @@ _NUMBER = re.compile(r"\s*\+?[0-9]+\s*")  # a version as Triton's std::stol read
 READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
 UNLOADED_ON_REQUEST = "unloaded"
 
+# What a version that cannot load raises; anything else is a bug, logged with its traceback.
+_LOAD_ERRORS = (RepositoryError, RuntimeAdapterError, ModelIncompatible)
 # How long a model file may take to load in the trial child (TrialLoads) before its version is
 # UNAVAILABLE: generous, as a large model on a slow board or an NPU compile takes a while.
 TRIAL_LOAD_SECONDS = 300.0
@@ -90,7 +98,13 @@ class DataPlane:
         self._models: dict[str, dict[str, ServedModel]] = {}
         self._latest: dict[str, ServedModel] = {}
         self._states: dict[str, dict[str, VersionState]] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        # One lock per model name while someone holds or waits for it: weak, so that loads and
+        # unloads of names that never existed leave nothing behind.
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        # Why a model in the repository has no version to index (no version directory, or its
+        # directory cannot be read), until it loads or is unloaded.
+        self._problems: dict[str, str] = {}
+        self._background: set[asyncio.Task] = set()  # loads and unloads whose caller left
         self._started = False
         self.requests_seen = 0  # inference requests received, for idle-time housekeeping
 
@@ -185,7 +199,11 @@ class DataPlane:
         shorten the model's own, as may the request's `timeout` parameter (µs, as Triton)."""
         self.requests_seen += 1
         start = time.perf_counter_ns()
-        model = self.model(request.model_name, request.model_version)
+        try:
+            model = self.model(request.model_name, request.model_version)
+        except ModelNotReady as exc:
+            self._count_not_ready(request.model_name, request.model_version, exc)
+            raise
         m = model.metrics
         try:
             inputs, rows = model.validate(request)
@@ -208,6 +226,20 @@ class DataPlane:
             m.failure(_reason(exc))
             raise
 
+    def _count_not_ready(self, name: str, version: str | None, error: ModelNotReady) -> None:
+        """A model the repository has but cannot serve now: counted against the version asked
+        for, or the highest known one (an update's health watch looks for these). Unknown
+        names and versions are not counted: any client could grow the label sets without end."""
+        states = self._states.get(name)
+        if not states:
+            return
+        if version and version not in states and _NUMBER.fullmatch(version):
+            version = str(int(version))
+        if not version:
+            version = max(states, key=int)
+        if version in states:
+            self.metrics.for_model(name, version).failure(_reason(error))
+
     def count_rejected(self, name: str, version: str | None, error: ServingError) -> None:
         """Count a request a front end refused before it reached `submit` (it would not decode)."""
         model = self._latest.get(name) if not version else self._models.get(name, {}).get(version)
@@ -216,17 +248,24 @@ class DataPlane:
 
     # --- repository extension -------------------------------------------------------------
 
-    def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
+    async def read_repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
+        """repository_index with the disk read off the event loop (a slow mount, a huge root)."""
+        on_disk = await asyncio.to_thread(self._names_on_disk)
+        return self.repository_index(ready_only, on_disk)
+
+    def repository_index(
+        self, ready_only: bool = False, on_disk: list[str] | None = None
+    ) -> list[IndexEntry]:
+        """Every model known or in the repository, with each version's state. Reads the
+        repository's directory unless given its model names (`on_disk`)."""
         entries = []
         names = set(self._states)
-        try:
-            names.update(self.repository.model_names())
-        except RepositoryError as exc:
-            log.warning("cannot list the model repository: %s", exc)
+        names.update(self._names_on_disk() if on_disk is None else on_disk)
         for name in sorted(names):
             states = self._states.get(name)
             if not states:
-                entries.append(IndexEntry(name, "", UNAVAILABLE, "not loaded"))
+                reason = self._problems.get(name, "not loaded")
+                entries.append(IndexEntry(name, "", UNAVAILABLE, reason))
                 continue
             for version, s in sorted(states.items(), key=lambda kv: int(kv[0])):
                 entries.append(IndexEntry(name, version, s.state, s.reason))
@@ -234,17 +273,37 @@ class DataPlane:
             entries = [e for e in entries if e.state == READY]
         return entries
 
+    def _names_on_disk(self) -> list[str]:
+        try:
+            return self.repository.model_names()
+        except RepositoryError as exc:
+            log.warning("cannot list the model repository: %s", exc)
+            return []
+
     async def load_model(self, name: str) -> None:
         """(Re)load every version of `name` from the repository; a reload replaces in place.
 
         A version that fails keeps its previous load serving, if it had one, and the call raises
-        ModelLoadFailed naming every failure.
+        ModelLoadFailed naming every failure. Versions gone from disk are unloaded, and so is
+        the whole model when its directory is gone (ModelNotFound) or holds no version. The load
+        goes on to its end if the caller stops waiting (a client's deadline, a reset), so no
+        version is left LOADING.
         """
+        await self._to_the_end(self._load_with_trials(name))
+
+    async def _load_with_trials(self, name: str) -> None:
         trials = TrialLoads()
         try:
             await self._load_model(name, trials)
         finally:
             await asyncio.to_thread(trials.close)
+
+    async def _to_the_end(self, work: Coroutine[Any, Any, None]) -> None:
+        """Await `work` in a task of its own that a cancelled caller does not cancel."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(_forget_task(self._background))
+        await asyncio.shield(task)
 
     async def _load_model(self, name: str, trials: TrialLoads, *, at_start: bool = False) -> None:
         """load_model's work; at start, failures are only logged and indexed."""
@@ -252,28 +311,45 @@ class DataPlane:
         async with self._lock(name):
             try:
                 versions = await asyncio.to_thread(self.repository.versions, name)
-            except RepositoryError as exc:
+            except ModelMissing as exc:  # gone from disk: what was served of it goes
+                await self._drop_model(name)
+                self._problems.pop(name, None)
+                log.warning("model %s: %s", name, exc)
                 if at_start:
-                    log.warning("%s", exc)
                     return
                 raise ModelNotFound(str(exc)) from exc
+            except RepositoryError as exc:  # unreadable: whatever is loaded keeps serving
+                log.warning("model %s: %s", name, exc)
+                if name not in self._models:
+                    self._problems[name] = str(exc)
+                if at_start:
+                    return
+                raise ModelLoadFailed(f"model {name} failed to load: {exc}") from exc
             if not versions:
-                raise ModelNotFound(f"model {name!r} has no numeric version directory")
+                problem = f"model {name!r} has no numeric version directory"
+                await self._drop_model(name)
+                self._problems[name] = problem
+                log.warning("%s", problem)
+                if at_start:
+                    return
+                raise ModelNotFound(problem)
+            self._problems.pop(name, None)
             states = self._states.setdefault(name, {})
             loaded = self._models.setdefault(name, {})
             for version in versions:
                 states[version] = VersionState(LOADING)
                 try:
                     model = await self._load_version(name, version, trials)
-                except (RepositoryError, RuntimeAdapterError, ModelIncompatible) as exc:
-                    log.warning("model %s version %s failed to load: %s", name, version, exc)
-                    if version in loaded:  # a failed reload must not take down a working copy
-                        states[version] = VersionState(
-                            READY, f"reload failed, serving the previous load: {exc}"
-                        )
-                    else:
-                        states[version] = VersionState(UNAVAILABLE, str(exc))
-                    failures.append(f"version {version}: {exc}")
+                except BaseException as exc:
+                    if not isinstance(exc, Exception):  # cancelled: say so, then go
+                        self._load_failed(name, version, f"loading was interrupted ({exc!r})")
+                        raise
+                    reason = str(exc)
+                    if not isinstance(exc, _LOAD_ERRORS):
+                        log.exception("model %s version %s: loading failed", name, version)
+                        reason = f"internal error: {type(exc).__name__}: {exc}"
+                    self._load_failed(name, version, reason)
+                    failures.append(f"version {version}: {reason}")
                     continue
                 old = loaded.get(version)
                 loaded[version] = model
@@ -292,7 +368,27 @@ class DataPlane:
         if failures and not at_start:
             raise ModelLoadFailed(f"model {name} failed to load: " + "; ".join(failures))
 
+    def _load_failed(self, name: str, version: str, reason: str) -> None:
+        log.warning("model %s version %s failed to load: %s", name, version, reason)
+        if version in self._models.get(name, {}):  # a failed reload must not take down a copy
+            reason = f"reload failed, serving the previous load: {reason}"
+            self._states[name][version] = VersionState(READY, reason)
+        else:
+            self._states[name][version] = VersionState(UNAVAILABLE, reason)
+
+    async def _drop_model(self, name: str) -> None:
+        """Unload every version of a model that is gone from the repository, and forget it."""
+        loaded = self._models.pop(name, {})
+        self._latest.pop(name, None)
+        self._states.pop(name, None)
+        for model in loaded.values():
+            await _retire(model)
+
     async def unload_model(self, name: str) -> None:
+        """Unload every version of `name`; it goes on to its end if the caller stops waiting."""
+        await self._to_the_end(self._unload_model(name))
+
+    async def _unload_model(self, name: str) -> None:
         async with self._lock(name):
             if name not in self._states and name not in self._models:
                 raise ModelNotFound(f"model {name!r} not found")
@@ -305,12 +401,16 @@ class DataPlane:
                 await _retire(model)
             for version in states:
                 states[version] = VersionState(UNAVAILABLE, UNLOADED_ON_REQUEST)
+            self._problems.pop(name, None)
         memory.release_free_memory()
 
     # --- internals ------------------------------------------------------------------------
 
     def _lock(self, name: str) -> asyncio.Lock:
-        return self._locks.setdefault(name, asyncio.Lock())
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = asyncio.Lock()
+        return lock
 
     def _refresh_latest(self, name: str) -> None:
         versions = self._models.get(name) or {}
@@ -456,6 +556,15 @@ def _content_digest(path: Path) -> str:
         except OSError as exc:
             raise ModelLoadError(f"cannot read {part.name}: {exc}") from None
     return digest.hexdigest()
+
+
+def _forget_task(tasks: set[asyncio.Task]) -> Callable[[asyncio.Task], None]:
+    def done(task: asyncio.Task) -> None:
+        tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a caller that left has been answered already
+
+    return done
 
 
 async def _retire(model: ServedModel) -> None:

@@ -191,7 +191,7 @@ class InferenceService:
         self, request: pb.RepositoryIndexRequest
     ) -> pb.RepositoryIndexResponse:
         # The agent has one repository, so repository_name selects nothing.
-        entries = self.dataplane.repository_index(ready_only=request.ready)
+        entries = await self.dataplane.read_repository_index(ready_only=request.ready)
         return pb.RepositoryIndexResponse(
             models=[
                 pb.RepositoryIndexResponse.ModelIndex(

@@ -99,6 +99,8 @@ class ServedModel:
         if len(inputs) != len(self.inputs):  # each one known and given once: some are missing
             missing = [n for n in self.inputs if n not in inputs]
             raise InvalidInput(f"missing input(s) {', '.join(missing)} for model {self.name}")
+        if len(inputs) > 1:  # in the model's order, which the scheduler's batch key relies on
+            inputs = {name: inputs[name] for name in self.inputs}
         if self.config.max_batch_size:
             if not 1 <= rows <= self.config.max_batch_size:
                 raise InvalidInput(

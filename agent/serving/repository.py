@@ -9,6 +9,8 @@ the model's variants (an OpenVINO IR's `.bin` sits beside its `.xml`), and optio
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +22,11 @@ MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 class RepositoryError(ValueError):
-    """A model or version directory is not laid out as expected."""
+    """A model or version directory is not laid out as expected, or cannot be read."""
+
+
+class ModelMissing(RepositoryError):
+    """No directory for this model in the repository (any more)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,18 +65,20 @@ class ModelRepository:
     def model_names(self) -> list[str]:
         if not self.root.is_dir():
             raise RepositoryError(f"model repository {self.root} is not a directory")
-        return sorted(
-            p.name for p in self.root.iterdir() if p.is_dir() and MODEL_NAME.fullmatch(p.name)
-        )
+        with _reading(self.root):
+            return sorted(
+                p.name for p in self.root.iterdir() if p.is_dir() and MODEL_NAME.fullmatch(p.name)
+            )
 
     def versions(self, name: str) -> list[str]:
         """Numeric version directories of a model, oldest first."""
         if not MODEL_NAME.fullmatch(name):
-            raise RepositoryError(f"invalid model name {name!r}")
+            raise ModelMissing(f"invalid model name {name!r}")
         model_dir = self.root / name
         if not model_dir.is_dir():
-            raise RepositoryError(f"no model {name!r} in {self.root}")
-        found = [p.name for p in model_dir.iterdir() if p.is_dir()]
+            raise ModelMissing(f"no model {name!r} in {self.root}")
+        with _reading(model_dir):
+            found = [p.name for p in model_dir.iterdir() if p.is_dir()]
         return sorted((v for v in found if version_number(v) is not None), key=int)
 
     def source(self, name: str, version: str) -> ModelVersionSource:
@@ -79,13 +87,14 @@ class ModelRepository:
         This reads the disk: from asyncio, call it in a thread (a slow or hung mount must not
         stop the server answering its health checks)."""
         version_dir = self.root / name / version
-        model_files = tuple(
-            sorted(
-                p
-                for p in version_dir.iterdir()
-                if p.is_file() and p.suffix.lower() in MODEL_SUFFIXES
+        with _reading(version_dir):
+            model_files = tuple(
+                sorted(
+                    p
+                    for p in version_dir.iterdir()
+                    if p.is_file() and p.suffix.lower() in MODEL_SUFFIXES
+                )
             )
-        )
         if not model_files:
             raise RepositoryError(
                 f"{version_dir}: no model file (expected model.onnx, model.xml+model.bin "
@@ -102,6 +111,16 @@ class ModelRepository:
         except ModelConfigError as exc:
             raise RepositoryError(str(exc)) from exc
         return ModelVersionSource(name, version, version_dir, model_files, config)
+
+
+@contextmanager
+def _reading(directory: Path) -> Iterator[None]:
+    """OSError while listing `directory` (gone, unreadable, a hung mount's EIO) as a
+    RepositoryError naming it."""
+    try:
+        yield
+    except OSError as exc:
+        raise RepositoryError(f"cannot read {directory}: {exc.strerror or exc}") from None
 
 
 def version_number(name: str) -> int | None:

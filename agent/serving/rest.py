@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import zlib
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 from urllib.parse import unquote
 
@@ -222,16 +222,19 @@ class RestFrontEnd:
             raise InvalidInput(f"the {kind} request body is truncated")
         return inflated
 
-    def repository_index(self, request: Request, reply: Reply) -> Response:
+    def repository_index(self, request: Request, reply: Reply) -> None:
         doc = _json_body(request)
         ready_only = bool(doc.get("ready", False))
-        entries = self.dataplane.repository_index(ready_only=ready_only)
-        return _json(
-            [
-                {"name": e.name, "version": e.version, "state": e.state, "reason": e.reason}
-                for e in entries
-            ]
-        )
+
+        def answer(entries: list) -> Response:
+            return _json(
+                [
+                    {"name": e.name, "version": e.version, "state": e.state, "reason": e.reason}
+                    for e in entries
+                ]
+            )
+
+        self._in_background(self.dataplane.read_repository_index(ready_only), reply, answer)
 
     def load(self, request: Request, reply: Reply, name: str) -> None:
         _json_body(request)
@@ -241,22 +244,28 @@ class RestFrontEnd:
         _json_body(request)
         self._in_background(self.dataplane.unload_model(name), reply)
 
-    def _in_background(self, work: Coroutine[Any, Any, None], reply: Reply) -> None:
-        """Run `work` as a task; reply 200 when it ends, or with the error it raised."""
+    def _in_background(
+        self,
+        work: Coroutine[Any, Any, Any],
+        reply: Reply,
+        answer: Callable[[Any], Response] = lambda _: Response(200),
+    ) -> None:
+        """Run `work` as a task; reply `answer(its result)` when it ends (200 with no body by
+        default), or with the error it raised."""
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)  # the loop holds tasks weakly
 
         def finished(task: asyncio.Task) -> None:
             self._tasks.discard(task)
             try:
-                task.result()
+                result = task.result()
             except ServingError as exc:
                 reply(_error(exc.http_status, str(exc)))
             except (Exception, asyncio.CancelledError) as exc:
                 log.error("%s failed", work.__qualname__, exc_info=exc)
                 reply(_error(500, f"internal error: {type(exc).__name__}"))
             else:
-                reply(Response(200))
+                reply(answer(result))
 
         task.add_done_callback(finished)
 

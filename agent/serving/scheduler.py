@@ -72,9 +72,21 @@ Done = Callable[[Outcome | None, ServingError | None], None]
 class Job:
     """One submitted request. `cancel()` it (on the loop) when nobody waits for its answer."""
 
-    __slots__ = ("deadline", "done", "enqueued_ns", "finished", "inputs", "key", "rows")
+    __slots__ = (
+        "counted", "deadline", "done", "enqueued_ns", "finished", "inputs", "key", "rows",
+        "scheduler",
+    )  # fmt: skip
 
-    def __init__(self, inputs: Arrays, rows: int, key: tuple, done: Done, deadline: float):
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        inputs: Arrays,
+        rows: int,
+        key: tuple,
+        done: Done,
+        deadline: float,
+    ):
+        self.scheduler = scheduler
         self.inputs: Arrays | None = inputs
         self.rows = rows
         self.key = key  # non-batch dims of every input: only equal keys batch together
@@ -83,10 +95,15 @@ class Job:
         self.enqueued_ns = time.perf_counter_ns()
         # answered, timed out or cancelled. Set on the loop; workers read it to skip the job.
         self.finished = False
+        # It holds one of max_queue_size's places (loop thread only): until it is answered,
+        # times out or is cancelled, not until a worker gets round to dropping it.
+        self.counted = True
 
     def cancel(self) -> None:
         self.finished = True
         self.done = None
+        if self.counted:
+            self.scheduler._settle((self,))
 
 
 _STOP = object()
@@ -147,10 +164,12 @@ class Scheduler:
             timeout = self._default_timeout
         key = ()
         if self._batching:
+            # `inputs` come in the model's input order (ServedModel.validate), so equal shapes
+            # give equal keys whatever order a request listed its inputs in.
             for array in inputs.values():  # a loop, not a generator: this runs per request
                 key += (array.shape[1:],)
         deadline = self._loop.time() + timeout
-        job = Job(inputs, rows, key, done, deadline)
+        job = Job(self, inputs, rows, key, done, deadline)
         waiting = self._deadlines.get(timeout)
         if waiting is None:
             waiting = self._deadlines[timeout] = deque()
@@ -202,7 +221,8 @@ class Scheduler:
             batch = self._collect(job, ready) if self._batching else [job]
             live = [j for j in batch if not j.finished]  # drop timed-out and cancelled ones
             if len(live) < len(batch):
-                self._loop.call_soon_threadsafe(self._release, len(batch) - len(live))
+                dropped = [j for j in batch if j.finished]
+                self._loop.call_soon_threadsafe(self._settle, dropped)
             if live:
                 self._run(live)
             if self._stopping and not ready:
@@ -237,9 +257,23 @@ class Scheduler:
             job = ready[0]
             if job.key != first.key or rows + job.rows > limit:
                 break  # it starts the next batch
+            if rows in self._preferred and not self._grows_to_preferred(rows, first.key, ready):
+                break  # a preferred size, and the requests waiting make no larger one
             batch.append(ready.popleft())
             rows += job.rows
         return batch
+
+    def _grows_to_preferred(self, rows: int, key: tuple, ready: deque) -> bool:
+        """Whether the waiting requests that could join make a larger preferred size (Triton
+        closes a batch at the largest preferred size the queue can form)."""
+        limit = self._config.max_batch_size
+        for job in ready:
+            if job.key != key or rows + job.rows > limit:
+                return False
+            rows += job.rows
+            if rows in self._preferred:
+                return True
+        return False
 
     def _run(self, batch: list[Job]) -> None:
         start = time.perf_counter_ns()
@@ -259,6 +293,19 @@ class Scheduler:
                             f"output {name} has shape {array.shape}, not {rows} batch rows"
                         )
         except Exception as exc:  # the runtime's own error types vary; report, never crash
+            if len(batch) > 1:
+                # One request's bad values (an id past a vocabulary) must not fail the others
+                # batched with it, nor may a model that does not really batch: run each alone.
+                log.info(
+                    "model %s failed on a batch of %d (%s): running its %d requests one by one",
+                    self.name, rows, exc, len(batch),
+                )  # fmt: skip
+                for job in batch:
+                    if job.finished:  # timed out or cancelled meanwhile
+                        self._loop.call_soon_threadsafe(self._settle, (job,))
+                    else:
+                        self._run([job])
+                return
             log.warning("model %s failed on a batch of %d: %s", self.name, rows, exc)
             error = InferenceFailed(f"model {self.name} failed: {exc}")
         compute_ns = time.perf_counter_ns() - start
@@ -268,13 +315,19 @@ class Scheduler:
 
     # --- back on the event loop -----------------------------------------------------------
 
-    def _release(self, count: int) -> None:
+    def _settle(self, jobs) -> None:
+        """Give back the queue places of these jobs that still hold one."""
+        count = 0
+        for job in jobs:
+            if job.counted:
+                job.counted = False
+                count += 1
         self._pending -= count
         self._metrics.pending -= count
 
     def _resolve(self, batch, rows, outputs, error, start_ns, compute_ns) -> None:
         """Answer a batch's jobs, each with its rows of the outputs (a slice each, no copy)."""
-        self._release(len(batch))
+        self._settle(batch)
         self._metrics.executed(rows, compute_ns)
         whole = len(batch) == 1
         offset = 0
@@ -321,6 +374,7 @@ class Scheduler:
                     expired.append((job, timeout))
             if not waiting:
                 del self._deadlines[timeout]
+        self._settle([job for job, _ in expired])  # their places are free at once
         for job, timeout in expired:  # the worker skips them, or drops their results
             done, job.done = job.done, None
             job.finished = True
