@@ -105,6 +105,11 @@ HOSTILE = {
     "short-fixed32": b"\x0d\x01\x02",
     "not-utf8": b"\x0a\x02\xff\xfe",  # model_name that is not UTF-8
     "raw-as-varint": b"\x38\x05",  # field 7 with the wrong wire type
+    "nested-groups": b"\x0b\x13\x08\x01\x14\x0c\x3a\x01x",  # groups, then a tensor
+    "raw-as-group": b"\x3b\x3c",  # field 7 as a group
+    "end-group-alone": b"\x0c",
+    "mismatched-end-group": b"\x0b\x14",
+    "unterminated-group": b"\x0b\x08\x01",
 }
 
 
@@ -120,6 +125,34 @@ def test_hostile_bytes_get_protobufs_verdict(data, path):
     msg.ClearField("raw_input_contents")
     msg.raw_input_contents.extend(bytes(r) for r in raw)
     assert msg == expected
+
+
+_PIECES = [
+    b"\x0b", b"\x0c", b"\x13", b"\x14", b"\x3b", b"\x3c", b"\xa3\x06", b"\xa4\x06",  # groups
+    b"\x0a\x02ab", b"\x3a\x03xyz", b"\x2a\x00", b"\x08\x96\x01", b"\x0d\x01\x02\x03\x04",
+    b"\x09" + bytes(8), b"\x0f", b"\x0e", b"\xff", b"\x80", b"\x00",
+]  # fmt: skip
+
+
+def test_the_scan_refuses_only_what_protobuf_refuses():
+    # the scan's verdict on a broken wire is final (protobuf never sees a message it has not
+    # bounded), so it must be protobuf's on any mix of fields, groups and broken bits
+    rng = random.Random(7)
+    for _ in range(3000):
+        data = b"".join(rng.choice(_PIECES) for _ in range(rng.randrange(1, 8)))
+        try:
+            expected = pb.ModelInferRequest.FromString(data)
+        except DecodeError:
+            expected = None
+        try:
+            msg, raw = grpc_codec._split_field(memoryview(data), 7)
+        except ValueError:
+            assert expected is None, data
+            continue
+        if expected is not None:
+            parsed = pb.ModelInferRequest.FromString(msg)
+            parsed.raw_input_contents.extend(bytes(r) for r in raw)
+            assert parsed == expected, data
 
 
 # --- decode_message: what a request's non-tensor bytes decode to is remembered ---------------

@@ -125,3 +125,31 @@ def test_the_scan_keeps_other_fields_whole_around_the_tensors():
     expected.CopyFrom(msg)
     del expected.raw_input_contents[:]
     assert pb.ModelInferRequest.FromString(rest) == expected
+
+
+def test_a_group_does_not_open_the_way_past_the_field_cap():
+    # a group (wire type 3) first once made the scan give up and hand protobuf the whole message
+    group = b"\xa3\x06\xa4\x06"  # field 100: start, end
+    message = group + _mlp_request().SerializeToString() + b"\x2a\x00" * 8192
+    for tail in (b"", b"\x0f"):  # and a wire broken at its end, past the cap
+        with pytest.raises(InvalidInput, match=f"more than {grpc_codec.MAX_FIELDS} fields"):
+            grpc_codec.decode_message(message + tail)
+        with pytest.raises(InvalidInput, match=f"more than {grpc_codec.MAX_FIELDS} fields"):
+            grpc_codec.parse_request(message + tail)
+    nested = b"\xa3\x06" + b"\x78\x00" * 8192 + b"\xa4\x06"  # the fields inside count too
+    with pytest.raises(InvalidInput, match="fields"):
+        grpc_codec.decode_message(_mlp_request().SerializeToString() + nested)
+
+
+def test_the_model_of_a_refused_request_is_read_without_protobuf(monkeypatch):
+    # ModelInfer counts a refusal against the model named: reading the name must not parse
+    # the millions of fields the request was refused for
+    def whole_parse(data):
+        raise AssertionError("protobuf parsed the whole refused message")
+
+    monkeypatch.setattr(pb.ModelInferRequest, "FromString", whole_parse)
+    named = pb.ModelInferRequest(model_name="mlp", model_version="2").SerializeToString()
+    assert grpc_codec.model_of(named + b"\x2a\x00" * 100_000) == ("mlp", "2")
+    late = b"\x2a\x00" * grpc_codec.MAX_FIELDS + named  # past the fields it reads: not seen
+    assert grpc_codec.model_of(late) == ("", None)
+    assert grpc_codec.model_of(b"\x0a\x05ml") == ("", None)  # broken: no name

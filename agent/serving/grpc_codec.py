@@ -62,6 +62,8 @@ MAX_FIELDS = 4096  # top-level fields of a request (model, inputs, parameters, .
 # inflated to 64 MiB of padding alive for the sake of its 256-byte tensor.
 DETACH_BYTES = 64 << 10
 _RAW_INPUT_CONTENTS = pb.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
+_MODEL_NAME_KEY = pb.ModelInferRequest.DESCRIPTOR.fields_by_name["model_name"].number << 3 | 2
+_MODEL_VERSION_KEY = pb.ModelInferRequest.DESCRIPTOR.fields_by_name["model_version"].number << 3 | 2
 
 
 def parse_request(data: bytes | bytearray | memoryview) -> tuple[pb.ModelInferRequest, list]:
@@ -70,8 +72,8 @@ def parse_request(data: bytes | bytearray | memoryview) -> tuple[pb.ModelInferRe
     Returns (the message, one entry per raw_input_contents, in order). Protobuf would copy
     each tensor twice (into the message, then out of it); from SCAN_BYTES on, only the small
     rest of the message is parsed and the entries are zero-copy views of `data`, where the
-    tensors arrived. Anything the top-level scan cannot follow is left to protobuf, whose
-    DecodeError is the caller's to report.
+    tensors arrived. A wire the top-level scan finds broken is DecodeError, as protobuf would
+    find it: protobuf never sees a message the scan has not bounded (MAX_FIELDS).
     """
     view = memoryview(data)
     if len(view) < SCAN_BYTES:
@@ -79,9 +81,8 @@ def parse_request(data: bytes | bytearray | memoryview) -> tuple[pb.ModelInferRe
         return msg, list(msg.raw_input_contents)
     try:
         rest, raw = _split_field(view, _RAW_INPUT_CONTENTS)
-    except ValueError:
-        msg = pb.ModelInferRequest.FromString(view)  # raises DecodeError for what is broken
-        return msg, list(msg.raw_input_contents)
+    except ValueError as exc:
+        raise _broken(exc) from None
     msg = pb.ModelInferRequest.FromString(rest)
     return msg, raw
 
@@ -97,11 +98,10 @@ def decode_message(data: bytes | bytearray | memoryview) -> InferenceRequest:
     whose sizes are still checked (3.1 against 6.8 µs for the sample MLP). Bounded in count
     and size; a request with an id is not remembered (ids are per request).
     """
-    view = memoryview(data)
     try:
-        rest, raw = _split_field(view, _RAW_INPUT_CONTENTS)
-    except ValueError:
-        return decode_request(*parse_request(view))  # protobuf's verdict on what is broken
+        rest, raw = _split_field(memoryview(data), _RAW_INPUT_CONTENTS)
+    except ValueError as exc:
+        raise _broken(exc) from None
     layout = _LAYOUTS.get(rest)
     if layout is not None and len(raw) == len(layout.inputs):
         return layout.request(raw)
@@ -117,12 +117,25 @@ def decode_message(data: bytes | bytearray | memoryview) -> InferenceRequest:
 
 
 def model_of(data: bytes | bytearray | memoryview) -> tuple[str, str | None]:
-    """The model (name, version) a serialized request names, for counting its rejection."""
+    """The model (name, version) a serialized request names, for counting its rejection.
+
+    Read from its first MAX_FIELDS top-level fields, not parsed whole: the request may have
+    been refused for its millions of fields, which protobuf would make an object each of."""
+    view = memoryview(data)
+    found = {_MODEL_NAME_KEY: b"", _MODEL_VERSION_KEY: b""}
+    i = 0
     try:
-        msg = pb.ModelInferRequest.FromString(data)
-    except DecodeError:
+        for _ in range(MAX_FIELDS):
+            if i >= len(view):
+                break
+            key, start = _varint(view, i)
+            i = _skip(view, start, key & 7)
+            if key in found:  # the last one counts, as in protobuf
+                found[key] = view[_varint(view, start)[1] : i]
+        name, version = (bytes(found[key]).decode() for key in found)
+    except (ValueError, UnicodeDecodeError):
         return "", None
-    return msg.model_name, msg.model_version or None
+    return name, version or None
 
 
 MAX_LAYOUTS = 256
@@ -155,11 +168,17 @@ class _Layout:
 _LAYOUTS: dict[bytes, _Layout] = {}
 
 
+def _broken(exc: ValueError) -> DecodeError:
+    """What protobuf raises for the wire _split_field found broken (it would stop there too;
+    handing it the message instead would have it parse what the scan has not bounded)."""
+    return DecodeError(f"Error parsing message with type 'inference.ModelInferRequest': {exc}")
+
+
 def _split_field(view: memoryview, number: int) -> tuple[bytes, list[memoryview]]:
     """Top-level scan: the length-delimited entries of field `number` as views, the other
-    fields re-joined as bytes. ValueError for anything but well-formed wire types 0, 1, 2, 5;
-    InvalidInput past MAX_FIELDS fields (a request has a handful; millions of tiny ones would
-    cost the event loop seconds, and protobuf an object each)."""
+    fields re-joined as bytes. ValueError for a wire that protobuf would not parse either;
+    InvalidInput past MAX_FIELDS fields, those in groups counted too (a request has a handful;
+    millions of tiny ones would cost the event loop seconds, and protobuf an object each)."""
     others, found = [], []
     kept = 0  # start of the run of other fields not yet in `others`
     fields = 0
@@ -195,11 +214,49 @@ def _split_field(view: memoryview, number: int) -> tuple[bytes, list[memoryview]
             i += 8 if wire == 1 else 4
             if i > end:
                 raise ValueError("field runs past the message")
+        elif wire == 3:  # a group (proto2's, kept as an unknown field): walked, not trusted
+            i, fields = _skip_group(view, i, key >> 3, fields)
         else:
             raise ValueError(f"wire type {wire}")
     if end > kept:
         others.append(view[kept:end])
     return b"".join(others), found
+
+
+def _skip_group(view: memoryview, i: int, number: int, fields: int) -> tuple[int, int]:
+    """Where the group of field `number` whose fields start at `i` ends, and the count of
+    fields so far with its own (nested groups too) added, up to MAX_FIELDS."""
+    open_groups = [number]
+    while open_groups:
+        fields += 1
+        if fields > MAX_FIELDS:
+            raise InvalidInput(f"the request has more than {MAX_FIELDS} fields")
+        key, i = _varint(view, i)
+        wire = key & 7
+        if wire == 3:
+            open_groups.append(key >> 3)
+        elif wire == 4:
+            if key >> 3 != open_groups.pop():
+                raise ValueError("a group ends with another field's number")
+        else:
+            i = _skip(view, i, wire)
+    return i, fields
+
+
+def _skip(view: memoryview, i: int, wire: int) -> int:
+    """Where a field of wire type 0, 1, 2 or 5 whose value starts at `i` ends."""
+    if wire == 0:
+        return _varint(view, i)[1]
+    if wire == 2:
+        length, i = _varint(view, i)
+        i += length
+    elif wire in (1, 5):
+        i += 8 if wire == 1 else 4
+    else:
+        raise ValueError(f"wire type {wire}")
+    if i > len(view):
+        raise ValueError("field runs past the message")
+    return i
 
 
 def _varint(view: memoryview, i: int) -> tuple[int, int]:
