@@ -54,6 +54,7 @@ class Transport:
     def __init__(self):
         self.data = bytearray()
         self.closed = False
+        self.aborted = False  # closed without writing what is buffered
         self.reading = True
 
     def write(self, data) -> None:
@@ -68,6 +69,9 @@ class Transport:
 
     def close(self) -> None:
         self.closed = True
+
+    def abort(self) -> None:
+        self.closed = self.aborted = True
 
     def pause_reading(self) -> None:
         self.reading = False
@@ -412,6 +416,34 @@ async def test_the_header_cache_follows_the_table_through_insertions_and_evictio
         assert got == dict(headers), i
 
 
+async def test_large_header_blocks_are_not_cached(client):
+    # distinct blocks of 9 KB each (literals, the table unchanged): 64 of them once stayed
+    # cached per connection, ~1 MB each of hundreds of idle connections
+    for i in range(20):
+        headers = [*REQUEST, (b"x-pad", b"%02d" % i + b"p" * 9000)]
+        block = http2.encode_headers(headers)
+        client.send(frame(HEADERS, END_HEADERS | END_STREAM, client.stream, block))
+        client.stream += 2
+        await settle()
+    decoder = client.connection._decoder
+    assert not decoder._cache  # none of them fits
+    await exchange(client, body_of(8))
+    await exchange(client, body_of(8))
+    assert len(decoder._cache) == 1  # a call's usual block still does
+    cached = sum(len(block) + decoded.size for block, decoded in decoder._cache.items())
+    assert cached == decoder.cached_bytes <= http2_headers.HEADER_CACHE_BYTES
+
+
+async def test_an_oversized_header_list_is_refused_before_its_headers_are_made(client, monkeypatch):
+    made = []
+    monkeypatch.setattr(http2_headers, "request_headers", lambda fields: made.append(fields) or {})
+    repeated = [*REQUEST, *[(b"x-r", b"v")] * 1000]  # 36 KB, one header joined 1000 times
+    block = http2.encode_headers(repeated)
+    client.send(frame(HEADERS, END_HEADERS | END_STREAM, 1, block))
+    assert client.responses()[1]["headers"][b":status"] == b"431"
+    assert not made
+
+
 async def test_response_headers_round_trip_through_a_decoder():
     headers = [
         (b":status", b"200"),  # fully indexed
@@ -455,6 +487,36 @@ async def test_responses_wait_for_the_clients_window():
     assert sum(len(p) for t, _, _, p in rest if t == DATA) == 500
     trailers = [p for t, f, _, p in rest if t == HEADERS and f & END_STREAM]
     assert hpack.Decoder().decode(trailers[0], raw=True) == [(b"x-size", b"1000")]
+
+
+async def test_an_answer_waiting_for_window_holds_no_body_and_stalls_out(client):
+    client.send(settings(initial_window_size=0))  # and never any window
+    stream = client.stream
+    client.send(client.request_frames(body_of(200_000)))
+    await settle()
+    connection = client.connection
+    request = connection._blocked[stream]
+    assert connection.buffered == 0 and request.buffer is None and request.pending is None
+    start = asyncio.get_running_loop().time()
+    connection.check_time(start)
+    client.send(frame(WINDOW_UPDATE, 0, stream, struct.pack(">L", 1000)))
+    connection.check_time(start + http2.SEND_STALL_S)  # 1000 bytes went: not stalled
+    assert stream in connection.requests
+    connection.check_time(start + 2 * http2.SEND_STALL_S + 1)
+    assert client.responses()[stream]["reset"] == ErrorCode.CANCEL
+    assert not connection.requests and not connection._blocked
+    assert not client.transport.closed
+
+
+async def test_a_client_that_reads_nothing_is_disconnected(client):
+    now = asyncio.get_running_loop().time()
+    client.connection.pause_writing()
+    client.connection.check_time(now + http2.SEND_STALL_S - 1)
+    assert not client.transport.closed
+    client.connection.resume_writing()  # it read: the clock starts again
+    client.connection.pause_writing()
+    client.connection.check_time(now + http2.SEND_STALL_S + 1)
+    assert client.transport.aborted  # what it left unread is dropped, not waited for
 
 
 async def test_responses_are_cut_to_the_clients_frame_size(client):
@@ -653,6 +715,27 @@ async def test_frames_on_a_stream_we_reset_are_ignored(client):
     assert (await exchange(client, body_of(8)))["body"] == body_of(8)
 
 
+async def test_a_request_may_not_reuse_the_id_of_a_stream_we_reset(client):
+    client.send(client.request_frames(body_of(8), headers=[*REQUEST, (b"Bad", b"1")]))
+    assert client.responses()[1]["reset"] == ErrorCode.PROTOCOL_ERROR
+    trailers = client.encoder.encode([(b"x-late", b"1")])
+    client.send(frame(HEADERS, END_HEADERS | END_STREAM, 1, trailers))  # in flight: ignored
+    assert not client.transport.closed
+    client.send(frame(HEADERS, END_HEADERS, 1, client.encoder.encode(REQUEST)))
+    assert goaway(client)[1] == ErrorCode.STREAM_CLOSED
+
+
+async def test_a_stream_that_depends_on_itself_in_continuations_is_reset(client):
+    block = client.encoder.encode(REQUEST)
+    dependency = struct.pack(">LB", 1, 0)
+    client.send(frame(HEADERS, PRIORITY_FLAG, 1, dependency + block[:3]))
+    client.send(frame(CONTINUATION, END_HEADERS, 1, block[3:]))
+    assert client.responses()[1]["reset"] == ErrorCode.PROTOCOL_ERROR
+    assert not client.transport.closed
+    client.stream = 3
+    assert (await exchange(client, body_of(8)))["body"] == body_of(8)  # HPACK kept in step
+
+
 async def test_a_stream_that_depends_on_itself_is_reset(client):
     block = client.encoder.encode(REQUEST)
     client.send(frame(HEADERS, END_HEADERS | PRIORITY_FLAG, 1, struct.pack(">LB", 1, 0) + block))
@@ -692,6 +775,32 @@ async def test_rapid_resets_end_the_connection(client, monkeypatch):
     assert goaway(client)[1] == ErrorCode.ENHANCE_YOUR_CALM
     await settle()
     assert client.handler.cancelled >= 20  # the calls the client gave up on were cancelled
+
+
+@pytest.mark.parametrize(
+    "provoke",
+    [
+        lambda stream: frame(WINDOW_UPDATE, 0, stream, struct.pack(">L", 0)),
+        lambda stream: frame(DATA, 0, stream, b"after END_STREAM"),
+    ],
+    ids=["window-update-0", "data-after-end"],
+)
+async def test_resets_the_client_provokes_count_as_its_own(client, monkeypatch, provoke):
+    # "MadeYouReset" (CVE-2025-8671): frames that make the server reset a stream whose call
+    # runs free the stream as the client's own RST_STREAM would
+    monkeypatch.setattr(http2, "RESET_BURST", 20)
+    client.connection._reset_tokens = 20
+    client.handler.release.clear()
+    for _ in range(40):
+        stream = client.stream
+        client.send(client.request_frames(body_of(8)))
+        await settle()  # the call has started
+        client.send(provoke(stream))
+        if client.transport.closed:
+            break
+    assert goaway(client)[1] == ErrorCode.ENHANCE_YOUR_CALM
+    await settle()
+    assert client.handler.cancelled >= 20
 
 
 async def test_a_client_reset_cancels_its_call_and_frees_its_stream(client):

@@ -21,14 +21,18 @@ Everything runs on the event loop thread. What a client may do is bounded while 
   (beyond either the connection ends: HPACK state cannot be kept in step otherwise); a request
   whose header list is over MAX_HEADER_BYTES is answered by the handler's `headers_too_large`;
 - a request body of at most `max_body` bytes per stream and `2 * max_body` held per
-  connection; beyond either the handler's `too_large` answer is sent, then the upload reset;
-- RESET_BURST stream resets by the client at once, refilled at RESET_RATE per second (the
-  "rapid reset" attack), and SETTINGS frames of at most MAX_SETTINGS entries;
+  connection, with what the handler makes of them (`hold`: an inflated message); beyond either
+  the handler's `too_large` answer is sent, then the upload reset;
+- RESET_BURST stream resets at once, refilled at RESET_RATE per second, whether the client sends
+  them ("rapid reset") or makes the server send them with frames that break a stream
+  ("MadeYouReset"); SETTINGS frames of at most MAX_SETTINGS entries;
 - nothing more is read from a client that does not read what it is sent (write backpressure
   pauses reading), so floods of PINGs or SETTINGS cannot queue answers without bound;
-- HANDSHAKE_TIMEOUT_S for the client's preface and SETTINGS, and BODY_STALL_S for a request
-  body that gets no further (`check_time`, called once a second). Idle connections stay open,
-  as gRPC clients expect.
+- HANDSHAKE_TIMEOUT_S for the client's preface and SETTINGS, BODY_STALL_S for a request body
+  that gets no further, SEND_STALL_S for an answer the client gives no window for (its stream
+  is reset) or a connection it does not read (closed) (`check_time`, called once a second); an
+  answer waiting for window holds no request body. Idle connections stay open, as gRPC clients
+  expect.
 A protocol violation ends the connection with GOAWAY and the RFC's error code; a stream-level
 one resets the stream. Both say what was wrong (GOAWAY debug data, logged at debug level).
 """
@@ -59,9 +63,10 @@ CONNECTION_WINDOW = 16 << 20
 MAX_FRAME_BYTES = 1 << 20
 READ_BUFFER_BYTES = 256 << 10  # most the event loop reads at once (uvloop's own read size)
 DIRECT_READ_BYTES = 64 << 10  # a DATA payload with this much to come is read into its request
-RESET_BURST, RESET_RATE = 1000, 33.0  # client stream resets: at once, then per second
+RESET_BURST, RESET_RATE = 1000, 33.0  # resets a client sends or provokes: at once, per second
 HANDSHAKE_TIMEOUT_S = 10.0  # for the client's preface and SETTINGS
 BODY_STALL_S = 60.0  # a request body that gets no further for this long is answered and dropped
+SEND_STALL_S = 60.0  # an answer given no window (a connection not read) this long is reset (closed)
 SMALL_BODY = 64 << 10  # smaller bodies go to a bytearray (zero-filled, cheaper to make)
 EAGER_BODY = 4 << 10  # a small body's bytearray is made at once up to this size
 JOIN_BYTES = 64 << 10  # output up to this size is joined into one write
@@ -159,6 +164,7 @@ class Request:
     sized: bool = False  # the handler was asked for the body's size
     expected: int = 0  # the size it told, while its buffer is still to be made
     refused: bool = False  # answered early (too large): further data is dropped
+    held: int = 0  # bytes the handler made of the body (an inflated message), counted as body
     call: Call | None = None  # what answers it, to cancel when nobody will take the answer
     # stream state
     ended: bool = False  # the client's END_STREAM came
@@ -219,6 +225,8 @@ class _Outgoing:
     body: memoryview
     trailers: Headers
     offset: int = 0
+    swept_offset: int = -1  # offset at the last check_time, and since when it is so
+    swept_since: float = 0.0
 
 
 class Call(Protocol):
@@ -322,6 +330,7 @@ class Connection(asyncio.BufferedProtocol):
         self._peer_table_size = _DEFAULT_TABLE  # what our HPACK encoder may assume
         self._table_update_due = False
         self._blocked: dict[int, Request] = {}  # streams waiting for send window
+        self._paused_since: float | None = None  # loop time the transport's buffer filled up
 
     # --- asyncio.Protocol -----------------------------------------------------------------
 
@@ -377,10 +386,12 @@ class Connection(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         # The client does not read: stop reading from it, so nothing it asks for piles up here.
+        self._paused_since = self._loop.time()
         if self._transport is not None and not self._transport.is_closing():
             self._transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self._paused_since = None
         if self._transport is not None and not self._transport.is_closing():
             self._transport.resume_reading()
 
@@ -526,6 +537,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def _stream_error(self, exc: StreamError) -> None:
         log.debug("gRPC stream %d reset (%s): %s", exc.stream_id, exc.code.name, exc)
+        self._count_reset()  # the client's frames asked for it
         self._reset_stream(exc.stream_id, exc.code)
 
     def _dispatch(self, type_: int, flags: int, stream: int, payload: memoryview) -> None:
@@ -572,12 +584,10 @@ class Connection(asyncio.BufferedProtocol):
             self._closed_stream_frame(stream, "DATA")
             return None
         if request.ended:
-            self._reset_stream(stream, ErrorCode.STREAM_CLOSED)
-            return None
+            raise StreamError(stream, ErrorCode.STREAM_CLOSED, "DATA after END_STREAM")
         request.recv_window -= length
         if request.recv_window < 0:
-            self._reset_stream(stream, ErrorCode.FLOW_CONTROL_ERROR)
-            return None
+            raise StreamError(stream, ErrorCode.FLOW_CONTROL_ERROR, "DATA beyond the window")
         request.recv_unacked += length
         if (
             request.recv_unacked >= STREAM_WINDOW // 2
@@ -624,8 +634,22 @@ class Connection(asyncio.BufferedProtocol):
 
     def _drop_body(self, request: Request) -> None:
         request.refused = True
-        self.buffered -= request.size
-        request.pending, request.buffer, request.size, request.expected = None, None, 0, 0
+        request.expected = 0
+        self._free_body(request)
+
+    def _free_body(self, request: Request) -> None:
+        self.buffered -= request.size + request.held
+        request.pending, request.buffer, request.size, request.held = None, None, 0, 0
+
+    def hold(self, request: Request, n: int) -> bool:
+        """Count `n` more bytes made of `request`'s body (say, its message inflated) as its
+        body, until it is answered; False, and nothing counted, if the connection would then
+        hold more than it may (2 * max_body)."""
+        if self.buffered + n > 2 * self.handler.max_body:
+            return False
+        request.held += n
+        self.buffered += n
+        return True
 
     def check_time(self, now: float) -> None:
         """Called about once a second (GrpcServer's sweep): end what is past its time.
@@ -633,8 +657,15 @@ class Connection(asyncio.BufferedProtocol):
         A client that has not sent its preface and SETTINGS within HANDSHAKE_TIMEOUT_S is
         disconnected; a request whose body gets no further for BODY_STALL_S is answered by the
         handler's `body_stalled`, its upload reset and its buffer freed. Idle connections stay:
-        gRPC clients keep their channels open between calls."""
+        gRPC clients keep their channels open between calls. An answer the client gives no
+        window for SEND_STALL_S is reset; a client that reads nothing for as long is
+        disconnected, with what it left unread."""
         if self._closing:
+            return
+        if self._paused_since is not None and now - self._paused_since >= SEND_STALL_S:
+            log.debug("gRPC connection closed: the client read nothing for %g s", SEND_STALL_S)
+            self._closing = True
+            self._transport.abort()
             return
         if not self._settings_seen:
             if now - self._opened > HANDSHAKE_TIMEOUT_S:
@@ -650,6 +681,14 @@ class Connection(asyncio.BufferedProtocol):
                 self._drop_body(request)
                 self.handler.body_stalled(self, request, BODY_STALL_S)
                 self.reset(request, NO_ERROR)
+        for request in list(self._blocked.values()):
+            out = request.outgoing
+            if out.offset != out.swept_offset:
+                out.swept_offset, out.swept_since = out.offset, now
+            elif now - out.swept_since >= SEND_STALL_S:
+                stalled = (request.stream_id, SEND_STALL_S)
+                log.debug("gRPC stream %d reset: no window for its answer for %g s", *stalled)
+                self._reset_stream(request.stream_id, CANCEL)
         if self._out:
             self._flush()
 
@@ -672,34 +711,36 @@ class Connection(asyncio.BufferedProtocol):
         if stream == 0:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "HEADERS on stream 0")
         fragment = _unpad(payload, stream) if flags & PADDED else payload
+        self_dependent = False
         if flags & PRIORITY_FLAG:
             if len(fragment) < 5:
                 raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, "HEADERS too short for PRIORITY")
-            depends_on = _U32.unpack_from(fragment)[0] & 0x7FFFFFFF
+            self_dependent = _U32.unpack_from(fragment)[0] & 0x7FFFFFFF == stream
             fragment = fragment[5:]
-            if depends_on == stream:
-                self._header_block(stream, flags, bytes(fragment))  # keep HPACK in step
-                raise StreamError(stream, ErrorCode.PROTOCOL_ERROR, "a stream depends on itself")
         if flags & END_HEADERS:
-            self._header_block(stream, flags, bytes(fragment))
+            self._header_block(stream, flags, bytes(fragment), self_dependent)
         else:
-            self._block = (stream, flags, bytearray(fragment))
+            self._block = (stream, flags, bytearray(fragment), self_dependent)
 
     def _on_continuation(self, flags: int, stream: int, payload: memoryview) -> None:
         if self._block is None:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "CONTINUATION without HEADERS")
         self._block[2].extend(payload)
         if flags & END_HEADERS:
-            stream, first_flags, block = self._block
+            stream, first_flags, block, self_dependent = self._block
             self._block = None
-            self._header_block(stream, first_flags, bytes(block))
+            self._header_block(stream, first_flags, bytes(block), self_dependent)
 
-    def _header_block(self, stream: int, flags: int, block: bytes) -> None:
+    def _header_block(
+        self, stream: int, flags: int, block: bytes, self_dependent: bool = False
+    ) -> None:
         try:
             decoded = self._decoder.decode(block)
         except HeaderBlockError as exc:  # HPACK state is lost with it: the connection ends
             code = ErrorCode.ENHANCE_YOUR_CALM if exc.too_large else ErrorCode.COMPRESSION_ERROR
             raise ProtocolError(code, str(exc)) from None
+        if self_dependent:  # a stream error, once the whole block has kept HPACK in step
+            raise StreamError(stream, ErrorCode.PROTOCOL_ERROR, "a stream depends on itself")
         request = self.requests.get(stream)
         if request is not None:  # trailers
             if request.ended:
@@ -711,7 +752,9 @@ class Connection(asyncio.BufferedProtocol):
             self._request_ended(request)
             return
         if stream <= self._last_stream:
-            self._closed_stream_frame(stream, "HEADERS")
+            # Trailers may still come on a stream we reset; a request may not reuse its id.
+            trailers = flags & END_STREAM and not any(n[:1] == b":" for n, _ in decoded.fields)
+            self._closed_stream_frame(stream, "HEADERS", in_flight=bool(trailers))
             return
         if stream % 2 == 0:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"a client stream id is even: {stream}")
@@ -722,6 +765,15 @@ class Connection(asyncio.BufferedProtocol):
                 ErrorCode.REFUSED_STREAM,
                 f"over SETTINGS_MAX_CONCURRENT_STREAMS ({self.max_streams})",
             )
+        if decoded.size > MAX_HEADER_BYTES:  # refused before its headers are made
+            request = Request(stream, refused=True, send_window=self._peer_initial_window)
+            self.requests[stream] = request
+            self.handler.headers_too_large(self, request, decoded.size)
+            if flags & END_STREAM:
+                self._request_ended(request)
+            else:
+                self.reset(request, NO_ERROR)  # and the body it would send
+            return
         headers = decoded.request_headers()
         if isinstance(headers, str):
             raise StreamError(stream, ErrorCode.PROTOCOL_ERROR, headers)
@@ -736,14 +788,6 @@ class Connection(asyncio.BufferedProtocol):
             send_window=self._peer_initial_window,
         )
         self.requests[stream] = request
-        if decoded.size > MAX_HEADER_BYTES:
-            request.refused = True
-            self.handler.headers_too_large(self, request, decoded.size)
-            if flags & END_STREAM:
-                self._request_ended(request)
-            else:
-                self.reset(request, NO_ERROR)  # and the body it would send
-            return
         if flags & END_STREAM:
             self._request_ended(request)
 
@@ -760,9 +804,10 @@ class Connection(asyncio.BufferedProtocol):
             )
         self._complete.append(request)
 
-    def _closed_stream_frame(self, stream: int, kind: str) -> None:
-        """A DATA or HEADERS frame for a stream that is not open."""
-        if stream in self._reset_by_us:
+    def _closed_stream_frame(self, stream: int, kind: str, in_flight: bool = True) -> None:
+        """A DATA or HEADERS frame for a stream that is not open; `in_flight`: one the client
+        may have sent before it saw our reset."""
+        if in_flight and stream in self._reset_by_us:
             return  # frames in flight when we reset it
         if stream > self._last_stream:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"{kind} on idle stream {stream}")
@@ -861,14 +906,21 @@ class Connection(asyncio.BufferedProtocol):
         request = self.requests.get(stream)
         if request is None:
             return
+        self._count_reset()
+        self._forget(request)
+        if request.call is not None:
+            request.call.cancel()  # the client gave up on it
+
+    def _count_reset(self) -> None:
+        """A stream reset by the client, or by us in answer to its frames: either frees a
+        stream whose call may still run, so a client that resets streams as fast as it opens
+        them would have the server work on calls without limit ("rapid reset", "MadeYouReset").
+        """
         now = time.monotonic()
         tokens = self._reset_tokens + (now - self._reset_time) * RESET_RATE
         self._reset_tokens, self._reset_time = min(tokens, RESET_BURST) - 1, now
         if self._reset_tokens < 0:
             raise ProtocolError(ErrorCode.ENHANCE_YOUR_CALM, "too many stream resets")
-        self._forget(request)
-        if request.call is not None:
-            request.call.cancel()  # the client gave up on it
 
     def _on_priority(self, stream: int, payload: memoryview) -> None:
         if stream == 0:
@@ -939,6 +991,9 @@ class Connection(asyncio.BufferedProtocol):
             )
             if n <= 0:
                 self._blocked[stream] = request  # until the client gives credit
+                if request.ended:  # only the answer waits: the body and its call can go
+                    self._free_body(request)
+                    request.call = None
                 return
             last = out.offset + n == len(body) and not out.trailers
             self._out.append(_frame_header(DATA, END_STREAM if last else 0, stream, n))
@@ -973,7 +1028,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def _forget(self, request: Request) -> None:
         if self.requests.pop(request.stream_id, None) is not None:
-            self.buffered -= request.size
+            self.buffered -= request.size + request.held
         self._blocked.pop(request.stream_id, None)
         request.outgoing = None
 

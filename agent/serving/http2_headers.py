@@ -3,9 +3,10 @@
 Decoding is `hpack`'s (the python-hyper implementation), behind a cache per connection: a
 client repeats the same block for every call while its HPACK table does not change, so only
 the first is decoded (hpack takes 14 µs for an all-indexed block of eight headers, the cache
-lookup well under one). Encoding uses no dynamic table at all (static indexes and literals,
-no Huffman): the server's few response header lists are encoded once and kept, and a client
-can shrink its table to nothing without affecting us. `request_headers` applies RFC 9113's
+lookup well under one); only what fits HEADER_CACHE_BYTES per connection is kept. Encoding
+uses no dynamic table at all (static indexes and literals, no Huffman): the server's few
+response header lists are encoded once and kept, and a client can shrink its table to nothing
+without affecting us. `request_headers` applies RFC 9113's
 rules for a request (pseudo-headers, lower-case names, no connection-specific fields).
 """
 
@@ -16,6 +17,9 @@ from hpack.table import HeaderTable
 
 MAX_DECODED_HEADERS = 64 * 1024  # what a header block may inflate to (HPACK bombs)
 HEADER_CACHE_SIZE = 64  # header blocks remembered per connection
+# ... and their bytes, encoded and decoded: a call's block is a few hundred, and hundreds of
+# idle connections must not each keep 64 blocks of up to MAX_DECODED_HEADERS
+HEADER_CACHE_BYTES = 16 * 1024
 ENCODED_CACHE_SIZE = 256  # response header lists kept encoded
 
 Headers = list[tuple[bytes, bytes]]
@@ -103,6 +107,7 @@ class HeaderDecoder:
         self._decoder = hpack.Decoder(max_header_list_size=MAX_DECODED_HEADERS)
         self._table = self._decoder.header_table
         self._cache: dict[bytes, HeaderBlock] = {}
+        self.cached_bytes = 0  # of the blocks in the cache, encoded and decoded
 
     def decode(self, block: bytes) -> HeaderBlock:
         """The block's headers; HeaderBlockError if it is broken or inflates too far."""
@@ -126,8 +131,12 @@ class HeaderDecoder:
         )
         if changed:
             self._cache.clear()
-        elif len(self._cache) < HEADER_CACHE_SIZE:
+            self.cached_bytes = 0
+            return result
+        cost = len(block) + result.size
+        if len(self._cache) < HEADER_CACHE_SIZE and self.cached_bytes + cost <= HEADER_CACHE_BYTES:
             self._cache[block] = result
+            self.cached_bytes += cost
         return result
 
 
