@@ -48,6 +48,13 @@ def infer_message(rows: int = 1) -> bytes:
     return msg.SerializeToString()
 
 
+def large_message() -> bytes:
+    """An ordinary call of 200 KB (its id), that gzip makes 1 KB of."""
+    msg = pb.ModelInferRequest.FromString(infer_message())
+    msg.id = "x" * 200_000
+    return msg.SerializeToString()
+
+
 def framed(message: bytes, compressed: int = 0) -> bytes:
     return struct.pack(">BI", compressed, len(message)) + message
 
@@ -324,17 +331,68 @@ def test_broken_framing_is_invalid_argument(wire, server, expected, body, needle
         (b"snappy", framed(infer_message(), 1), 12, "grpc-encoding 'snappy' is not supported"),
         (b"gzip", framed(b"not gzip at all", 1), 3, "the gzip message is corrupt"),
         (b"gzip", framed(gzip.compress(infer_message())[:-12], 1), 3, "message is truncated"),
+        (b"gzip", framed(gzip.compress(large_message())[:-12], 1), 3, "message is truncated"),
         # 64 MiB of zeros in ~64 KB: refused once it inflates past the 256 KiB limit
         (b"gzip", framed(gzip.compress(bytes(64 << 20)), 1), 8, "inflates beyond the limit"),
     ],
-    ids=["flag-without-encoding", "unknown-encoding", "corrupt", "truncated", "bomb"],
-)
-def test_compression_errors(wire, server, expected, encoding, body, status, needle):
+    ids=["flag-without-encoding", "unknown-encoding", "corrupt", "truncated", "truncated-large",
+         "bomb"],
+)  # fmt: skip
+@pytest.mark.parametrize("steps", [False, True], ids=["on-the-loop", "in-steps"])
+def test_compression_errors(
+    wire, server, expected, encoding, body, status, needle, steps, monkeypatch
+):
+    if steps:  # what inflates past 16 KiB goes on in a thread, 32 KiB at a time
+        monkeypatch.setattr(grpc_server, "INLINE_INFLATE", 16 << 10)
+        monkeypatch.setattr(grpc_server, "INFLATE_STEP", 32 << 10)
     extra = {} if encoding is None else {"grpc_encoding": encoding}
     reply = wire.call(wire.headers(**extra), body)
     assert reply.status == status, reply.message
     assert needle in reply.message
     still_serves(server, expected)
+
+
+def test_a_large_inflation_goes_on_off_the_event_loop(wire, server, expected, monkeypatch):
+    monkeypatch.setattr(grpc_server, "INLINE_INFLATE", 16 << 10)
+    monkeypatch.setattr(grpc_server, "INFLATE_STEP", 32 << 10)
+    threads = []
+    step = grpc_server._Inflation.step
+
+    def recorded(self, data, size):
+        threads.append(threading.current_thread())
+        return step(self, data, size)
+
+    monkeypatch.setattr(grpc_server._Inflation, "step", recorded)
+    body = framed(gzip.compress(large_message()), 1)
+    reply = wire.call(wire.headers(grpc_encoding=b"gzip"), body)
+    np.testing.assert_array_equal(reply.output(), expected)
+    loop_thread, *others = threads
+    assert len(others) >= 6 and loop_thread not in others  # 16 KiB there, the rest in steps
+
+
+def test_inflated_messages_count_against_their_connection(wire, server, expected):
+    # 2 uploads of 200 KiB under way, then ~1 KiB of gzip that inflates to 200 KiB: past the
+    # 512 KiB the connection may hold, as 200 KiB more of upload would be
+    part = framed(infer_message(800))[: 200 * 1024]
+    uploads = [wire.start(wire.headers(), part, end=False) for _ in range(2)]
+    body = framed(gzip.compress(large_message()), 1)
+    reply = wire.call(wire.headers(grpc_encoding=b"gzip"), body)
+    assert reply.status == 8 and "beyond what the connection may hold" in reply.message
+    for stream in uploads:
+        wire.reset(stream)
+    np.testing.assert_array_equal(
+        wire.call(wire.headers(grpc_encoding=b"gzip"), body).output(), expected
+    )
+
+
+def test_inflation_in_threads_is_bounded_across_connections(wire, server, monkeypatch):
+    monkeypatch.setattr(grpc_server, "INLINE_INFLATE", 16 << 10)
+    protocol = server.server._protocol
+    monkeypatch.setattr(protocol, "inflating", protocol.inflate_budget)  # as if others were
+    body = framed(gzip.compress(large_message()), 1)
+    reply = wire.call(wire.headers(grpc_encoding=b"gzip"), body)
+    assert reply.status == 8 and "inflating too many large messages at once" in reply.message
+    assert protocol.inflating == protocol.inflate_budget  # its own reservation given back
 
 
 def test_oversized_message_is_refused_before_it_is_all_sent(wire, server, expected):
@@ -377,6 +435,12 @@ def test_expired_grpc_timeout_is_deadline_exceeded_and_frees_the_queue(wire, ser
     assert reply.status == 4 and "no result within 1e-09 s" in reply.message
     _wait_idle(server)
     still_serves(server, expected)
+
+
+def test_a_grpc_timeout_of_zero_is_expired_before_the_call_runs(wire):
+    live = b"/inference.GRPCInferenceService/ServerLive"
+    reply = wire.call(wire.headers(live, grpc_timeout=b"0n"), framed(b""))
+    assert reply.status == 4 and "deadline" in reply.message
 
 
 def test_a_stalled_upload_is_deadline_exceeded(server, expected, monkeypatch):

@@ -13,9 +13,13 @@ with a message, and the server keeps serving. What the gRPC layer itself refuses
 - a message that is not one length-prefixed frame, or not the method's protobuf message:
   INVALID_ARGUMENT naming the problem;
 - a message (compressed or not) beyond the size limit: RESOURCE_EXHAUSTED, before it is all read;
+  so is one that inflates past what its connection may hold (as much as its bodies) or while
+  the server already inflates 2 messages' worth in all;
 - a compression other than identity / gzip / deflate: UNIMPLEMENTED.
-`grpc-timeout` bounds the data plane's wait for an inference (DEADLINE_EXCEEDED); a client that
-resets its stream or goes away cancels its call.
+A message that inflates past INLINE_INFLATE goes on inflating in a thread, step by step, so
+that a bomb neither stops the event loop nor grows unaccounted for. `grpc-timeout` bounds the
+data plane's wait for an inference (DEADLINE_EXCEEDED; 0 is expired before the call runs); a
+client that resets its stream or goes away cancels its call.
 
     server, port = await start_grpc_server(dataplane, "127.0.0.1:0")
     ...
@@ -52,6 +56,11 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Streams one client connection may have open at once; more wait in the client. Together with
 # the message size limit this bounds what a single connection can make the server buffer.
 MAX_CONCURRENT_STREAMS = 128
+
+# A compressed message inflates this far on the event loop (about a millisecond); the rest of
+# it, INFLATE_STEP at a time, in a thread.
+INLINE_INFLATE = 1 << 20
+INFLATE_STEP = 4 << 20
 
 SERVICE = "inference.GRPCInferenceService"
 ACCEPTED_ENCODINGS = b"identity,deflate,gzip"
@@ -247,6 +256,10 @@ class GrpcProtocol:
         # The body is a 5-byte prefix and the message; a compressed message may inflate to
         # max_message_bytes, and its compressed form is bounded by the same limit.
         self.max_body = max_message_bytes + 5
+        # Bytes being inflated in threads, all connections together, and the most there may
+        # be: a few KB of gzip each make 64 MiB, so connections alone bound nothing.
+        self.inflating = 0
+        self.inflate_budget = 2 * max_message_bytes
 
     head_bytes = 5
 
@@ -277,9 +290,25 @@ class GrpcProtocol:
             name = path.decode(errors="replace")
             message = f"unknown method {name}: this server has {SERVICE}"
             raise CallError(Status.UNIMPLEMENTED, message)
-        message_class, method = entry
         timeout = _timeout_s(request.headers.get(b"grpc-timeout"))
-        payload = self._message(request)
+        if timeout is not None and timeout <= 0:  # nothing can answer in time, however fast
+            raise RequestTimeout("deadline of 0 s exceeded before the call started")
+        compressed, payload = self._message(request)
+        if not compressed:
+            return self._run(connection, request, entry, payload, timeout)
+        inflation = _Inflation(request.headers.get(b"grpc-encoding", b"identity"))
+        # At most one byte past the limit: enough to tell a bomb from a large message.
+        step = min(INLINE_INFLATE, self.max_message_bytes + 1)
+        self._inflated(connection, request, inflation, inflation.step(payload, step), step)
+        if inflation.done:
+            return self._run(connection, request, entry, inflation.message, timeout)
+        return asyncio.get_running_loop().create_task(
+            self._inflate_rest(connection, request, entry, inflation, timeout)
+        )
+
+    def _run(self, connection, request, entry, payload, timeout: float | None) -> http2.Call:
+        """Start the call of `entry` (message class, method) on the message `payload`."""
+        message_class, method = entry
         if message_class is not pb.ModelInferRequest:
             message = _decoded(message_class, message_class.FromString, payload)
             return asyncio.get_running_loop().create_task(
@@ -294,6 +323,30 @@ class GrpcProtocol:
                 self.fail(connection, request, Status[error.grpc_code], str(error))
 
         return method(payload, done, timeout)
+
+    async def _inflate_rest(self, connection, request, entry, inflation, timeout) -> None:
+        """Inflate the rest of a message in a thread, a step at a time within the server's
+        budget, then start its call (which a reset cancels from then on)."""
+        reserved = 0
+        try:
+            while not inflation.done:
+                step = min(INFLATE_STEP, self.max_message_bytes + 1 - len(inflation.message))
+                if self.inflating + step > self.inflate_budget:
+                    raise CallError(
+                        Status.RESOURCE_EXHAUSTED,
+                        "the server is inflating too many large messages at once; retry the call",
+                    )
+                self.inflating += step
+                reserved += step
+                chunk = await asyncio.to_thread(inflation.step, inflation.unread, step)
+                self._inflated(connection, request, inflation, chunk, step)
+            request.call = self._run(connection, request, entry, inflation.message, timeout)
+        except asyncio.CancelledError:
+            connection.reset(request)  # as _call: nobody waits for this answer
+        except Exception as exc:
+            self._fail_with(connection, request, exc)
+        finally:
+            self.inflating -= reserved
 
     async def _call(
         self,
@@ -347,8 +400,8 @@ class GrpcProtocol:
             message = f"internal error: {type(exc).__name__}: {exc}"
             self.fail(connection, request, Status.INTERNAL, message)
 
-    def _message(self, request: http2.Request) -> bytes | memoryview:
-        """The one length-prefixed message of a unary call, decompressed."""
+    def _message(self, request: http2.Request) -> tuple[bool, memoryview]:
+        """The one length-prefixed message of a unary call, and whether it is compressed."""
         body = request.body
         if len(body) < 5:
             raise CallError(
@@ -362,44 +415,27 @@ class GrpcProtocol:
                 f"the message prefix announces {length} bytes but {len(body) - 5} came: "
                 "a unary call carries exactly one whole message",
             )
-        payload = memoryview(body)[5:]
-        if compressed == 0:
-            return payload
-        if compressed != 1:
+        if compressed > 1:
             raise CallError(Status.INVALID_ARGUMENT, f"invalid compressed flag {compressed}")
-        encoding = request.headers.get(b"grpc-encoding", b"identity")
-        return self._decompress(payload, encoding)
+        return bool(compressed), memoryview(body)[5:]
 
-    def _decompress(self, payload: memoryview, encoding: bytes) -> bytes:
-        if encoding == b"identity":
-            raise CallError(
-                Status.INVALID_ARGUMENT,
-                "the message is flagged compressed but grpc-encoding is identity",
-            )
-        wbits = {b"gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}.get(encoding)
-        if wbits is None:
-            raise CallError(
-                Status.UNIMPLEMENTED,
-                f"grpc-encoding {encoding.decode(errors='replace')!r} is not supported; "
-                f"use one of {ACCEPTED_ENCODINGS.decode()}",
-            )
-        inflater = zlib.decompressobj(wbits)
-        try:
-            # At most one byte past the limit: enough to tell a bomb from a large message.
-            message = inflater.decompress(payload, self.max_message_bytes + 1)
-        except zlib.error as exc:
-            raise CallError(
-                Status.INVALID_ARGUMENT, f"the {encoding.decode()} message is corrupt: {exc}"
-            ) from None
-        if len(message) > self.max_message_bytes:
+    def _inflated(self, connection, request, inflation, chunk: bytes, step: int) -> None:
+        """Add an inflated `chunk` (of at most `step` bytes asked for) to the message, counted
+        against the connection as its body is; RESOURCE_EXHAUSTED past either limit."""
+        if len(inflation.message) + len(chunk) > self.max_message_bytes:
             raise CallError(
                 Status.RESOURCE_EXHAUSTED,
                 f"the message inflates beyond the limit of {self.max_message_bytes} bytes",
             )
-        if not inflater.eof:
-            message = f"the {encoding.decode()} message is truncated"
-            raise CallError(Status.INVALID_ARGUMENT, message)
-        return message
+        if not connection.hold(request, len(chunk)):
+            raise CallError(
+                Status.RESOURCE_EXHAUSTED,
+                "the message inflates beyond what the connection may hold at once "
+                "(it holds too many large requests)",
+            )
+        inflation.message += chunk
+        if not inflation.done and len(chunk) < step:  # all its input taken, and no end
+            raise CallError(Status.INVALID_ARGUMENT, f"the {inflation.name} message is truncated")
 
     def too_large(self, connection: http2.Connection, request: http2.Request, limit: int) -> None:
         message = (
@@ -431,6 +467,45 @@ class GrpcProtocol:
             (b"grpc-message", _percent_encode(message)),
         ]
         connection.respond(request, headers, b"", [])
+
+
+class _Inflation:
+    """A compressed message being inflated: the message so far, and the inflater's state."""
+
+    def __init__(self, encoding: bytes):
+        if encoding == b"identity":
+            raise CallError(
+                Status.INVALID_ARGUMENT,
+                "the message is flagged compressed but grpc-encoding is identity",
+            )
+        wbits = {b"gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}.get(encoding)
+        if wbits is None:
+            raise CallError(
+                Status.UNIMPLEMENTED,
+                f"grpc-encoding {encoding.decode(errors='replace')!r} is not supported; "
+                f"use one of {ACCEPTED_ENCODINGS.decode()}",
+            )
+        self.name = encoding.decode()
+        self.message = bytearray()
+        self._inflater = zlib.decompressobj(wbits)
+
+    @property
+    def done(self) -> bool:
+        return self._inflater.eof
+
+    @property
+    def unread(self) -> bytes:
+        """The compressed input a step left for the next."""
+        return self._inflater.unconsumed_tail
+
+    def step(self, data: bytes | memoryview, size: int) -> bytes:
+        """Up to `size` more bytes of the message, from `data` (the input, then `unread`).
+        Touches no shared state: it may run in a thread."""
+        try:
+            return self._inflater.decompress(data, size)
+        except zlib.error as exc:
+            message = f"the {self.name} message is corrupt: {exc}"
+            raise CallError(Status.INVALID_ARGUMENT, message) from None
 
 
 def _decoded(message_class: type[Message], parse: Callable, payload):
