@@ -98,8 +98,14 @@ def serve(test, **options):
         port = sock.getsockname()[1]
         await server.listen(sock)
 
-        async def connect() -> Client:
-            return Client(*await asyncio.open_connection("127.0.0.1", port))
+        async def connect(receive_buffer: int = 0) -> Client:
+            if not receive_buffer:
+                return Client(*await asyncio.open_connection("127.0.0.1", port))
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+            return Client(*await asyncio.open_connection(sock=sock))
 
         try:
             return await test(server, connect)
@@ -166,6 +172,44 @@ def test_a_client_that_does_not_read_is_paused_not_buffered():
         client.close()
 
     serve(test)
+
+
+def test_a_client_that_reads_none_of_its_answers_is_dropped():
+    async def test(server, connect):
+        body = b"x" * (8 << 20)  # more than the socket buffers take: the rest waits in ours
+        answered = await connect(receive_buffer=4096)
+        await answered.send(post("/echo", body))
+        refused = await connect(receive_buffer=4096)  # and one whose last answer is a refusal
+        await refused.send(post("/echo", body) + b"GET /echo HTTP/1.1\r\nX: " + b"a" * 70_000)
+        for _ in range(100):  # send_timeout is 1 s
+            if not server.connections:
+                break
+            await asyncio.sleep(0.1)
+        assert not server.connections
+        answered.close()
+        refused.close()
+
+    serve(test, max_body=16 << 20, send_timeout=1.0)
+
+
+def test_a_request_waiting_while_reading_is_paused_is_not_timed_out():
+    async def test(server, connect):
+        client = await connect()
+        body = b"y" * 200_000  # the head and some of it come in the read that pauses reading
+        await client.send(
+            b"GET /slow?2.5 HTTP/1.1\r\nHost: t\r\n\r\n"
+            + post("/echo", b"second")
+            + post("/echo", body)
+        )
+        answers = [await client.response() for _ in range(3)]  # /slow outlasts request_timeout
+        assert [(a[0], a[2]) for a in answers] == [
+            (200, b"slow done"),
+            (200, b"second"),
+            (200, body),
+        ]
+        client.close()
+
+    serve(test, request_timeout=1.0)
 
 
 def test_a_reply_after_the_client_left_is_dropped(caplog):
@@ -243,6 +287,20 @@ def test_expect_100_continue_is_answered_before_the_body_is_sent():
         # refused up front: no 100, the final answer at once
         await client.send(head.replace(b"/echo", b"/nowhere"))
         assert (await client.response())[0] == 404
+        assert await client.closed()
+
+    serve(test)
+
+
+def test_an_http10_client_gets_no_100_continue():
+    async def test(server, connect):
+        client = await connect()
+        await client.send(
+            b"POST /echo HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n"
+        )
+        await client.send(b"hi")
+        status, _, body = await client.response()  # the final answer, no interim one before it
+        assert (status, body) == (200, b"hi")
         assert await client.closed()
 
     serve(test)
@@ -420,7 +478,7 @@ def test_bodies_over_the_limit_are_refused():
         client = await connect()
         await client.send(post("/echo", b"x" * 1001))
         status, headers, body = await client.response()
-        assert status == 400 and "exceeds the limit of 1000 bytes" in json.loads(body)["error"]
+        assert status == 413 and "exceeds the limit of 1000 bytes" in json.loads(body)["error"]
         assert headers["connection"] == "close" and await client.closed()
         client = await connect()
         chunk = b"x" * 600
@@ -429,7 +487,7 @@ def test_bodies_over_the_limit_are_refused():
             + (b"258\r\n%s\r\n" % chunk) * 2
         )
         status, _, body = await client.response()
-        assert status == 400 and "exceeds the limit" in json.loads(body)["error"]
+        assert status == 413 and "exceeds the limit" in json.loads(body)["error"]
         assert await client.closed()
 
     serve(test, max_body=1000)
@@ -521,6 +579,54 @@ def test_oversized_and_too_many_headers_are_431():
         await client.send(b"GET /" + b"p" * 70_000 + b" HTTP/1.1\r\n")
         assert (await client.response())[0] == 431
         client.close()
+
+    serve(test)
+
+
+def head_of(size: int) -> bytes:
+    """A GET whose head is `size` bytes."""
+    start = b"GET /echo HTTP/1.1\r\nHost: t\r\nX: "
+    return start + b"a" * (size - len(start) - 4) + b"\r\n\r\n"
+
+
+def test_the_head_limit_counts_every_byte_of_the_head():
+    limit = http1.MAX_HEAD_BYTES
+
+    async def test(server, connect):
+        client = await connect()
+        await client.send(head_of(72_000))  # in one go, the last read completing it
+        assert (await client.response())[0] == 431
+        assert await client.closed()
+        client = await connect()
+        await client.send(post("/echo", b"ab")[:-2])
+        await asyncio.sleep(0.2)  # the server waits for the body...
+        await client.send(b"ab" + head_of(200_000))  # ...which comes with the next head
+        assert (await client.response())[2] == b"ab"
+        assert (await client.response())[0] == 431
+        assert await client.closed()
+        client = await connect()
+        await client.send(head_of(limit + 4))
+        assert (await client.response())[0] == 431
+        client = await connect()  # the limit itself, in reads that hold other requests too
+        await client.send(post("/echo", b"ab") + head_of(limit) + post("/echo", b"cd")[:-2])
+        await asyncio.sleep(0.2)
+        await client.send(b"cd" + head_of(limit))
+        assert [(await client.response())[0] for _ in range(4)] == [200] * 4
+        client.close()
+
+    serve(test)
+
+
+def test_a_transfer_coding_other_than_chunked_is_501():
+    async def test(server, connect):
+        client = await connect()
+        await client.send(
+            b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+            b"2\r\nab\r\n0\r\n\r\n"
+        )
+        status, headers, body = await client.response()
+        assert status == 501 and "'gzip, chunked' is not supported" in json.loads(body)["error"]
+        assert headers["connection"] == "close" and await client.closed()
 
     serve(test)
 

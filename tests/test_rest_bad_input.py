@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 
 import aiohttp
@@ -32,6 +33,7 @@ BINARY_HEADER = {
     ]
 }
 F32 = np.zeros(64, dtype="<f4").tobytes()
+HEADER = "Inference-Header-Content-Length"
 
 # (case id, path, body, extra headers, expected status, text the error must contain)
 CASES = [
@@ -192,6 +194,124 @@ CASES = [
         400,
         "both",
     ),
+    (
+        # no bytes for 10**7 elements: refused before an array is made for them (and before
+        # the model is looked up)
+        "bytes-shape-without-data",
+        "/v2/models/nope/infer",
+        *raw_body(
+            {
+                "inputs": [
+                    {
+                        "name": "x",
+                        "datatype": "BYTES",
+                        "shape": [10**7],
+                        "parameters": {"binary_data_size": 0},
+                    }
+                ]
+            },
+            b"",
+        ),
+        400,
+        "cannot hold 10000000 elements",
+    ),
+    (
+        "empty-shape-huge-dim",
+        "/v2/models/mlp/infer",
+        body(shape=[0, 2**62], data=[]),
+        {},
+        400,
+        "larger",
+    ),
+    (
+        "empty-shape-huge-dim-binary",
+        "/v2/models/mlp/infer",
+        *raw_body(
+            {
+                "inputs": [
+                    {
+                        **BINARY_HEADER["inputs"][0],
+                        "shape": [0, 2**62],
+                        "parameters": {"binary_data_size": 0},
+                    }
+                ]
+            },
+            b"",
+        ),
+        400,
+        "larger",
+    ),
+    (
+        "version-past-int-digits",
+        f"/v2/models/mlp/versions/{'9' * 5000}/infer",
+        body(),
+        {},
+        404,
+        "not found",
+    ),
+    (
+        "binary-data-output-string",
+        "/v2/models/mlp/infer",
+        json.dumps({"inputs": [GOOD], "parameters": {"binary_data_output": "false"}}).encode(),
+        {},
+        400,
+        "'binary_data_output'",
+    ),
+    (
+        "binary-data-word",
+        "/v2/models/mlp/infer",
+        json.dumps(
+            {"inputs": [GOOD], "outputs": [{"name": "output", "parameters": {"binary_data": "no"}}]}
+        ).encode(),
+        {},
+        400,
+        "'binary_data'",
+    ),
+    (
+        "binary-data-list",
+        "/v2/models/mlp/infer",
+        json.dumps(
+            {"inputs": [GOOD], "outputs": [{"name": "output", "parameters": {"binary_data": [1]}}]}
+        ).encode(),
+        {},
+        400,
+        "'binary_data'",
+    ),
+    (
+        "duplicate-output",
+        "/v2/models/mlp/infer",
+        json.dumps(
+            {"inputs": [GOOD], "outputs": [{"name": "output"}, {"name": "output"}]}
+        ).encode(),
+        {},
+        400,
+        "'output' asked for more than once",
+    ),
+    (
+        "header-length-underscore",
+        "/v2/models/mlp/infer",
+        raw_body(BINARY_HEADER, F32)[0],
+        {"Inference-Header-Content-Length": "1_" + raw_body(BINARY_HEADER, b"")[1][HEADER][1:]},
+        400,
+        "Inference-Header-Content-Length",
+    ),
+    (
+        "gzip-then-garbage",
+        "/v2/models/mlp/infer",
+        gzip.compress(body()) + b"GARBAGE",
+        {"Content-Encoding": "gzip"},
+        400,
+        "7 bytes after its end",
+    ),
+    ("repo-index-ready-string", "/v2/repository/index", b'{"ready": "false"}', {}, 400, "'ready'"),
+    (
+        "load-with-config",
+        "/v2/repository/models/mlp/load",
+        json.dumps({"parameters": {"config": '{"max_batch_size": 0}'}}).encode(),
+        {},
+        400,
+        "config",
+    ),
     ("unknown-endpoint", "/v2/nothing/here", b"", {}, 404, "no such endpoint"),
     ("repo-index-bad-json", "/v2/repository/index", b"{oops", {}, 400, "JSON"),
     ("load-unknown-model", "/v2/repository/models/ghost/load", b"", {}, 404, "ghost"),
@@ -219,8 +339,14 @@ def test_bad_request_is_refused_clearly(agent, path, data, headers, status, need
 def test_oversized_body_is_refused(agent):
     big = b'{"inputs": [' + b" " * (5 * 1024 * 1024) + b"]}"  # the fixture allows 4 MiB
     code, doc = asyncio.run(post(f"http://{agent.http_url}/v2/models/mlp/infer", big, {}))
-    assert code == 400
+    assert code == 413
     assert "exceeds the limit" in doc["error"]
+
+
+def test_an_empty_outputs_list_asks_for_every_output(agent):
+    doc = json.dumps({"inputs": [GOOD], "outputs": []}).encode()
+    code, reply = asyncio.run(post(f"http://{agent.http_url}/v2/models/mlp/infer", doc, {}))
+    assert code == 200 and [o["name"] for o in reply["outputs"]] == ["output"]
 
 
 def test_server_still_serves_after_hostile_input(agent):
@@ -298,7 +424,7 @@ def test_a_claimed_length_over_the_limit_is_refused_before_the_body_is_sent(agen
         reply = b""
         while b"}" not in reply:
             reply += s.recv(65536)
-        assert reply.startswith(b"HTTP/1.1 400")
+        assert reply.startswith(b"HTTP/1.1 413")
         assert b"exceeds the limit" in reply and b"Connection: close" in reply
         s.shutdown(socket.SHUT_WR)
         assert s.recv(65536) == b""  # and the server does not keep the connection
@@ -332,7 +458,7 @@ def test_a_chunked_body_over_the_limit_is_refused(agent):
             return r.status, await r.json()
 
     status, doc = asyncio.run(send())
-    assert status == 400 and "exceeds the limit" in doc["error"]
+    assert status == 413 and "exceeds the limit" in doc["error"]
 
 
 def test_routing_memory_is_bounded_under_many_distinct_paths():

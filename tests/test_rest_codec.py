@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
 import warnings
 
 import numpy as np
@@ -27,6 +28,9 @@ SAMPLES = {
     "FP64": np.array([[0.1, -2.5, 1e308]], np.float64),
     "BYTES": np.array([[b"a", "naïve".encode(), b""]], dtype=object),
 }
+
+
+JSON_INPUT = {"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}
 
 
 def _json_request(datatype: str, array: np.ndarray) -> bytes:
@@ -139,16 +143,55 @@ def test_json_floats_round_as_ieee_casts_do(datatype, value, expected):
 
 
 @pytest.mark.parametrize(
-    ("raw", "needle"),
+    ("raw", "count", "needle"),
     [
-        (b"\x05\x00\x00\x00ab", "runs past"),
-        (b"\x01\x00", "ends before element"),
-        (b"\x01\x00\x00\x00a\x00", "after the last element"),
+        (b"\x05\x00\x00\x00ab", 1, "runs past"),
+        (b"\x01\x00", 1, "2 bytes of BYTES data cannot hold 1 elements"),
+        (b"\x01\x00\x00\x00a\x00\x00\x00", 2, "ends before element 1"),
+        (b"\x01\x00\x00\x00a\x00", 1, "after the last element"),
     ],
 )
-def test_malformed_binary_bytes_elements(raw, needle):
+def test_malformed_binary_bytes_elements(raw, count, needle):
     with pytest.raises(InvalidInput, match=needle):
-        rest_codec.decode_raw("x", "BYTES", (1,), raw)
+        rest_codec.decode_raw("x", "BYTES", (count,), raw)
+
+
+def test_a_bytes_shape_its_data_cannot_hold_is_refused_before_any_array_is_made():
+    header = json.dumps({"inputs": [{"name": "x", "datatype": "BYTES", "shape": [10**7],
+                                     "parameters": {"binary_data_size": 0}}]}).encode()  # fmt: skip
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidInput, match="0 bytes of BYTES data cannot hold 10000000"):
+            rest_codec.decode_request(header, str(len(header)), "m", None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20  # not the 80 MB of an object array of 10**7
+
+
+@pytest.mark.parametrize("value", ["false", "no", [1], 1, None])
+def test_binary_output_flags_must_be_booleans(value):
+    output = {"name": "y", "parameters": {"binary_data": value}}
+    request = {"inputs": [JSON_INPUT], "outputs": [output]}
+    if value is None:  # absent, as JSON null is
+        assert rest_codec.decode_request(json.dumps(request).encode(), None, "m", None)
+        return
+    with pytest.raises(InvalidInput, match=r"parameter 'binary_data' of output 'y' must be true"):
+        rest_codec.decode_request(json.dumps(request).encode(), None, "m", None)
+    request = {"inputs": [JSON_INPUT], "parameters": {"binary_data_output": value}}
+    with pytest.raises(InvalidInput, match=r"parameter 'binary_data_output' of the request"):
+        rest_codec.decode_request(json.dumps(request).encode(), None, "m", None)
+
+
+def test_an_empty_outputs_list_is_every_output():
+    request = {"inputs": [JSON_INPUT], "outputs": []}
+    assert rest_codec.decode_request(json.dumps(request).encode(), None, "m", None).outputs is None
+
+
+@pytest.mark.parametrize("length", ["1_0", " 10", "+10", "\u0661\u0660", "9" * 5000])
+def test_the_header_length_is_ascii_digits(length):
+    with pytest.raises(InvalidInput, match="must be an integer"):
+        rest_codec.decode_request(b"{}" * 10, length, "m", None)
 
 
 # --- the binary extension's remembered headers ------------------------------------------------

@@ -106,7 +106,7 @@ def test_a_body_that_inflates_past_the_limit_is_refused(tmp_path, sample_repo):
     bomb = gzip.compress(b" " * (8 << 20))  # 8 MiB of spaces in ~8 KiB
     with ServerThread(options) as running:
         status, reply = post(running, "/v2/models/mlp/infer", bomb, {"Content-Encoding": "gzip"})
-    assert status == 400 and b"inflates beyond 1048576 bytes" in reply
+    assert status == 413 and b"inflates beyond 1048576 bytes" in reply
 
 
 @pytest.mark.parametrize("version", ["01", "+1", "001"])

@@ -55,6 +55,7 @@ Answer = Callable[[InferenceResponse | None, ServingError | None], None]
 EXTENSIONS = ("binary_tensor_data", "model_repository", "metrics")
 
 _NUMBER = re.compile(r"\s*\+?[0-9]+\s*")  # a version as Triton's std::stol reads it
+
 READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
 UNLOADED_ON_REQUEST = "unloaded"
 
@@ -154,7 +155,7 @@ class DataPlane:
         else:
             found = versions.get(version) if versions else None
             if found is None and versions and _NUMBER.fullmatch(version):
-                found = versions.get(str(int(version)))  # "01", "+1": version 1, as Triton reads it
+                found = versions.get(_canonical(version))  # "01", "+1": version 1, as Triton
         if found is not None:
             return found
         state = self._states.get(name, {})
@@ -234,7 +235,7 @@ class DataPlane:
         if not states:
             return
         if version and version not in states and _NUMBER.fullmatch(version):
-            version = str(int(version))
+            version = _canonical(version)
         if not version:
             version = max(states, key=int)
         if version in states:
@@ -603,3 +604,9 @@ def _select_outputs(
 
 def _reason(exc: ServingError) -> str:
     return type(exc).__name__
+
+
+def _canonical(number: str) -> str:
+    """A version `_NUMBER` matched, as its directory is named: str(int(number)) without int(),
+    which refuses more than 4300 digits (such a version is not found, not an error)."""
+    return number.strip().lstrip("+").lstrip("0") or "0"

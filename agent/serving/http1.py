@@ -8,7 +8,7 @@ request's whole cost, and serving is bound by the one thread that holds the GIL.
 What it does:
 - keep-alive and pipelining (responses in request order; reading pauses while requests queue up),
   HTTP/1.0 clients, `Expect: 100-continue`, chunked request bodies, `HEAD`;
-- limits: request line + headers (`MAX_HEAD_BYTES`, 431), header count, body (`max_body`, 400):
+- limits: request line + headers (`MAX_HEAD_BYTES`, 431), header count, body (`max_body`, 413):
   a `Content-Length` over the limit is refused before any of the body is read, a chunked body as
   soon as it passes the limit; what a chunked body sends without data (chunk framing, the
   trailer section) counts like a head, in bytes and in time; trailer fields are ignored;
@@ -17,9 +17,12 @@ What it does:
   memory is committed only as the body arrives, whatever length the client claims; a chunked
   body collects in one bytearray, so its memory is that of its data, however small its chunks;
 - malformed HTTP (llhttp is strict: no `Content-Length` beside `Transfer-Encoding`, no bare LF,
-  no obsolete line folding) gets 400 and the connection closes;
+  no obsolete line folding) gets 400 and the connection closes; a transfer coding other than
+  chunked (`gzip, chunked`) gets 501;
 - a connection idle past `keepalive_timeout` is closed; a request whose head is not in whole
-  `request_timeout` after it began, or whose body stalls that long, gets 408;
+  `request_timeout` after it began, or whose body stalls that long, gets 408 (not counting the
+  time reading is paused by us, for pipelined requests); a connection whose client reads none of
+  what we have to send for `send_timeout` is dropped;
 - closing after an error shuts down our side and drains what the client still sends for a moment,
   so the client reads the error instead of a reset.
 
@@ -135,12 +138,14 @@ class HttpServer:
         body_limit_hint: str = "",
         keepalive_timeout: float = 75.0,
         request_timeout: float = 60.0,
+        send_timeout: float = 60.0,
     ):
         self.app = app
         self.max_body = max_body
         self.body_limit_hint = body_limit_hint
         self.keepalive_timeout = keepalive_timeout
         self.request_timeout = request_timeout
+        self.send_timeout = send_timeout
         self.connections: set[_Connection] = set()
         self.date = b""
         self._heads: dict[tuple[int, str | None], bytes] = {}  # made this second (response_head)
@@ -226,7 +231,13 @@ class _Connection(asyncio.BufferedProtocol):
         self.parser = httptools.HttpRequestParser(self)
         self.state = _IDLE
         self.since = self.loop.time()  # start of the idle time or of the request being read
+        # The head being read: the bytes of the reads it came in, and of those how many may
+        # have come before it (the end of the request before it, in its first read). llhttp
+        # does not say where in a read a head begins or ends.
         self.head_bytes = 0
+        self.head_slack = 0
+        self.read_bytes = 0  # the last read the parser was fed
+        self.read_slack = 0  # what a head beginning in it may have after the read's start
         self.header_count = 0
         # the request being read
         self.url: list[bytes] = []
@@ -249,6 +260,10 @@ class _Connection(asyncio.BufferedProtocol):
         self.waiting = False  # for the reply to the request in the front of the queue
         self.closing = False  # no more requests: close once the queue is answered
         self.write_paused = False
+        # what we have written and the client has not read yet: its size when last seen going
+        # down, and since when (a client that stops reading is dropped after send_timeout)
+        self.unsent = 0
+        self.unsent_since = 0.0
         self.linger: asyncio.TimerHandle | None = None
         self.eof = False  # the client has shut its side
 
@@ -270,6 +285,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.unsent = 0  # the client read: its send_timeout starts over
         if self.busy and not self.waiting:
             self._answer()
 
@@ -278,6 +294,9 @@ class _Connection(asyncio.BufferedProtocol):
         if state == _DIRECT:
             return self.direct[self.size :]
         if state == _BODY:
+            if self.length is not None:
+                # not past the body's end, so the head after it is counted from its start
+                return self.server.read_view[: self.length - self.size]
             return self.server.read_view
         # A new request: read little, so that most of a large body goes straight into its
         # buffer once the head has told its length, instead of through the parser's copies.
@@ -300,6 +319,8 @@ class _Connection(asyncio.BufferedProtocol):
             self.since = self.loop.time()  # a body may take long, but not stall
         else:
             self.head_bytes += nbytes
+        self.read_bytes = nbytes
+        self.read_slack = 0 if state == _IDLE else nbytes
         try:
             self.parser.feed_data(self.server.read_view[:nbytes])
         except httptools.HttpParserUpgrade:
@@ -314,8 +335,8 @@ class _Connection(asyncio.BufferedProtocol):
                 else:
                     self._refuse(400, f"malformed HTTP request: {_reason(exc)}")
             return
-        if self.state in (_HEAD, _IDLE) and self.head_bytes > MAX_HEAD_BYTES:
-            self._refuse(431, f"request line and headers exceed {MAX_HEAD_BYTES} bytes")
+        if self.state in (_HEAD, _IDLE) and self.head_bytes - self.head_slack > MAX_HEAD_BYTES:
+            self._refuse(431, _HEAD_TOO_LARGE)
         elif self.state == _BODY:
             if self.direct is not None:
                 if self.size < self.length:
@@ -364,6 +385,9 @@ class _Connection(asyncio.BufferedProtocol):
             return
         self.state = _HEAD
         self.since = self.loop.time()
+        self.head_bytes = self.read_bytes
+        self.head_slack = self.read_slack
+        self.read_slack = self.read_bytes  # a head after this one in the same read
 
     def on_url(self, piece: bytes) -> None:
         self.url.append(piece)
@@ -392,7 +416,10 @@ class _Connection(asyncio.BufferedProtocol):
         url = b"".join(self.url) if len(self.url) != 1 else self.url[0]
         self.url = []
         headers, self.headers = self.headers, {}
-        self.head_bytes = self.header_count = 0
+        if self.head_bytes > MAX_HEAD_BYTES and _head_size(parser, url, headers) > MAX_HEAD_BYTES:
+            self._refuse(431, _HEAD_TOO_LARGE)
+            return
+        self.head_bytes = self.head_slack = self.header_count = 0
         path, _, query = url.decode("latin-1").partition("?")
         if not path.startswith("/"):  # absolute-form ("http://host/path") or "*"
             with contextlib.suppress(httptools.HttpParserInvalidURLError):
@@ -412,10 +439,16 @@ class _Connection(asyncio.BufferedProtocol):
         self.direct = None
         length = headers.get("content-length")
         self.length = int(length) if length is not None else None  # llhttp checked the digits
-        has_body = bool(self.length) or "transfer-encoding" in headers
+        coding = headers.get("transfer-encoding")
+        has_body = bool(self.length) or coding is not None
+        if coding is not None and coding.lower() != "chunked" and _ends_chunked(coding):
+            # llhttp refuses (400) a coding that does not end with chunked, and de-chunks the
+            # rest, passing on a body still in the codings before it
+            self._refuse(501, f"Transfer-Encoding {coding!r} is not supported: only chunked")
+            return
         limit = self.server.max_body
         if self.length is not None and self.length > limit:
-            self._refuse(400, self._too_large())
+            self._refuse(413, self._too_large())
             return
         if parser.should_upgrade() and has_body:
             self._refuse(400, "a request with a body cannot ask to switch protocols")
@@ -430,7 +463,7 @@ class _Connection(asyncio.BufferedProtocol):
             if expect.lower() != "100-continue":
                 self._refuse(417, f"cannot meet the expectation {expect!r}")
                 return
-            if not self.queue and not self.closing:
+            if not self.queue and not self.closing and version == "1.1":  # 1.0 has no 100
                 self.transport.write(_CONTINUE)
         if self.length is None:
             if has_body:  # chunked
@@ -450,7 +483,7 @@ class _Connection(asyncio.BufferedProtocol):
         if self.direct is not None:
             self.direct[start : self.size] = piece
         elif self.size > self.server.max_body:  # chunked: no length to check up front
-            self._refuse(400, self._too_large())
+            self._refuse(413, self._too_large())
         else:
             self.chunks.append(piece)
 
@@ -626,18 +659,53 @@ class _Connection(asyncio.BufferedProtocol):
         return True
 
     def check_time(self, now: float) -> None:
-        if self.linger is not None or self.transport is None:
+        transport = self.transport
+        if transport is None:
+            return
+        if self._send_stalled(transport, now):
+            transport.abort()  # nothing more can reach this client: free what waits for it
+            return
+        if self.linger is not None:
             return
         if self.state == _IDLE and not self.busy:
             if now - self.since > self.server.keepalive_timeout:
                 self._shut()
-        elif self.state in (_HEAD, _BODY, _DIRECT):
+        elif self.state in (_HEAD, _BODY, _DIRECT) and not self.reading_paused:
+            # (while we pause reading, the request's bytes wait in the socket, not the client)
             limit = self.server.request_timeout
             if now - self.since > limit:
                 if self.state == _HEAD:
                     self._refuse(408, f"the request's head was not in whole after {limit:g} s")
                 else:
                     self._refuse(408, f"no more of the body came for {limit:g} s")
+
+    def _send_stalled(self, transport: asyncio.Transport, now: float) -> bool:
+        """True once what we wrote has not gone down for send_timeout: the client reads none
+        of it (also after a refusal, or while closing, which waits for it to go)."""
+        unsent = transport.get_write_buffer_size()
+        if not unsent:
+            self.unsent = 0
+            return False
+        if not self.unsent or unsent < self.unsent:
+            self.unsent, self.unsent_since = unsent, now
+            return False
+        return now - self.unsent_since > self.server.send_timeout
+
+
+_HEAD_TOO_LARGE = f"request line and headers exceed {MAX_HEAD_BYTES} bytes"
+
+
+def _head_size(parser: httptools.HttpRequestParser, url: bytes, headers: dict[str, str]) -> int:
+    """A head's size less optional whitespace, for a head whose reads held more than the limit
+    (they may also hold what came before and after it)."""
+    size = len(parser.get_method()) + len(url) + 14  # 2 spaces, "HTTP/1.1", 2 CRLFs
+    for name, value in headers.items():
+        size += len(name) + len(value) + 3  # ":", CRLF
+    return size
+
+
+def _ends_chunked(coding: str) -> bool:
+    return coding.rpartition(",")[2].strip().lower() == "chunked"
 
 
 class _ChunkedBody(list):

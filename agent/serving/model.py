@@ -110,6 +110,8 @@ class ServedModel:
         else:
             rows = 1
         if request.outputs is not None:
+            if len(request.outputs) > 1:
+                _check_unique(request.outputs)
             for out in request.outputs:
                 if out.name not in self.outputs:
                     raise InvalidInput(
@@ -124,6 +126,14 @@ class ServedModel:
                         "an extension this server does not have (see GET /v2 for its extensions)"
                     )
         return inputs, rows
+
+
+def _check_unique(outputs: list) -> None:
+    seen = set()
+    for out in outputs:
+        if out.name in seen:
+            raise InvalidInput(f"output {out.name!r} asked for more than once")
+        seen.add(out.name)
 
 
 def _check_text(name: str, data: np.ndarray, runtime: str) -> None:
@@ -160,9 +170,17 @@ def check_shape(name: str, shape: list) -> tuple[int, ...]:
         if type(d) is not int or d < 0:
             raise InvalidInput(f"input {name!r}: shape {shape} has a non-integer or negative dim")
         count *= d
-    if count > MAX_ELEMENTS:
+    if count > MAX_ELEMENTS or (count == 0 and _non_zero_count(shape) > MAX_ELEMENTS):
+        # (an empty tensor's other dimensions are bounded too: numpy cannot shape [0, 2**62])
         raise InvalidInput(f"input {name!r}: shape {shape} is larger than {MAX_ELEMENTS} elements")
     return tuple(shape)
+
+
+def _non_zero_count(shape: list) -> int:
+    count = 1
+    for d in shape:
+        count *= d or 1
+    return count
 
 
 _SEQUENCE_TYPES = frozenset({list, tuple})

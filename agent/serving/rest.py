@@ -203,7 +203,8 @@ class RestFrontEnd:
 
     def _inflate(self, body: bytes | memoryview, encoding: str) -> bytes | memoryview | Response:
         """A request body sent with Content-Encoding (tritonclient's request_compression_algorithm),
-        inflated to at most the body limit; 415 for an encoding other than gzip or deflate."""
+        inflated to at most the body limit (413 beyond); 415 for an encoding other than gzip or
+        deflate."""
         kind = encoding.strip().lower()
         if kind == "identity":
             return body
@@ -217,14 +218,20 @@ class RestFrontEnd:
         except zlib.error as exc:
             raise InvalidInput(f"the {kind} request body is corrupt: {exc}") from None
         if len(inflated) > self.max_body:
-            raise InvalidInput(f"the {kind} request body inflates beyond {self.max_body} bytes")
+            return _error(413, f"the {kind} request body inflates beyond {self.max_body} bytes")
         if not inflater.eof:
             raise InvalidInput(f"the {kind} request body is truncated")
+        if inflater.unused_data:
+            raise InvalidInput(
+                f"the {kind} request body has {len(inflater.unused_data)} bytes after its end"
+            )
         return inflated
 
     def repository_index(self, request: Request, reply: Reply) -> None:
         doc = _json_body(request)
-        ready_only = bool(doc.get("ready", False))
+        ready_only = doc.get("ready", False)
+        if type(ready_only) is not bool:
+            raise InvalidInput(f"'ready' must be true or false, got {ready_only!r}")
 
         def answer(entries: list) -> Response:
             return _json(
@@ -237,7 +244,14 @@ class RestFrontEnd:
         self._in_background(self.dataplane.read_repository_index(ready_only), reply, answer)
 
     def load(self, request: Request, reply: Reply, name: str) -> None:
-        _json_body(request)
+        parameters = _json_body(request).get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise InvalidInput("'parameters' must be an object")
+        if parameters and "config" in parameters:
+            raise InvalidInput(
+                "parameters.config is not supported: a model's config is its model.toml "
+                "in the repository"
+            )
         self._in_background(self.dataplane.load_model(name), reply)
 
     def unload(self, request: Request, reply: Reply, name: str) -> None:

@@ -43,10 +43,11 @@ def decode_request(
 ) -> InferenceRequest:
     if header_length is None:
         return _decode(_load(body), b"", model_name, model_version)
-    try:
-        n = int(header_length)
-    except ValueError:
-        raise InvalidInput(f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
+    # ASCII digits, and few: int() also takes "1_0", " 10" and other scripts' digits, and
+    # refuses more than 4300 digits with a ValueError
+    if not (header_length.isascii() and header_length.isdigit()) or len(header_length) > 20:
+        raise InvalidInput(f"{HEADER_LENGTH} must be an integer, got {header_length!r}")
+    n = int(header_length)
     if not 0 < n <= len(body):
         raise InvalidInput(f"{HEADER_LENGTH} is {n} but the body has {len(body)} bytes")
     binary = memoryview(body)[n:]
@@ -144,6 +145,8 @@ def _decode(
         raise InvalidInput("'id' must be a string")
     parameters = doc.get("parameters")
     parameters = {} if parameters is None else _parameters(doc, "request")
+    if parameters:
+        _check_bool(parameters, "binary_data_output", "the request")
     offset = 0
     inputs = []
     for raw in raw_inputs:
@@ -152,14 +155,17 @@ def _decode(
     _check_binary_end(binary, offset)
     outputs = None
     raw_outputs = doc.get("outputs")
-    if raw_outputs is not None:
-        if not isinstance(raw_outputs, list):
-            raise InvalidInput("'outputs' must be a list")
+    if raw_outputs is not None and not isinstance(raw_outputs, list):
+        raise InvalidInput("'outputs' must be a list")
+    if raw_outputs:  # an empty list asks for every output, as Triton reads it
         outputs = []
         for raw in raw_outputs:
             if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
                 raise InvalidInput("each requested output must be an object with a 'name'")
-            outputs.append(RequestedOutput(raw["name"], _parameters(raw, raw["name"])))
+            params = _parameters(raw, raw["name"])
+            if params:
+                _check_bool(params, "binary_data", f"output {raw['name']!r}")
+            outputs.append(RequestedOutput(raw["name"], params))
     return InferenceRequest(model_name, model_version, inputs, request_id, outputs, parameters)
 
 
@@ -186,6 +192,14 @@ def _parameters(obj: dict, where: str) -> dict:
     if not isinstance(params, dict):
         raise InvalidInput(f"'parameters' of {where} must be an object")
     return params
+
+
+def _check_bool(params: dict, name: str, where: str) -> None:
+    """A parameter read as a flag must be one: "false" or [1] would be true (Triton refuses
+    them too)."""
+    value = params.get(name)
+    if value is not None and type(value) is not bool:
+        raise InvalidInput(f"parameter {name!r} of {where} must be true or false, got {value!r}")
 
 
 def _decode_input(raw, binary: memoryview | bytes, offset: int) -> tuple[Tensor, int]:
@@ -234,6 +248,13 @@ def decode_raw(name: str, datatype: str, shape: tuple[int, ...], chunk) -> np.nd
 
 
 def _decode_bytes_elements(name: str, data: bytes, count: int) -> np.ndarray:
+    # each element has at least its length prefix: a shape the data cannot hold is refused
+    # before an array is made for it
+    if 4 * count > len(data):
+        raise InvalidInput(
+            f"input {name!r}: {len(data)} bytes of BYTES data cannot hold {count} elements "
+            "(each has a 4-byte length)"
+        )
     out = np.empty(count, dtype=object)
     pos = 0
     for i in range(count):
