@@ -778,7 +778,8 @@ from pathlib import Path
 from agent.serving.server import ServeOptions, start
 
 async def main():
-    server = await start(ServeOptions(models=Path({str(tmp_path)!r}), http="127.0.0.1:0"))
+    options = ServeOptions(models=Path({str(tmp_path)!r}), http="127.0.0.1:0", grpc=None)
+    server = await start(options)
     url = f"http://127.0.0.1:{{server.http_port}}/v2/health/live"
     status = await asyncio.to_thread(lambda: urllib.request.urlopen(url).status)
     await server.stop()
