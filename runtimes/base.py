@@ -43,7 +43,14 @@ class LoadOptions:
 
 
 class Session(Protocol):
-    """A loaded model, ready to run. `infer` is thread-safe for one caller at a time."""
+    """A loaded model, ready to run.
+
+    `infer` may be called from several threads at once (model.toml's `instances` runs that many
+    workers on one session), and each caller gets the answer to its own inputs: an adapter whose
+    runtime keeps per-run state (OpenVINO's infer request, LiteRT's interpreter) keeps it per
+    thread or runs one call at a time. The arrays it returns are the caller's; a later call does
+    not overwrite them. `close` is called once no `infer` runs any more.
+    """
 
     runtime: str
     device: str

@@ -6,11 +6,18 @@ The interpreter comes from `ai_edge_litert` (current, numpy 2) or, on older node
 numpy 1, from `tflite_runtime`. A dimension that is -1 in a tensor's shape signature is dynamic:
 when a request's input shape differs from the interpreter's current one, the input is resized and
 the tensors reallocated, so one session serves every batch size the model allows.
+
+An interpreter holds its input and output tensors between `set_tensor` and `get_tensor`, so a
+session runs one `infer` at a time (a lock) rather than keep an interpreter per calling thread:
+each interpreter holds its own tensor arena and XNNPACK's repacked copy of the weights, and a
+delegate its own device context, which an edge device's memory pays for per `instances`. The
+`threads` option parallelises within one call.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -105,10 +112,13 @@ class LiteRtSession:
         self.inputs = [_spec(d) for d in input_details]
         self.outputs = [_spec(d) for d in output_details]
         self._input_indices = [d["index"] for d in input_details]
-        self._input_dtypes = [np.dtype(d["dtype"]) for d in input_details]
+        self._input_dtypes = [_array_dtype(d) for d in input_details]
         self._output_indices = [d["index"] for d in output_details]
+        # get_tensor gives a numpy scalar, not a 0-d array, for these.
+        self._scalar_outputs = [s.name for s in self.outputs if s.shape == ()]
         # Current shape of each input, to notice when a request needs a resize.
         self._input_shapes = [tuple(int(x) for x in d["shape"]) for d in input_details]
+        self._lock = threading.Lock()  # one infer at a time: see the module docstring
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if len(inputs) != len(self.inputs) or any(s.name not in inputs for s in self.inputs):
@@ -120,15 +130,19 @@ class LiteRtSession:
             np.asarray(inputs[spec.name], dtype=dtype)
             for spec, dtype in zip(self.inputs, self._input_dtypes, strict=True)
         ]
-        self._resize_if_needed(arrays)
-        for index, array in zip(self._input_indices, arrays, strict=True):
-            interpreter.set_tensor(index, array)
-        interpreter.invoke()
-        # get_tensor returns a copy, so later calls cannot overwrite what we hand out.
-        return {
-            spec.name: interpreter.get_tensor(index)
-            for spec, index in zip(self.outputs, self._output_indices, strict=True)
-        }
+        with self._lock:
+            self._resize_if_needed(arrays)
+            for index, array in zip(self._input_indices, arrays, strict=True):
+                interpreter.set_tensor(index, array)
+            interpreter.invoke()
+            # get_tensor returns a copy, so later calls cannot overwrite what we hand out.
+            outputs = {
+                spec.name: interpreter.get_tensor(index)
+                for spec, index in zip(self.outputs, self._output_indices, strict=True)
+            }
+        for name in self._scalar_outputs:
+            outputs[name] = np.asarray(outputs[name])
+        return outputs
 
     def _resize_if_needed(self, arrays: list[np.ndarray]) -> None:
         changed = [i for i, a in enumerate(arrays) if a.shape != self._input_shapes[i]]
@@ -145,15 +159,24 @@ class LiteRtSession:
                 )
         for position in changed:
             shape = arrays[position].shape
-            # strict=True: only the dimensions the shape signature marks -1 may change.
+            # Checked above against the shape signature read at load time. Not strict=True:
+            # set_tensor on a string tensor overwrites its signature with the shape it was given,
+            # and the strict resize would then refuse every other batch size.
             self._interpreter.resize_tensor_input(
-                self._input_indices[position], list(shape), strict=True
+                self._input_indices[position], list(shape), strict=False
             )
             self._input_shapes[position] = shape
         self._interpreter.allocate_tensors()
 
     def close(self) -> None:
         self._interpreter = None
+
+
+def _array_dtype(detail: dict) -> np.dtype:
+    """The numpy dtype to hand the interpreter an input in. String tensors take object arrays of
+    bytes: a fixed-width bytes array (np.bytes_) would drop each value's trailing NUL bytes."""
+    dtype = np.dtype(detail["dtype"])
+    return np.dtype(object) if dtype.kind in "SO" else dtype
 
 
 def _delegate_for(device: str):

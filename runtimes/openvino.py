@@ -1,17 +1,24 @@
 """OpenVINO adapter: OpenVINO IR (.xml with its .bin), ONNX and TFLite files on any OpenVINO device.
 
-The model is compiled once for `LoadOptions.device` (CPU, GPU, NPU, AUTO, HETERO:GPU,CPU, ...) and
-run through a single InferRequest, since the serving path calls `infer` from one thread at a time.
-`execution_devices` tells where the compiled model really runs (AUTO may pick any of its targets).
+The model is compiled once for `LoadOptions.device` (CPU, GPU, NPU, AUTO, HETERO:GPU,CPU, ...).
+An InferRequest holds its inputs and outputs between `set_input_tensor` and `get_output_tensor`,
+so each thread calling `infer` gets its own, made from the (thread-safe) compiled model on the
+thread's first call. `execution_devices` tells where the compiled model really runs (AUTO may
+pick any of its targets).
 
 On CPUs with bf16 support the CPU plugin computes in bf16 by default, which moves outputs by about
 1e-3; the adapter asks for f32 unless `LoadOptions.extra` sets INFERENCE_PRECISION_HINT itself.
 Every other key of `extra` is passed to `compile_model` as an OpenVINO property.
+
+The CPU plugin computes INT64 and UINT64 in 32 bits (and FP64 in FP32) while the model's metadata
+still says 64: `infer` refuses 64-bit integer inputs outside the 32-bit range rather than answer
+with wrapped values (results a model computes from in-range inputs can still wrap).
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +60,39 @@ def _core() -> ov.Core:
     return ov.Core()
 
 
-def _spec(port) -> TensorSpec:
+# 64-bit integer types the plugins compute in 32 bits, and the range that survives it.
+_NARROWED_INTEGERS = frozenset({np.dtype(np.int64), np.dtype(np.uint64)})
+_INT32 = np.iinfo(np.int32)
+
+
+def _name(port) -> str:
     try:
-        name = port.get_any_name()
+        return port.get_any_name()
     except RuntimeError:  # a tensor without names: fall back to its node's name
-        name = port.get_node().get_friendly_name()
+        return port.get_node().get_friendly_name()
+
+
+def _output_names(core: ov.Core, path: Path, compiled: ov.CompiledModel) -> list[str]:
+    """The outputs' names as the model file gives them.
+
+    Compiling folds an Identity into the op before it, whose tensor then carries both names
+    ("hidden" and "y" for `Relu -> hidden -> Identity -> y`), and `get_any_name()` picks the
+    first in sort order, not the graph's output. The model as read, before compile-time
+    transformations, names only the file's outputs, in the same order: ONNX Runtime and LiteRT
+    report those, so clients see the same names whichever runtime serves the file. Reading the
+    file again costs a load's time and memory, so only when some output has several names.
+    """
+    ports = compiled.outputs
+    if all(len(port.get_names()) <= 1 for port in ports):
+        return [_name(port) for port in ports]
+    read = core.read_model(str(path)).outputs
+    return [
+        _name(as_read) if as_read.get_names() & port.get_names() else _name(port)
+        for port, as_read in zip(ports, read, strict=True)
+    ]
+
+
+def _spec(port, name: str) -> TensorSpec:
     type_name = port.get_element_type().get_type_name()
     datatype = _OV_TYPES.get(type_name)
     if datatype is None:
@@ -149,10 +184,12 @@ class OpenVinoSession:
         self.device = device
         self.execution_devices: list[str] = list(self._compiled.get_property("EXECUTION_DEVICES"))
         self.properties = properties
-        self.inputs = [_spec(port) for port in self._compiled.inputs]
-        self.outputs = [_spec(port) for port in self._compiled.outputs]
+        self.inputs = [_spec(port, _name(port)) for port in self._compiled.inputs]
+        names = _output_names(core, path, self._compiled)
+        self.outputs = [_spec(p, n) for p, n in zip(self._compiled.outputs, names, strict=True)]
         self._input_dtypes = [port.get_element_type().to_dtype() for port in self._compiled.inputs]
-        self._request = self._compiled.create_infer_request()
+        self._narrowed = {i for i, d in enumerate(self._input_dtypes) if d in _NARROWED_INTEGERS}
+        self._local = threading.local()  # .request: this thread's InferRequest
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if len(inputs) != len(self.inputs) or any(s.name not in inputs for s in self.inputs):
@@ -160,9 +197,15 @@ class OpenVinoSession:
             raise ValueError(
                 f"expected inputs {sorted(s.name for s in self.inputs)}, got {sorted(inputs)}"
             )
-        request = self._request
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self._compiled.create_infer_request()
         for index, spec in enumerate(self.inputs):
-            array = np.ascontiguousarray(inputs[spec.name], dtype=self._input_dtypes[index])
+            array = np.asarray(inputs[spec.name], dtype=self._input_dtypes[index])
+            if not array.flags.c_contiguous:  # not np.ascontiguousarray: it makes 0-d arrays 1-d
+                array = np.ascontiguousarray(array)
+            if index in self._narrowed:
+                self._check_narrowed(spec, array)
             # Sharing memory is safe since infer() is synchronous and the next call replaces
             # the tensor; OpenVINO refuses to share a read-only array (np.frombuffer), so copy it.
             tensor = ov.Tensor(array, shared_memory=array.flags.writeable)
@@ -174,8 +217,20 @@ class OpenVinoSession:
             for index, spec in enumerate(self.outputs)
         }
 
+    def _check_narrowed(self, spec: TensorSpec, array: np.ndarray) -> None:
+        if array.size == 0:
+            return
+        low, high = array.min(), array.max()
+        if low < _INT32.min or high > _INT32.max:
+            value = high if high > _INT32.max else low
+            raise ValueError(
+                f"input {spec.name!r} holds {value}: OpenVINO computes {spec.datatype} in 32 "
+                f"bits on {self.device} (values {_INT32.min}..{_INT32.max}); serve this model "
+                "with onnxruntime for larger values"
+            )
+
     def close(self) -> None:
-        self._request = None
+        self._local = threading.local()  # drops this session's requests held by any thread
         self._compiled = None
 
 

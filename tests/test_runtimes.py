@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -369,3 +370,233 @@ def test_litert_refuses_a_delegate_device_it_cannot_load(tmp_path, monkeypatch, 
     with pytest.raises(ModelLoadError, match="could not load the NPU delegate"):
         load(model, options=LoadOptions(device="NPU"))
     assert load(model).infer({"input": np.zeros((1, 64), np.float32)})["output"].shape == (1, 10)
+
+
+# --- several callers at once (model.toml `instances`), and what the runtimes disagree on ----------
+
+
+@pytest.mark.parametrize(
+    ("model", "runtime"),
+    [("mlp", "onnxruntime"), ("mlp", "openvino"), ("mlp-tflite", "litert")],
+)
+def test_concurrent_callers_each_get_their_own_answer(models, model, runtime):
+    """The scheduler runs `instances` workers on one session: no caller may get another's rows
+    (OpenVINO shared one infer request, LiteRT one interpreter, between threads)."""
+    session = load(models[model], runtime=runtime)
+    cases = [_batch(rows, seed=rows) for rows in (1, 1, 2, 3)]  # LiteRT also resizes
+    expected = [samples.reference_output(model, case)["output"] for case in cases]
+    start = threading.Barrier(len(cases))
+    wrong: list[str] = []
+
+    def call(number: int) -> None:
+        start.wait()
+        for _ in range(150):
+            try:
+                output = session.infer(cases[number])["output"]
+            except Exception as exc:  # "Infer Request is busy": a wrong answer too
+                wrong.append(f"{type(exc).__name__}: {exc}")
+                continue
+            if output.shape != expected[number].shape or not np.allclose(
+                output, expected[number], atol=1e-5
+            ):
+                wrong.append(f"caller {number} got rows of shape {output.shape}")
+
+    threads = [threading.Thread(target=call, args=(n,)) for n in range(len(cases))]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often: between one caller's set and its run
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        sys.setswitchinterval(interval)
+    assert wrong == []
+
+
+def _onnx_file(path: Path, nodes, inputs, outputs) -> Path:
+    """A small ONNX model; nodes: (op, inputs, outputs); inputs, outputs: (name, type, shape)."""
+    from onnx import helper
+
+    graph = helper.make_graph(
+        [helper.make_node(op, ins, outs) for op, ins, outs in nodes],
+        "test",
+        [helper.make_tensor_value_info(*i) for i in inputs],
+        [helper.make_tensor_value_info(*o) for o in outputs],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def _tflite_file(path: Path, tensors, operators, inputs, outputs) -> Path:
+    """A small .tflite model, as agent/samples.py builds one. tensors: (name, shape, signature or
+    None, tflite.TensorType); operators: (tflite.BuiltinOperator, inputs, outputs) by index."""
+    import flatbuffers
+    import tflite
+
+    b = flatbuffers.Builder(1024)
+
+    def vector(start, offsets):
+        start(b, len(offsets))
+        for offset in reversed(offsets):
+            b.PrependUOffsetTRelative(offset)
+        return b.EndVector()
+
+    def ints(values):
+        return b.CreateNumpyVector(np.array(values, dtype=np.int32))
+
+    buffers = []
+    for _ in range(len(tensors) + 1):  # buffer 0 is the empty one by convention
+        tflite.BufferStart(b)
+        buffers.append(tflite.BufferEnd(b))
+    tensor_offsets = []
+    for number, (name, shape, signature, tensor_type) in enumerate(tensors):
+        name_offset, shape_offset = b.CreateString(name), ints(shape)
+        signature_offset = ints(signature) if signature is not None else None
+        tflite.TensorStart(b)
+        tflite.TensorAddShape(b, shape_offset)
+        if signature_offset is not None:
+            tflite.TensorAddShapeSignature(b, signature_offset)
+        tflite.TensorAddType(b, tensor_type)
+        tflite.TensorAddBuffer(b, number + 1)
+        tflite.TensorAddName(b, name_offset)
+        tensor_offsets.append(tflite.TensorEnd(b))
+    codes = sorted({op for op, _, _ in operators})
+    operator_offsets = []
+    for op, op_inputs, op_outputs in operators:
+        inputs_offset, outputs_offset = ints(op_inputs), ints(op_outputs)
+        tflite.OperatorStart(b)
+        tflite.OperatorAddOpcodeIndex(b, codes.index(op))
+        tflite.OperatorAddInputs(b, inputs_offset)
+        tflite.OperatorAddOutputs(b, outputs_offset)
+        operator_offsets.append(tflite.OperatorEnd(b))
+    code_offsets = []
+    for code in codes:
+        tflite.OperatorCodeStart(b)
+        tflite.OperatorCodeAddDeprecatedBuiltinCode(b, code)
+        tflite.OperatorCodeAddBuiltinCode(b, code)
+        tflite.OperatorCodeAddVersion(b, 1)
+        code_offsets.append(tflite.OperatorCodeEnd(b))
+    subgraph_tensors = vector(tflite.SubGraphStartTensorsVector, tensor_offsets)
+    subgraph_inputs, subgraph_outputs = ints(inputs), ints(outputs)
+    subgraph_operators = vector(tflite.SubGraphStartOperatorsVector, operator_offsets)
+    tflite.SubGraphStart(b)
+    tflite.SubGraphAddTensors(b, subgraph_tensors)
+    tflite.SubGraphAddInputs(b, subgraph_inputs)
+    tflite.SubGraphAddOutputs(b, subgraph_outputs)
+    tflite.SubGraphAddOperators(b, subgraph_operators)
+    subgraph = tflite.SubGraphEnd(b)
+    operator_codes = vector(tflite.ModelStartOperatorCodesVector, code_offsets)
+    subgraphs = vector(tflite.ModelStartSubgraphsVector, [subgraph])
+    model_buffers = vector(tflite.ModelStartBuffersVector, buffers)
+    tflite.ModelStart(b)
+    tflite.ModelAddVersion(b, 3)
+    tflite.ModelAddOperatorCodes(b, operator_codes)
+    tflite.ModelAddSubgraphs(b, subgraphs)
+    tflite.ModelAddBuffers(b, model_buffers)
+    b.Finish(tflite.ModelEnd(b), file_identifier=b"TFL3")
+    path.write_bytes(bytes(b.Output()))
+    return path
+
+
+@pytest.mark.parametrize("datatype", ["INT64", "UINT64"])
+def test_openvino_refuses_64_bit_integers_it_would_compute_in_32_bits(tmp_path, datatype):
+    from onnx import TensorProto
+
+    element = {"INT64": TensorProto.INT64, "UINT64": TensorProto.UINT64}[datatype]
+    dtype = np.int64 if datatype == "INT64" else np.uint64
+    path = _onnx_file(
+        tmp_path / "add.onnx",
+        [("Add", ["x", "x"], ["y"])],
+        [("x", element, ["batch", 3])],
+        [("y", element, ["batch", 3])],
+    )
+    session = load(path, runtime="openvino")
+    assert session.inputs == [TensorSpec("x", datatype, (-1, 3))]
+    small = np.array([[0, 7, 2**30 - 1]], dtype)
+    np.testing.assert_array_equal(session.infer({"x": small})["y"], small + small)
+    assert session.infer({"x": np.zeros((0, 3), dtype)})["y"].shape == (0, 3)
+    large = np.array([[1, 2**40 + 1, 2]], dtype)  # OpenVINO answered 2 for 2**40+1 + itself
+    with pytest.raises(ValueError, match=rf"input 'x' holds {2**40 + 1}: .*{datatype} in 32 bits"):
+        session.infer({"x": large})
+    if datatype == "INT64":
+        with pytest.raises(ValueError, match=rf"holds {-(2**31) - 1}"):
+            session.infer({"x": np.array([[-(2**31) - 1, 0, 0]], dtype)})
+    np.testing.assert_array_equal(load(path).infer({"x": large})["y"], large + large)
+
+
+def test_a_scalar_input_runs_on_every_runtime(tmp_path):
+    import tflite
+    from onnx import TensorProto
+
+    onnx_path = _onnx_file(
+        tmp_path / "double.onnx",
+        [("Add", ["x", "x"], ["y"])],
+        [("x", TensorProto.FLOAT, [])],
+        [("y", TensorProto.FLOAT, [])],
+    )
+    float32 = tflite.TensorType.FLOAT32
+    tflite_path = _tflite_file(
+        tmp_path / "double.tflite",
+        [("x", [], None, float32), ("y", [], None, float32)],
+        [(tflite.BuiltinOperator.ADD, [0, 0], [1])],
+        [0],
+        [1],
+    )
+    x = np.array(1.5, np.float32)
+    for path, runtime in (
+        (onnx_path, "onnxruntime"),
+        (onnx_path, "openvino"),
+        (tflite_path, "litert"),
+    ):
+        session = load(path, runtime=runtime)
+        assert session.inputs == [TensorSpec("x", "FP32", ())], runtime
+        y = session.infer({"x": x})["y"]
+        assert isinstance(y, np.ndarray) and y.shape == () and y == 3.0, runtime
+
+
+def test_openvino_names_outputs_as_the_onnx_graph_does(tmp_path):
+    """OpenVINO folds the Identity: its output tensor is called both 'hidden' and 'y'."""
+    from onnx import TensorProto
+
+    path = _onnx_file(
+        tmp_path / "model.onnx",
+        [("Relu", ["x"], ["hidden"]), ("Identity", ["hidden"], ["y"])],
+        [("x", TensorProto.FLOAT, ["batch", 3])],
+        [("y", TensorProto.FLOAT, ["batch", 3])],
+    )
+    x = np.array([[-1.0, 0.0, 2.0]], np.float32)
+    for runtime in ("onnxruntime", "openvino"):
+        session = load(path, runtime=runtime)
+        assert [o.name for o in session.outputs] == ["y"], runtime
+        np.testing.assert_array_equal(session.infer({"x": x})["y"], [[0.0, 0.0, 2.0]])
+
+
+@pytest.fixture
+def litert_strings(tmp_path) -> Path:
+    """A .tflite model whose output is its input: BYTES [-1, 3]."""
+    import tflite
+
+    return _tflite_file(
+        tmp_path / "strings.tflite",
+        [("x", [1, 3], [-1, 3], tflite.TensorType.STRING)],
+        [],
+        [0],
+        [0],
+    )
+
+
+def test_litert_keeps_trailing_nul_bytes_of_bytes_inputs(litert_strings):
+    session = load(litert_strings)
+    x = np.array([[b"a\x00", b"\x00\x00", b""]], dtype=object)
+    assert session.infer({"x": x})["x"].tolist() == x.tolist()
+
+
+def test_litert_resizes_a_string_input_for_every_batch_size(litert_strings):
+    session = load(litert_strings)
+    assert session.inputs == [TensorSpec("x", "BYTES", (-1, 3))]
+    for rows in (1, 2, 3, 1):
+        x = np.array([[b"%d" % r, b"b", b"c"] for r in range(rows)], dtype=object)
+        assert session.infer({"x": x})["x"].tolist() == x.tolist()
