@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except UserError as exc:
         print(f"edgefleet-agent: error: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code
 
 
 if __name__ == "__main__":

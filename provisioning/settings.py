@@ -80,6 +80,8 @@ def _convert(cls: type, name: str, value: Any, source: str) -> Any:
     kind = str({f.name: f.type for f in fields(cls)}[name])
     if "Path" in kind and "None" not in kind and value == "":
         raise SettingsError(f"{source}: {name} is empty; give it a path, or leave it out")
+    if isinstance(value, str) and "\0" in value:  # the OS would cut a path there, or refuse it
+        raise SettingsError(f"{source}: {name} holds a NUL character")
     try:
         if kind in ("int", "float"):
             if isinstance(value, bool) or (kind == "int" and isinstance(value, float)):

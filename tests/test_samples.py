@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -164,3 +167,18 @@ def test_command_refuses_a_file_as_directory(tmp_path):
     not_a_dir.write_text("x")
     with pytest.raises(UserError, match="not a directory"):
         _run_command(["sample-models", str(not_a_dir)])
+
+
+def test_command_refuses_an_empty_path_instead_of_writing_here(tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "sample-models", ""],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "argument DIR: empty path" in result.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -125,6 +125,11 @@ async def test_enrolled_node_schedules_certificate_renewal(control_plane, sample
         ([], "state_dir = " + "[" * 100_000 + "]" * 100_000 + "\n", "cannot read config file"),
         ([], "[serving]\nhttp = 80\n", "http has a bad value"),
         ([], 'state_dir = ""\n', "state_dir is empty; give it a path"),
+        ([], 'state_dir = "/tmp/st\\u0000b"\n', "state_dir holds a NUL character"),
+        ([], '[serving]\nmodels = "/tmp/a\\u0000b"\n', "models holds a NUL character"),
+        (["--http", ""], None, "--http is empty; give HOST:PORT, or 'off'"),
+        ([], '[serving]\nhttp = ""\n', "the http setting is empty; give HOST:PORT, or 'off'"),
+        ([], '[serving]\ngrpc = ""\n', "the grpc setting is empty"),
     ],
 )
 def test_bad_flags_and_config_fail_clearly(sample_repo, tmp_path, argv, config, message):
@@ -189,3 +194,48 @@ def test_address_in_use_is_a_clear_error(sample_repo):
         )
     assert result.returncode == 1
     assert "cannot listen" in result.stderr and "Traceback" not in result.stderr
+
+
+def _serve(*argv: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", "serve", "--no-select", *argv],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_nul_in_the_socket_path_is_a_config_error_and_creates_nothing(sample_repo, tmp_path):
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[serving]\nsocket = "{tmp_path}/s\\u0000x"\n')
+    result = _serve("--config", str(config), "--models", str(sample_repo), "--grpc", "off")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"edgefleet-agent: error: {config}: socket holds a NUL character"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["agent.toml"]  # no socket file at .../s
+
+
+def test_serving_nothing_at_all_is_a_usage_error(sample_repo):
+    result = _serve("--models", str(sample_repo), "--http", "off", "--grpc", "off")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "edgefleet-agent: error: nothing to serve: REST and gRPC are both off and no --socket "
+        "is given"
+    ]
+
+
+def test_models_that_is_a_file_is_not_a_directory(sample_repo):
+    model_file = sample_repo / "mlp" / "1" / "model.onnx"
+    result = _serve("--models", str(model_file))
+    assert result.returncode == 1
+    assert f"model repository {model_file} is not a directory" in result.stderr
+    assert "does not exist" not in result.stderr
+
+
+def test_an_empty_models_path_is_refused_not_read_as_the_current_directory(tmp_path):
+    result = _serve("--models", "", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "argument --models: empty path" in result.stderr

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from agent.commands import path_arg
+
 
 def add_parser(sub) -> None:
     parser = sub.add_parser(
@@ -14,7 +16,7 @@ def add_parser(sub) -> None:
         "anything: an MLP with dynamic batching (ONNX), a CNN (ONNX and OpenVINO IR) and a "
         "fully connected TFLite model. Existing sample files in DIR are overwritten.",
     )
-    parser.add_argument("dir", metavar="DIR", type=Path, help="model repository to write into")
+    parser.add_argument("dir", metavar="DIR", type=path_arg, help="model repository to write into")
     parser.set_defaults(func=run)
 
 

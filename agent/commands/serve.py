@@ -11,6 +11,8 @@ import argparse
 import sqlite3
 from pathlib import Path
 
+from agent.commands import UsageError, UserError, path_arg
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -19,9 +21,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Serve every model in DIR (<model>/<version>/model.{onnx,xml,tflite}) "
         "over the KServe v2 Open Inference Protocol. Binds 127.0.0.1 unless told otherwise.",
     )
-    p.add_argument("--config", type=Path, metavar="FILE", help="agent config (TOML)")
+    p.add_argument("--config", type=path_arg, metavar="FILE", help="agent config (TOML)")
     p.add_argument(
-        "--models", type=Path, metavar="DIR", help="model repository (default <state_dir>/models)"
+        "--models",
+        type=path_arg,
+        metavar="DIR",
+        help="model repository (default <state_dir>/models)",
     )
     p.add_argument(
         "--http", metavar="HOST:PORT", help="REST address (default 127.0.0.1:8000; 'off')"
@@ -29,7 +34,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--grpc", metavar="HOST:PORT", help="gRPC address (default 127.0.0.1:8001; 'off')"
     )
-    p.add_argument("--socket", type=Path, metavar="PATH", help="also serve REST on a unix socket")
+    p.add_argument(
+        "--socket", type=path_arg, metavar="PATH", help="also serve REST on a unix socket"
+    )
     p.add_argument(
         "--select",
         action=argparse.BooleanOptionalAction,
@@ -50,7 +57,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from agent import memory
-    from agent.cli import UserError
     from agent.config import SettingsError, load_config
     from agent.serving.server import ServeOptions, split_address
     from provisioning.logs import configure_logging
@@ -60,13 +66,18 @@ def run(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         raise UserError(str(exc)) from None
     models = args.models or config.models_dir
+    if models.exists() and not models.is_dir():
+        raise UserError(f"model repository {models} is not a directory")
     if not models.is_dir():
         raise UserError(
             f"model repository {models} does not exist "
             "(create one with: edgefleet-agent sample-models DIR)"
         )
-    http = _address(args.http or config.http)
-    grpc = _address(args.grpc or config.grpc)
+    http = _address("http", args.http, config.http)
+    grpc = _address("grpc", args.grpc, config.grpc)
+    socket = args.socket or config.socket
+    if not (http or grpc or socket):
+        raise UsageError("nothing to serve: REST and gRPC are both off and no --socket is given")
     for address in (http, grpc):
         if address:
             try:
@@ -77,7 +88,6 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--max-body-mb must be between 1 and 4096")
     configure_logging(args.log_level)
     memory.tune_allocator()
-    socket = args.socket or config.socket
     select = config.select if args.select is None else args.select
     if select:  # decisions are stored there: say so now, not as "cannot listen" from start()
         try:
@@ -107,7 +117,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _address(value: str) -> str | None:
+def _address(setting: str, flag: str | None, configured: str) -> str | None:
+    """The flag's address, else the config's; None for "off". An empty one is refused rather
+    than read as "off" or as the default: a reader of the config cannot tell which is meant."""
+    value = configured if flag is None else flag
+    if value == "":
+        where = f"--{setting}" if flag is not None else f"the {setting} setting"
+        raise UserError(f"{where} is empty; give HOST:PORT, or 'off' to turn it off")
     return None if value == "off" else value
 
 
