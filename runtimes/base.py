@@ -24,6 +24,11 @@ class ModelLoadError(RuntimeAdapterError):
     """The runtime failed to load or compile the model."""
 
 
+class InputRejected(RuntimeAdapterError, ValueError):
+    """`infer` refuses these input values: the runtime would compute them wrongly (the caller's
+    input, not a failure of the model: the server answers it as bad input)."""
+
+
 @dataclass(frozen=True, slots=True)
 class TensorSpec:
     """One model input or output: KServe datatype and shape (-1 for a dynamic dimension)."""

@@ -24,7 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from runtimes.base import LoadOptions, ModelLoadError, RuntimeUnavailable, TensorSpec
+from runtimes.base import (
+    InputRejected,
+    LoadOptions,
+    ModelLoadError,
+    RuntimeUnavailable,
+    TensorSpec,
+)
 
 try:
     import openvino as ov
@@ -223,7 +229,7 @@ class OpenVinoSession:
         low, high = array.min(), array.max()
         if low < _INT32.min or high > _INT32.max:
             value = high if high > _INT32.max else low
-            raise ValueError(
+            raise InputRejected(
                 f"input {spec.name!r} holds {value}: OpenVINO computes {spec.datatype} in 32 "
                 f"bits on {self.device} (values {_INT32.min}..{_INT32.max}); serve this model "
                 "with onnxruntime for larger values"

@@ -527,6 +527,35 @@ def test_openvino_refuses_64_bit_integers_it_would_compute_in_32_bits(tmp_path, 
     np.testing.assert_array_equal(load(path).infer({"x": large})["y"], large + large)
 
 
+def test_a_64_bit_value_openvino_refuses_is_bad_input_not_a_server_error(tmp_path):
+    """Served, the refusal is the client's 400 (InputRejected), not a 500."""
+    import tritonclient.http as httpclient
+    from onnx import TensorProto
+    from tritonclient.utils import InferenceServerException
+
+    from agent.serving.server import ServeOptions
+    from tests.conftest import ServerThread
+
+    version_dir = tmp_path / "add64" / "1"
+    version_dir.mkdir(parents=True)
+    _onnx_file(
+        version_dir / "model.onnx",
+        [("Add", ["x", "x"], ["y"])],
+        [("x", TensorProto.INT64, ["batch", 3])],
+        [("y", TensorProto.INT64, ["batch", 3])],
+    )
+    (version_dir / "model.toml").write_text('runtime = "openvino"\nmax_batch_size = 8\n')
+    options = ServeOptions(tmp_path, "127.0.0.1:0", None, None)
+    with ServerThread(options) as server, httpclient.InferenceServerClient(server.http_url) as c:
+        x = httpclient.InferInput("x", [1, 3], "INT64")
+        x.set_data_from_numpy(np.array([[1, 2**40 + 1, 2]], np.int64))
+        with pytest.raises(InferenceServerException, match="OpenVINO computes INT64") as err:
+            c.infer("add64", [x])
+        assert err.value.status() == "400"
+        x.set_data_from_numpy(np.array([[1, 2, 3]], np.int64))
+        np.testing.assert_array_equal(c.infer("add64", [x]).as_numpy("y"), [[2, 4, 6]])
+
+
 def test_a_scalar_input_runs_on_every_runtime(tmp_path):
     import tflite
     from onnx import TensorProto

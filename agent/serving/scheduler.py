@@ -37,12 +37,14 @@ import numpy as np
 from agent.serving.config import ModelConfig
 from agent.serving.errors import (
     InferenceFailed,
+    InvalidInput,
     ModelNotReady,
     QueueFull,
     RequestTimeout,
     ServingError,
 )
 from agent.serving.metrics import ModelMetrics
+from runtimes.base import InputRejected
 
 log = logging.getLogger(__name__)
 
@@ -306,8 +308,11 @@ class Scheduler:
                     else:
                         self._run([job])
                 return
-            log.warning("model %s failed on a batch of %d: %s", self.name, rows, exc)
-            error = InferenceFailed(f"model {self.name} failed: {exc}")
+            if isinstance(exc, InputRejected):
+                error = InvalidInput(f"model {self.name}: {exc}")
+            else:
+                log.warning("model %s failed on a batch of %d: %s", self.name, rows, exc)
+                error = InferenceFailed(f"model {self.name} failed: {exc}")
         compute_ns = time.perf_counter_ns() - start
         self._loop.call_soon_threadsafe(
             self._resolve, batch, rows, outputs, error, start, compute_ns
