@@ -270,12 +270,12 @@ def test_a_load_or_unload_whose_caller_leaves_still_finishes(private_agent, oper
 
     async def leave_early() -> None:
         task = asyncio.ensure_future(getattr(dataplane, operation)("mlp"))
-        for _ in range(100_000):  # until the change is under way (the loop's own view)
-            if _states(private_agent)[("mlp", "1")][0] == busy:
-                break
-            await asyncio.sleep(0 if operation == "unload_model" else 0.001)
-        else:
-            raise AssertionError(f"mlp never became {busy}")
+        # Every turn of the loop, until the change is under way: a state changes only in a
+        # turn, so none is missed (a load whose trial already passed is LOADING for a few ms).
+        deadline = time.monotonic() + 30
+        while dataplane._states["mlp"]["1"].state != busy:
+            assert time.monotonic() < deadline and not task.done(), f"mlp never became {busy}"
+            await asyncio.sleep(0)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
