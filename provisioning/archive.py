@@ -7,10 +7,12 @@ decompression bomb.
 
 `safe_extract` is what a node runs on an archive that arrived over the network. It never calls
 `tarfile.extract`: it reads member headers one by one and writes regular files itself, refusing
-absolute paths, `..`, links, device nodes, FIFOs and anything else that is not a plain file or
-directory, and stopping at the caps of `ArchiveLimits` (member count, member size, total size,
-path length). It extracts into a directory it creates, so nothing outside can be touched; on
-any refusal the caller discards that directory whole.
+absolute paths, `..`, links, device nodes, FIFOs, sparse members (GNU or PAX: a few bytes of
+archive that unpack to gigabytes of zeros) and anything else that is not a plain file or
+directory, a member whose name collides with another's, and one whose data ends early; and
+stopping at the caps of `ArchiveLimits` (member count, member size, total size, path length).
+It extracts into a directory it creates, so nothing outside can be touched; on any refusal the
+caller discards that directory whole.
 
 `snapshot` copies a package directory that someone else may still be writing (a publisher's
 checkout) into a private directory, following no link, so that what is verified and packed
@@ -154,7 +156,7 @@ def safe_extract(
             if member.isdir():
                 _make_dirs(destination, name)
                 continue
-            if not member.isreg():
+            if not member.isreg() or _is_sparse(member):
                 raise ArchiveError(f"{name!r} is a {_kind(member)}; packages hold plain files only")
             if member.size > limits.max_member_bytes:
                 raise ArchiveError(
@@ -194,7 +196,15 @@ def _member_name(member: tarfile.TarInfo, limits: ArchiveLimits) -> str:
     return name
 
 
+def _is_sparse(member: tarfile.TarInfo) -> bool:
+    # tarfile reads GNU sparse headers and PAX GNU.sparse.* records into `sparse` (and counts
+    # such a member as regular); a stray GNU.sparse record it did not use is refused as well.
+    return member.issparse() or any(key.startswith("GNU.sparse.") for key in member.pax_headers)
+
+
 def _kind(member: tarfile.TarInfo) -> str:
+    if _is_sparse(member):
+        return "sparse file (its holes would unpack to zeros never counted in the archive)"
     if member.issym():
         return f"symbolic link (to {member.linkname!r})"
     if member.islnk():
@@ -228,11 +238,18 @@ def _write_member(
     if source is None:
         raise ArchiveError(f"{name!r} has no data")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-    fd = os.open(directory / filename, flags, 0o600)
+    try:
+        fd = os.open(directory / filename, flags, 0o600)
+    except (FileExistsError, IsADirectoryError, NotADirectoryError):
+        # Only this extraction writes here: the name is a directory of the archive already.
+        raise ArchiveError(f"{name!r} collides with a directory of the archive") from None
     left = member.size
     with os.fdopen(fd, "wb") as out:
         while left:
-            chunk = source.read(min(_CHUNK, left))
+            try:
+                chunk = source.read(min(_CHUNK, left))
+            except (tarfile.TarError, EOFError) as exc:  # the archive ends inside this member
+                raise ArchiveError(f"{name!r} is truncated: {exc}") from None
             if not chunk:
                 raise ArchiveError(f"{name!r} is truncated")
             out.write(chunk)

@@ -327,6 +327,96 @@ def test_malicious_archive(world, tmp_path, member, reason):
     assert not Path("/etc/cron.d/evil").exists()
 
 
+BOMB_BYTES = 400 * 2**20  # what the sparse member claims to unpack to: under every size cap
+
+
+def _sparse_tar(path: Path, kind: str) -> Path:
+    """A tar of one member that holds 512 bytes of data and unpacks to BOMB_BYTES."""
+    hole = BOMB_BYTES - 512
+    info = tarfile.TarInfo("model.onnx")
+    info.size = 512
+    if kind == "pax":  # PAX sparse format 0.1: the map is a header record
+        info.pax_headers = {
+            "GNU.sparse.map": f"{hole},512",
+            "GNU.sparse.realsize": str(BOMB_BYTES),
+            "GNU.sparse.name": "model.onnx",
+        }
+        with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+            tar.addfile(info, io.BytesIO(b"x" * 512))
+        return path
+    # An old GNU sparse header ('S'): tarfile writes none, so patch the map into a GNU header.
+    info.type = tarfile.GNUTYPE_SPARSE
+    header = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
+    header[386:398] = b"%011o\0" % hole  # first map entry: offset, then number of bytes
+    header[398:410] = b"%011o\0" % 512
+    header[482] = 0  # no extended map headers follow
+    header[483:495] = b"%011o\0" % BOMB_BYTES  # the real size
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header[:512])
+    path.write_bytes(bytes(header) + b"x" * 512 + b"\0" * 1024)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["gnu", "pax"])
+def test_sparse_member_is_refused_before_it_unpacks(world, tmp_path, kind):
+    """2 KiB of archive that would write 400 MiB of zeros: a decompression bomb in a plain tar."""
+    version = world.next_version()
+    archive = _sparse_tar(tmp_path / "sparse.tar", kind)
+    with tarfile.open(archive) as tar:  # what tarfile itself would unpack
+        assert tar.getmember("model.onnx").size == BOMB_BYTES
+    world.fleet.publish_archive("mlp", version, "onnx-fp32", archive)
+    assert_refused(world, world.apply("mlp", version), "unpack", "'model.onnx' is a sparse file")
+
+
+def test_archive_that_ends_inside_a_member_fails_the_job(world, tmp_path):
+    """The header says 100000 bytes, the archive holds 1000: a one-line reason, not a crash."""
+    version = world.next_version()
+    info = tarfile.TarInfo("model.onnx")
+    info.size = 100_000
+    archive = tmp_path / "truncated.tar"
+    archive.write_bytes(info.tobuf(format=tarfile.PAX_FORMAT) + b"x" * 1000)
+    world.fleet.publish_archive("mlp", version, "onnx-fp32", archive)
+    outcome = world.apply("mlp", version)
+    assert_refused(world, outcome, "unpack", "'model.onnx' is truncated")
+    assert "\n" not in outcome.reason
+
+
+def _tar(path: Path, *members: tuple[str, bytes | None]) -> Path:
+    """A tar of (name, data) members; data None makes a directory."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_directory_and_file_of_one_name_in_one_archive_fail_the_job(world, tmp_path):
+    version = world.next_version()
+    archive = _tar(tmp_path / "collision.tar", ("model.onnx", None), ("model.onnx", b"x"))
+    world.fleet.publish_archive("mlp", version, "onnx-fp32", archive)
+    outcome = world.apply("mlp", version)
+    assert_refused(world, outcome, "unpack", "'model.onnx' collides with a directory")
+
+
+@pytest.mark.parametrize("order", ["file-first", "directory-first"])
+def test_file_in_one_variant_and_directory_in_another_fail_the_job(world, tmp_path, order):
+    """Variants unpack in name order: 'onnx-a' first, then 'onnx-b'."""
+    version = world.next_version()
+    members = [("shared", b"x"), ("shared/model.onnx", b"x")]
+    if order == "directory-first":
+        members.reverse()
+    for variant, member in zip(("onnx-a", "onnx-b"), members, strict=True):
+        archive = _tar(tmp_path / f"{variant}.tar", member)
+        world.fleet.publish_archive("mlp", version, variant, archive)
+    outcome = world.apply("mlp", version)
+    assert_refused(world, outcome, "unpack", "collides with a file or directory of another variant")
+
+
 def _publish_forged_target(world: World, path: str, archive: Path, **fields) -> None:
     """Sign target metadata with the control plane's online keys alone (no publisher key):
     `fields` replace the length, hashes or variant a real publication would give."""

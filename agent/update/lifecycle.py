@@ -638,17 +638,27 @@ def _target_file(target: dict) -> TargetFile:
 
 
 def _merge(source: Path, files: list[str], package: Path, origin: str) -> None:
-    """Move one variant archive's files into the package; shared files must agree byte for byte."""
+    """Move one variant archive's files into the package; shared files must agree byte for byte.
+
+    A name that is a file in one variant and a directory in another can never merge: that is
+    the archives' fault, not a passing condition, so it fails the update (UnpackFailed) rather
+    than surfacing as an OSError that would leave the job to be retried forever.
+    """
     for relative in files:
         target = package / relative
-        if target.exists():
-            if target.read_bytes() != (source / relative).read_bytes():
-                raise UnpackFailed(
-                    f"{origin}: {relative} differs from the same file of another variant"
-                )
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(source / relative, target)
+        try:
+            if target.exists():
+                if target.read_bytes() != (source / relative).read_bytes():
+                    raise UnpackFailed(
+                        f"{origin}: {relative} differs from the same file of another variant"
+                    )
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(source / relative, target)
+        except (FileExistsError, IsADirectoryError, NotADirectoryError):
+            raise UnpackFailed(
+                f"{origin}: {relative} collides with a file or directory of another variant"
+            ) from None
 
 
 __all__ = ["FAILED", "PENDING", "REFUSED", "UP_TO_DATE", "Lifecycle", "Outcome", "UpdateBusy"]
