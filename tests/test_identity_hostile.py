@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from agent import cli as agent_cli
@@ -29,7 +30,7 @@ from agent.config import load_config
 from agent.identity import CertificateRenewer, IdentityError, IdentityStore, RenewalPolicy, enroll
 from agent.identity.client import MAX_CA_BYTES, MAX_REPLY_BYTES, get_bytes, post_json
 from agent.install import InstallError, InstallPlan, Layout, install, toml_string
-from provisioning.ca import CertificateAuthority
+from provisioning.ca import CertificateAuthority, utc_now
 from provisioning.identity import DeviceIdentity
 from provisioning.keys import new_private_key, private_key_pem
 from provisioning.tls import server_context
@@ -199,6 +200,68 @@ async def test_renewal_retries_whatever_goes_wrong(tmp_path, caplog, trouble):
     assert all(record.error for record in failures)
     if trouble == "control plane stalls":
         assert "no answer from" in failures[0].error
+
+
+# --- a renewal reply with a certificate the device must not install ------------------------
+
+
+# (identity, shift of the issuing time, lifetime, why it is refused; None: it is installed)
+RENEWAL_REPLIES = {
+    "expired": (DeviceIdentity("dev-1", "eu"), timedelta(days=-60), None, "expired at"),
+    "not yet valid": (DeviceIdentity("dev-1", "eu"), timedelta(days=60), None, "not valid before"),
+    "expires before the current one": (
+        DeviceIdentity("dev-1", "eu"),
+        timedelta(0),
+        timedelta(days=1),
+        "before the current one",
+    ),
+    "another region": (
+        DeviceIdentity("dev-1", "zz"),
+        timedelta(0),
+        None,
+        "in region 'zz', but this is 'dev-1' in 'eu'",
+    ),
+    "another device": (DeviceIdentity("dev-2", "eu"), timedelta(0), None, "device 'dev-2'"),
+    "usable": (DeviceIdentity("dev-1", "eu"), timedelta(0), None, None),
+}
+
+
+@pytest.mark.parametrize("case", RENEWAL_REPLIES)
+async def test_renewal_keeps_the_current_certificate_unless_the_new_one_is_usable(tmp_path, case):
+    """Signed by our CA for the CSR's key, and still not to be installed: a certificate this
+    device could not authenticate with (so could never renew again), or one for another
+    identity. The current generation stays, and still authenticates."""
+    ca, context = new_ca(tmp_path)
+    identity, shift, lifetime, refused = RENEWAL_REPLIES[case]
+
+    async def renew(request: web.Request) -> web.Response:
+        csr = x509.load_pem_x509_csr((await request.json())["csr"].encode())
+        cert = ca.issue_device(csr.public_key(), identity, now=utc_now() + shift, lifetime=lifetime)
+        return web.json_response(
+            {
+                "certificate": cert.public_bytes(serialization.Encoding.PEM).decode(),
+                "device_id": "dev-1",
+                "region": "eu",
+                "endpoints": {"device_url": str(request.url.origin())},
+            }
+        )
+
+    async with web_server([web.post("/v1/devices/self/renew", renew)], context) as port:
+        store = enrolled_store(tmp_path / "identity", ca, f"https://127.0.0.1:{port}")
+        before = store.current()
+        if refused is None:
+            renewed = await CertificateRenewer(store).renew()
+            assert store.current().serial == renewed.serial != before.serial
+            return
+        with pytest.raises(IdentityError, match=re.escape(refused)):
+            await CertificateRenewer(store).renew()
+    current = store.current()
+    assert current.serial == before.serial and current.identity == DeviceIdentity("dev-1", "eu")
+    assert (
+        current.certificate.not_valid_before_utc
+        <= utc_now()
+        < current.certificate.not_valid_after_utc
+    )
 
 
 # --- a reply too large to be a control plane's ----------------------------------------------

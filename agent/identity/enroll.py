@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,10 @@ from cryptography.exceptions import InvalidSignature
 from agent.identity.client import MAX_CA_BYTES, get_bytes, post_json
 from agent.identity.errors import IdentityError
 from agent.identity.store import DeviceCredentials, IdentityStore
+from provisioning.ca import utc_now
 from provisioning.csr import build_csr
 from provisioning.errors import ProvisioningError
-from provisioning.identity import device_identity_of
+from provisioning.identity import device_identity_of, serial_hex
 from provisioning.keys import new_private_key
 from provisioning.tls import client_context
 from provisioning.tokens import ca_pin, parse_token
@@ -81,14 +83,29 @@ def check_server_url(url: object, what: str = "--server") -> str:
     return url.rstrip("/")
 
 
-def check_issued(reply: dict[str, Any], ca_cert: x509.Certificate) -> x509.Certificate:
-    """The certificate in a control-plane reply, checked to come from our CA."""
+def check_issued(
+    reply: dict[str, Any], ca_cert: x509.Certificate, now: datetime | None = None
+) -> x509.Certificate:
+    """The certificate in a control-plane reply, checked to come from our CA, to carry a device
+    identity and to be valid at `now` (default: this device's clock)."""
     try:
         certificate = x509.load_pem_x509_certificate(str(reply["certificate"]).encode())
         certificate.verify_directly_issued_by(ca_cert)
         device_identity_of(certificate)
     except (KeyError, ValueError, TypeError, InvalidSignature, ProvisioningError) as exc:
         raise IdentityError(f"the control plane returned an unusable certificate: {exc}") from exc
+    # Stored as `current`, a certificate outside its validity could never authenticate again,
+    # not even to renew itself: refuse it and keep what we have.
+    now = now or utc_now()
+    not_before, not_after = certificate.not_valid_before_utc, certificate.not_valid_after_utc
+    if not not_before <= now < not_after:
+        state = "not valid before" if now < not_before else "expired at"
+        when = not_before if now < not_before else not_after
+        raise IdentityError(
+            f"the control plane returned certificate {serial_hex(certificate)} that is {state} "
+            f"{when.isoformat(timespec='seconds')} (this device's clock says "
+            f"{now.isoformat(timespec='seconds')}); if the clock is wrong, fix it (timedatectl)"
+        )
     return certificate
 
 

@@ -31,6 +31,7 @@ from agent.identity.errors import CertificateExpired, IdentityError
 from agent.identity.store import DeviceCredentials, IdentityStore
 from provisioning.ca import RENEW_AT, renewal_time, utc_now
 from provisioning.csr import build_csr
+from provisioning.identity import device_identity_of, serial_hex
 from provisioning.keys import new_private_key
 
 log = logging.getLogger(__name__)
@@ -95,9 +96,23 @@ class CertificateRenewer:
                 raise CertificateExpired(self._expired_message(current, exc)) from exc
             raise
         ca_cert = current.ca_file.read_bytes()
-        certificate = check_issued(reply, x509.load_pem_x509_certificate(ca_cert))
-        if certificate.subject != current.certificate.subject:
-            raise IdentityError("renewal returned a certificate for another identity")
+        certificate = check_issued(reply, x509.load_pem_x509_certificate(ca_cert), self._clock())
+        # The whole identity, not just the subject: a certificate for the same device id in
+        # another region would move this node to that region's models and topics.
+        issued, mine = device_identity_of(certificate), current.identity
+        if issued != mine:
+            raise IdentityError(
+                f"renewal returned a certificate for device {issued.device_id!r} in region "
+                f"{issued.region!r}, but this is {mine.device_id!r} in {mine.region!r}; "
+                "keeping the current certificate"
+            )
+        expires, replaced = certificate.not_valid_after_utc, current.certificate.not_valid_after_utc
+        if expires < replaced:
+            raise IdentityError(
+                f"renewal returned certificate {serial_hex(certificate)} that expires at "
+                f"{expires.isoformat(timespec='seconds')}, before the current one "
+                f"({replaced.isoformat(timespec='seconds')}); keeping the current certificate"
+            )
         record = enrollment_record(reply, enrollment.get("server_url", ""))
         renewed = self._store.save(key, certificate, ca_cert, record)
         log.info(
