@@ -5,6 +5,7 @@ process on the agent's address that does not speak HTTP. None of them may end in
 
 from __future__ import annotations
 
+import http.server
 import socket
 import threading
 
@@ -60,17 +61,51 @@ def test_growth_before_a_restart_is_not_lost():
 
 
 @pytest.mark.parametrize(
-    "text",
+    ("text", "readable"),
     [
-        "this is { not prometheus\n",
-        f'edgefleet_inference_request_latency_seconds_bucket{{{LABELS},le="abc"}} 1\n',
-        f"edgefleet_inference_request_success_total{{{LABELS}}} NaN\n",
-        "\x00\xff" * 100,
+        ("this is { not prometheus\n", False),
+        ("\x00\xff" * 100, False),
+        # Read, with the series that no counter can hold left out: no requests.
+        (f'edgefleet_inference_request_latency_seconds_bucket{{{LABELS},le="abc"}} 1\n', True),
+        (f"edgefleet_inference_request_success_total{{{LABELS}}} NaN\n", True),
     ],
 )
-def test_metrics_that_cannot_be_read_give_no_verdict(text):
+def test_metrics_that_cannot_be_read_give_no_verdict(text, readable):
+    """Never 'healthy': with nothing read at any poll, the verdict says so and is None."""
     verdict = _watch([text], POLICY).watch("m", 2)
-    assert verdict.healthy and verdict.requests == 0
+    assert verdict.requests == 0
+    if readable:
+        assert verdict.healthy and "not enough to judge" in verdict.reason
+    else:
+        assert verdict.healthy is None
+        assert verdict.reason.startswith("no verdict: the agent's metrics could not be read")
+
+
+def test_metrics_missing_for_the_whole_window_is_no_verdict():
+    """An agent whose /metrics answers 404 at every poll, with min_requests = 0 (which would
+    otherwise call zero requests enough)."""
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        client = AgentClient(f"http://127.0.0.1:{server.server_address[1]}", timeout=10)
+        policy = HealthPolicy(window_s=0.05, poll_s=0.01, min_requests=0)
+        verdict = HealthWatch(policy, client.metrics, sleep=lambda s: None).watch("m", 2)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert verdict.healthy is None
+    assert "could not be read" in verdict.reason and "HTTP 404" in verdict.reason
 
 
 def test_unreadable_polls_are_skipped_and_later_ones_judged():

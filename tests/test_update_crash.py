@@ -19,13 +19,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from agent.serving.server import ServeOptions
-from agent.update import ACTIVE, journal
+from agent.update import ACTIVE, ROLLED_BACK, journal
 from agent.update.checkpoints import ANNOUNCE, PAUSE_ENV
 from agent.update.journal import Journal
 from tests.conftest import ServerThread
@@ -110,9 +111,9 @@ def assert_no_scratch(node: Path) -> None:
     assert sorted(p.name for p in (update / "store" / "cnn").iterdir()) == ["1", "2"]
 
 
-def run_apply(fleet: Fleet, node: Path, agent_url: str, pause_at: str | None):
+def run_apply(fleet: Fleet, node: Path, agent_url: str, pause_at: str | None, health: str = ""):
     desired = node / "desired.toml"
-    desired.write_text('generation = 2\n[[models]]\nname = "cnn"\nversion = 2\n')
+    desired.write_text('generation = 2\n[[models]]\nname = "cnn"\nversion = 2\n' + health)
     tls = fleet.tls_dir
     command = [
         *AGENT_CLI,
@@ -204,3 +205,97 @@ def test_sigkill_at_any_point_then_restart(crash_world, tmp_path, pause_at):
         assert journal.role("cnn", "active").version == 2
         assert journal.role("cnn", "previous").version == 1
         assert journal.open_jobs() == []
+
+
+# --- a kill during the health watch, or inside the rollback ------------------------------------
+
+# No real model answers in a nanosecond: with traffic, the first poll's p95 breaks the limit.
+UNHEALTHY = (
+    "[health]\nwindow_seconds = {window}\npoll_seconds = 0.1\nmax_p95_ms = 0.000001\n"
+    "min_requests = 3\n"
+)
+
+
+@contextlib.contextmanager
+def traffic(agent: ServerThread):
+    stop = threading.Event()
+
+    def send() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                infer_cnn(agent)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        sender.join(60)
+
+
+def kill_at(fleet: Fleet, node: Path, agent_url: str, pause_at: str, health: str) -> None:
+    process = run_apply(fleet, node, agent_url, pause_at, health)
+    try:
+        assert wait_for_pause(process) == pause_at
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(30)
+        process.stdout.close()
+        process.stderr.close()
+
+
+def assert_rolled_back(fleet: Fleet, node: Path, agent: ServerThread) -> None:
+    assert assert_serving_is_verified(fleet, node / "models", agent) == "1"
+    assert sorted(p.name for p in (node / "models" / "cnn").iterdir()) == ["1"]
+    journal = Journal(node / "state" / "agent.db")
+    assert journal.role("cnn", "active").version == 1
+    assert journal.last_job("cnn", 2).state == ROLLED_BACK
+    assert journal.open_jobs() == []
+
+
+@pytest.mark.parametrize("window", [600, 0.001], ids=["window-left", "window-passed"])
+def test_sigkill_during_the_health_window_then_restart_judges_the_version(
+    crash_world, tmp_path, window
+):
+    """Killed after the switch, before the watch's verdict: the next run watches what is left
+    of the window (and rolls the slow version back), or, with the window over and no verdict,
+    rolls it back at once. Either way it is not left serving unjudged."""
+    fleet, baseline = crash_world
+    node = tmp_path / "node"
+    shutil.copytree(baseline.state_dir.parent, node)
+    health = UNHEALTHY.format(window=window)
+    with ServerThread(ServeOptions(node / "models", "127.0.0.1:0", None, None)) as agent:
+        agent_url = f"http://{agent.http_url}"
+        kill_at(fleet, node, agent_url, "ACTIVE", health)
+        assert assert_serving_is_verified(fleet, node / "models", agent) == "2"
+        with traffic(agent):
+            restart = run_apply(fleet, node, agent_url, None, health)
+            out, err = restart.communicate(timeout=300)
+        assert restart.returncode == 1, err[-3000:]
+        assert out.startswith("cnn@2: ROLLED_BACK  health: "), out
+        if window < 1:
+            assert "the run watching it was stopped" in out, out
+        else:
+            assert "p95 latency" in out, out
+        assert_rolled_back(fleet, node, agent)
+
+
+def test_sigkill_inside_the_rollback_then_restart_finishes_it(crash_world, tmp_path):
+    """Killed after the previous version is served again, before the journal records the
+    rollback: recovery finishes the rollback, and the version is not installed again."""
+    fleet, baseline = crash_world
+    node = tmp_path / "node"
+    shutil.copytree(baseline.state_dir.parent, node)
+    health = UNHEALTHY.format(window=600)
+    with ServerThread(ServeOptions(node / "models", "127.0.0.1:0", None, None)) as agent:
+        agent_url = f"http://{agent.http_url}"
+        with traffic(agent):
+            kill_at(fleet, node, agent_url, "ROLLING_BACK", health)
+        assert_serving_is_verified(fleet, node / "models", agent)
+        restart = run_apply(fleet, node, agent_url, None, health)
+        out, err = restart.communicate(timeout=300)
+        assert restart.returncode == 1, err[-3000:]
+        assert out.startswith("cnn@2: REFUSED"), out
+        assert_rolled_back(fleet, node, agent)

@@ -52,11 +52,13 @@ def apply(
     retry_rolled_back: bool = False,
 ) -> list[Outcome]:
     """Recover from any interrupted run, then bring every desired model to its version."""
-    with Lifecycle(settings, checkpoints, retry_rolled_back=retry_rolled_back) as lifecycle:
+    with Lifecycle(
+        settings, checkpoints, retry_rolled_back=retry_rolled_back, health=desired.health
+    ) as lifecycle:
         lifecycle.recover()
         outcomes = [lifecycle.update(model, desired.generation) for model in desired.models]
-        if desired.health is not None:
-            outcomes = [lifecycle.watch(outcome, desired.health) for outcome in outcomes]
+        # Also a version whose watch a killed run left unfinished, under the policy it began.
+        outcomes = [lifecycle.watch(outcome) for outcome in outcomes]
     return outcomes
 
 

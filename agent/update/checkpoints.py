@@ -4,6 +4,8 @@
     EDGEFLEET_UPDATE_PAUSE_AT=DOWNLOADING:65536  once a download has written that many bytes
     EDGEFLEET_UPDATE_PAUSE_AT=SWITCHING          after the serving directory is renamed in,
                                                  before the journal records ACTIVE
+    EDGEFLEET_UPDATE_PAUSE_AT=ROLLING_BACK       in a rollback: the previous version served
+                                                 again, the journal not yet changed
 
 On reaching it the process prints `EDGEFLEET-PAUSED <point>` on stdout and waits to be killed:
 the crash tests SIGKILL it there, at every step, and check what a restart makes of it.

@@ -7,6 +7,11 @@ and the 95th percentile of the latency histogram, interpolated within its bucket
 Prometheus' histogram_quantile does. With fewer than `min_requests` requests it gives no
 verdict. The clock and sleep are parameters so tests need no real waiting.
 
+When no poll in the whole window could read the metrics (the agent gone, /metrics missing or not
+Prometheus text) the verdict is None, "no verdict": nothing was observed, so nothing says the
+version is healthy, and nothing says it is not (it passed its self-test; a node whose metrics
+are switched off must not roll back every update). The lifecycle keeps it and reports why.
+
 Counters are followed series by series from one poll to the next, as Prometheus' increase()
 does: a counter that went down was reset (the agent restarted), so its increase is its new
 value. A poll whose metrics cannot be read or parsed gives no verdict; the next one may.
@@ -85,7 +90,7 @@ class Sample:
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    healthy: bool
+    healthy: bool | None  # None: no verdict, the metrics could not be read at all
     reason: str
     requests: int = 0
     error_rate: float | None = None
@@ -157,15 +162,17 @@ class HealthWatch:
         self.read_metrics = read_metrics
         self.clock = clock
         self.sleep = sleep
+        self._last_error = ""
 
     def watch(self, model: str, version: int) -> Verdict:
         policy = self.policy
         last = self._read(model, str(version))
         grown: dict[SeriesKey, float] = {}
         started = self.clock()
-        verdict = Verdict(True, "no requests yet")
+        verdict, polls = None, 0
         while self.clock() - started < policy.window_s:
             self.sleep(min(policy.poll_s, max(0.0, policy.window_s - (self.clock() - started))))
+            polls += 1
             now = self._read(model, str(version))
             if now is None:
                 continue  # no reading, no verdict for this poll
@@ -176,6 +183,14 @@ class HealthWatch:
             verdict = self.judge(Sample.of(grown), self.clock() - started)
             if not verdict.healthy:
                 return verdict
+        if verdict is None and not polls:  # a window too short for one poll
+            return Verdict(True, "no requests yet")
+        if verdict is None:
+            return Verdict(
+                None,
+                f"no verdict: the agent's metrics could not be read at any poll of the "
+                f"{policy.window_s:g} s window ({self._last_error})",
+            )
         return verdict
 
     def _read(self, model: str, version: str) -> dict[SeriesKey, float] | None:
@@ -183,6 +198,7 @@ class HealthWatch:
             return parse_series(self.read_metrics(), model, version)
         except (UpdateError, MetricsUnreadable) as exc:  # agent gone or not speaking Prometheus
             log.warning("health watch of %s@%s: no reading (%s)", model, version, exc)
+            self._last_error = str(exc)
             return None
 
     def judge(self, window: Sample, elapsed: float) -> Verdict:

@@ -10,6 +10,11 @@ ACTIVE, or ends FAILED (with its reason) or ROLLED_BACK (health watch, with its 
 is written only once its step's results are durable on disk, so after a crash the job resumes
 at the step after the last state recorded. Activation changes the job and the installed roles
 in one transaction: the journal never names two active versions.
+
+An ACTIVE job may still owe a health verdict: activation under a health policy records a WATCH
+event (the policy) in its transaction, and the watch ends with a HEALTH event (kept) or the
+rollback. A rollback first records ROLLING_BACK (its reason). So a run killed during the watch,
+or inside the rollback, leaves in the journal what the next run must finish.
 """
 
 from __future__ import annotations
@@ -36,6 +41,11 @@ STEPS = (DOWNLOADING, VERIFIED, UNPACKED, SIGNATURE_OK, SELECTED, SELF_TESTED, A
 TERMINAL = (ACTIVE, FAILED, ROLLED_BACK)
 
 ROLE_ACTIVE, ROLE_PREVIOUS = "active", "previous"
+
+# Events of an ACTIVE job's health watch (no state change).
+WATCH = "WATCH"  # activated under a health policy (detail: the policy as JSON)
+HEALTH = "HEALTH"  # the watch's verdict, version kept
+ROLLING_BACK = "ROLLING_BACK"  # a rollback began (detail: its reason)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS update_jobs (
@@ -195,6 +205,22 @@ class Journal:
         with self.db.conn:
             self._event(job_id, label, detail, time.time())
 
+    def due_watch(self, job_id: int) -> tuple[dict[str, Any], float] | None:
+        """(health policy, activation time) of an ACTIVE job whose watch gave no verdict yet."""
+        if self.job(job_id).state != ACTIVE:
+            return None
+        labels = [e for e in self.events(job_id) if e[0] in (WATCH, HEALTH, ROLLING_BACK)]
+        if not labels or labels[-1][0] != WATCH:
+            return None
+        return json.loads(labels[-1][1]), labels[-1][2]
+
+    def rollback_begun(self, job_id: int) -> str | None:
+        """The reason of a rollback of this (still ACTIVE) job that began and did not finish."""
+        if self.job(job_id).state != ACTIVE:
+            return None
+        begun = [detail for label, detail, _ in self.events(job_id) if label == ROLLING_BACK]
+        return begun[-1] if begun else None
+
     def events(self, job_id: int) -> list[tuple[str, str, float]]:
         rows = self.db.execute(
             "SELECT state, detail, at FROM update_events WHERE job_id = ? ORDER BY id", [job_id]
@@ -229,10 +255,13 @@ class Journal:
     def role(self, model: str, role: str) -> Installed | None:
         return next((i for i in self.installed(model) if i.role == role), None)
 
-    def activate(self, job: Job, variant: str, detail: str = "") -> list[Installed]:
+    def activate(
+        self, job: Job, variant: str, detail: str = "", watch: dict[str, Any] | None = None
+    ) -> list[Installed]:
         """Make job's version the active one: active -> previous, previous -> retired.
 
-        Returns the retired versions, for garbage collection. One transaction.
+        `watch`, a health policy, records that the version is to be watched. Returns the
+        retired versions, for garbage collection. One transaction.
         """
         now = time.time()
         with self.db.conn:
@@ -256,6 +285,8 @@ class Journal:
                 [ACTIVE, now, job.id],
             )
             self._event(job.id, ACTIVE, detail or f"variant {variant}", now)
+            if watch is not None:
+                self._event(job.id, WATCH, json.dumps(watch), now)
         return retired
 
     def roll_back(self, model: str, reason: str) -> tuple[Installed, Installed] | None:

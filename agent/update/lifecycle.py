@@ -12,8 +12,10 @@
 
 A step that fails for good marks the job FAILED with its reason and removes its files; one that
 may succeed later (network) leaves the job where it is. `recover()` runs first in every run:
-it puts serving back to what the journal says is active, deletes scratch files, and leaves open
-jobs to resume. `roll_back()` returns serving to the previous version.
+it finishes a rollback a crash interrupted, puts serving back to what the journal says is
+active, deletes scratch files, and leaves open jobs to resume. `watch()` judges the health of
+a version activated under a health policy, in the run that activated it or, if that run died
+first, in the next; `roll_back()` returns serving to the previous version.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from tuf.api import exceptions as tuf_exceptions
@@ -45,14 +47,16 @@ from agent.update.errors import (
     UnpackFailed,
     UpdateError,
 )
-from agent.update.health import HealthWatch
+from agent.update.health import HealthWatch, Verdict
 from agent.update.journal import (
     ACTIVE,
     DOWNLOADING,
     FAILED,
+    HEALTH,
     ROLE_ACTIVE,
     ROLE_PREVIOUS,
     ROLLED_BACK,
+    ROLLING_BACK,
     SELECTED,
     SELF_TESTED,
     SIGNATURE_OK,
@@ -100,6 +104,7 @@ class Lifecycle:
         checkpoints: Checkpoints | None = None,
         *,
         retry_rolled_back: bool = False,
+        health: HealthPolicy | None = None,
     ) -> None:
         self.settings = settings
         self.limits = settings.limits
@@ -114,6 +119,7 @@ class Lifecycle:
         self.journal = Journal(settings.database)
         self.checkpoints = checkpoints or Checkpoints()
         self.retry_rolled_back = retry_rolled_back
+        self.health = health  # versions this run activates are watched under it
         self.agent = AgentClient(settings.agent_url) if settings.agent_url else None
         self._transport: Transport | None = None
         self._trust: TrustedRepository | None = None
@@ -167,18 +173,39 @@ class Lifecycle:
             return self._outcome(job, PENDING, f"{type(exc).__name__}: {exc}")
         return self._outcome(job, ACTIVE)
 
-    def watch(self, outcome: Outcome, policy: HealthPolicy) -> Outcome:
-        """Watch a version this run activated; roll it back if it is unhealthy."""
-        if outcome.state != ACTIVE or "activate" not in outcome.timings or self.agent is None:
+    def watch(self, outcome: Outcome) -> Outcome:
+        """Judge an active version that owes a health verdict; roll it back if it is unhealthy.
+
+        That is the version this run activated under a health policy, or one whose watch a
+        killed run left unfinished: the watch goes on for what is left of its window, counted
+        from the activation; if the window has passed, nobody saw the version healthy and it
+        is rolled back.
+        """
+        if outcome.state not in (ACTIVE, UP_TO_DATE) or outcome.job_id is None:
             return outcome
-        verdict = HealthWatch(policy, self.agent.metrics).watch(outcome.model, outcome.version)
-        assert outcome.job_id is not None
-        self.journal.note(outcome.job_id, "HEALTH", verdict.reason)
-        if verdict.healthy:
+        due = self.journal.due_watch(outcome.job_id)
+        if due is None or self.agent is None:
+            return outcome
+        policy, activated_at = HealthPolicy(**due[0]), due[1]
+        left = policy.window_s
+        if "activate" not in outcome.timings:  # resumed: the window began at the activation
+            left -= time.time() - activated_at
+        if left > 0:
+            watch = HealthWatch(replace(policy, window_s=left), self.agent.metrics)
+            verdict = watch.watch(outcome.model, outcome.version)
+        else:
+            verdict = Verdict(
+                False,
+                f"no verdict: the run watching it was stopped and its {policy.window_s:g} s "
+                "window has passed",
+            )
+        if verdict.healthy is not False:  # healthy, or no verdict (unreadable metrics): kept
+            self.journal.note(outcome.job_id, HEALTH, verdict.reason)
             outcome.reason = verdict.reason
             return outcome
         rolled = self.roll_back(outcome.model, f"health: {verdict.reason}")
         if rolled is None:
+            self.journal.note(outcome.job_id, HEALTH, verdict.reason)
             outcome.reason = f"unhealthy ({verdict.reason}), and no previous version to go back to"
             return outcome
         rolled.timings = outcome.timings
@@ -190,9 +217,12 @@ class Lifecycle:
         previous = self.journal.role(model, ROLE_PREVIOUS)
         if active is None or previous is None:
             return None
-        # Previous first, so serving always has a verified version, then the journal, then
-        # the failed version leaves (recovery finishes this if a crash interrupts it).
+        # The intent first, so that recovery finishes a rollback a crash interrupts; then the
+        # previous version, so serving always has a verified one; then the journal; then the
+        # failed version leaves (recovery also finishes that).
+        self.journal.note(active.job_id, ROLLING_BACK, reason)
         self._serve(model, previous.version)
+        self.checkpoints.reached(ROLLING_BACK)
         self.journal.roll_back(model, reason)
         discard(self.layout.served(model, active.version), self.layout.trash)
         discard(self.layout.stored(model, active.version), self.layout.store / ".trash")
@@ -232,6 +262,10 @@ class Lifecycle:
             if download.name not in wanted:
                 download.unlink(missing_ok=True)
         for model in self.journal.managed_models():
+            active = self.journal.role(model, ROLE_ACTIVE)
+            begun = None if active is None else self.journal.rollback_begun(active.job_id)
+            if begun is not None:
+                self.roll_back(model, begun)
             if self._reconcile(model):
                 self._reload(model)
 
@@ -281,7 +315,9 @@ class Lifecycle:
             for served in self._served_versions(model):
                 if served > version:
                     discard(self.layout.served(model, served), self.layout.trash)
-            retired = self.journal.activate(job, previous.variant, "reinstated from the store")
+            retired = self.journal.activate(
+                job, previous.variant, "reinstated from the store", self._watch_policy()
+            )
             for old in retired:
                 discard(self.layout.served(old.model, old.version), self.layout.trash)
                 discard(self.layout.stored(old.model, old.version), self.layout.store / ".trash")
@@ -405,7 +441,9 @@ class Lifecycle:
                 if version > job.version:  # a downgrade: serving answers the highest version
                     discard(layout.served(job.model, version), layout.trash)
             self.checkpoints.reached("SWITCHING")
-            retired = self.journal.activate(job, job.decision["variant"])
+            retired = self.journal.activate(
+                job, job.decision["variant"], watch=self._watch_policy()
+            )
             for old in retired:
                 discard(layout.served(old.model, old.version), layout.trash)
                 discard(layout.stored(old.model, old.version), layout.store / ".trash")
@@ -510,6 +548,10 @@ class Lifecycle:
             self.layout.partial(_sha(target)).unlink(missing_ok=True)
             self.layout.verified(_sha(target)).unlink(missing_ok=True)
         return True
+
+    def _watch_policy(self) -> dict | None:
+        """The health policy to record with an activation, if its version will be watched."""
+        return asdict(self.health) if self.health is not None and self.agent else None
 
     def _serve(self, model: str, version: int) -> None:
         """Put the stored, verified `version` into the serving repository (atomically)."""
