@@ -20,10 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from controlplane.tuf_repository import TufRepository, TufRepositoryError
 
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 PREFIX = "/v1/tuf"
 REPOSITORY = web.AppKey("edgefleet_tuf_repository", TufRepository)
 _IMMUTABLE = "public, max-age=31536000, immutable"
+# "the last 0 bytes": unsatisfiable (RFC 9110 14.1.1), but aiohttp serves the whole file with 206
+_EMPTY_SUFFIX_RANGE = re.compile(r"\s*bytes\s*=\s*-0+\s*", re.IGNORECASE)
 
 
 def artifact_routes(tuf_dir: Path) -> list[Callable[[web.Application], None]]:
@@ -63,23 +66,31 @@ def add_artifact_routes(
         if path is None:
             raise web.HTTPNotFound(text=f"no metadata {name}\n")
         cache = "no-store" if name == "timestamp.json" else _IMMUTABLE
-        return web.FileResponse(
-            path, headers={"Cache-Control": cache, "Content-Type": "application/json"}
+        return _file_response(
+            request, path, {"Cache-Control": cache, "Content-Type": "application/json"}
         )
 
     async def target(request: web.Request) -> web.StreamResponse:
         path = repository.target_file(request.match_info["path"])
         if path is None:
             raise web.HTTPNotFound(text="no such target\n")
-        # FileResponse answers Range requests with 206 and the requested bytes (resumption).
-        return web.FileResponse(
+        # Range requests get 206 and the requested bytes (resumption).
+        return _file_response(
+            request,
             path,
-            headers={"Cache-Control": _IMMUTABLE, "Content-Type": "application/octet-stream"},
+            {"Cache-Control": _IMMUTABLE, "Content-Type": "application/octet-stream"},
         )
 
     app.router.add_get(f"{prefix}/metadata/{{name}}", metadata)
     app.router.add_get(f"{prefix}/targets/{{path:.+}}", target)
     app.cleanup_ctx.append(_refresher(repository, refresh_seconds))
+
+
+def _file_response(request: web.Request, path: Path, headers: dict) -> web.StreamResponse:
+    """The file, whole or the range asked for (FileResponse); 416 for an empty suffix range."""
+    if _EMPTY_SUFFIX_RANGE.fullmatch(request.headers.get(hdrs.RANGE, "")):
+        return web.Response(status=416, headers={"Content-Range": f"bytes */{path.stat().st_size}"})
+    return web.FileResponse(path, headers=headers)
 
 
 def _refresher(repository: TufRepository, every: float):

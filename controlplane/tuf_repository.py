@@ -30,6 +30,7 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -222,7 +223,15 @@ class TufRepository:
         if not match:
             return None
         path = self.blobs_dir / match.group(1)
-        return path if path.is_file() else None
+        # A regular file in the store itself, not a link: a symbolic link there (put by anyone
+        # but the store) must not serve a file from elsewhere on the machine.
+        try:
+            mode = path.lstat().st_mode
+        except OSError:
+            return None
+        if not stat.S_ISREG(mode) or self.blobs_dir.is_symlink():
+            return None
+        return path
 
     # --- writing ----------------------------------------------------------------------------
 

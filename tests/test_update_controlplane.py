@@ -91,3 +91,50 @@ async def test_enrolled_node_updates_through_the_control_plane(tmp_path, sample_
     finally:
         await server.stop()
         plane.close()
+
+
+async def test_artifact_route_refuses_links_and_an_empty_suffix_range(tmp_path):
+    """A symbolic link in the blob store serves nothing (404), and `Range: bytes=-0`, the last
+    zero bytes, is unsatisfiable (416), not the whole file."""
+    import aiohttp
+
+    config_path = write_config(tmp_path)
+    config = load_config(config_path, env={})
+    CertificateAuthority.create(config.ca_dir, lifetimes=config.lifetimes)
+    edgefleet("tuf", "init", "--root-keys", str(tmp_path / "offline"), "--config", str(config_path))
+    repository = TufRepository(config.state_dir / "tuf")
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(b"model bytes " * 100)
+    digest, length = repository.store_blob(blob)
+    secret = tmp_path / "outside.txt"
+    secret.write_text("not a blob")
+    link = "ab" * 32
+    (repository.blobs_dir / link).symlink_to(secret)
+
+    clock = Clock()
+    plane = ControlPlane.open(config, clock=clock)
+    server = ControlPlaneServer(plane, device_routes=artifact_routes(config.state_dir / "tuf"))
+    endpoints = await server.start()
+    env = TrustEnv(tmp_path, config_path, config, plane, server, endpoints, clock)
+    try:
+        device = await env.enroll()
+        base = f"{endpoints.device_url}/v1/tuf/targets/mlp/1"
+        async with aiohttp.ClientSession() as session:
+
+            async def get(path: str, **headers: str) -> tuple[int, bytes, dict]:
+                async with session.get(
+                    f"{base}/{path}", headers=headers, ssl=device.ssl_context()
+                ) as response:
+                    return response.status, await response.read(), dict(response.headers)
+
+            status, body, _ = await get(f"{digest}.onnx-fp32.tar")
+            assert (status, len(body)) == (200, length)
+            status, body, _ = await get(f"{digest}.onnx-fp32.tar", Range="bytes=-5")
+            assert (status, body) == (206, b"ytes ")
+            status, body, _ = await get(f"{link}.onnx-fp32.tar")
+            assert status == 404 and b"not a blob" not in body
+            status, body, headers = await get(f"{digest}.onnx-fp32.tar", Range="bytes=-0")
+            assert status == 416 and headers["Content-Range"] == f"bytes */{length}"
+    finally:
+        await server.stop()
+        plane.close()
