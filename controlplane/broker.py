@@ -12,9 +12,11 @@ and then closes the device's live connection (`Broker.disconnect`).
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import pwd
+import re
 import signal
 import ssl
 import tempfile
@@ -101,10 +103,43 @@ class BrokerFiles:
         return self.run_dir / "mosquitto.pid"
 
 
+# A user name as useradd takes it (no spaces, no newlines: each is one mosquitto.conf token).
+USER_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+
+
+def check_run_as(user: str) -> str:
+    if not USER_NAME.fullmatch(user):
+        raise ConfigError(
+            f"--run-as {user!r} is not a user name (lower-case letters, digits, '_' and '-', "
+            "starting with a letter or '_')"
+        )
+    return user
+
+
+def check_bind(address: str) -> str:
+    """An address to listen on, or "" for all of them."""
+    if address:
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise ConfigError(
+                f"--bind {address!r} is not an IP address; give e.g. 127.0.0.1 or ::, or leave "
+                "it out to listen on all addresses"
+            ) from None
+    return address
+
+
 def render_conf(
     files: BrokerFiles, *, port: int = DEFAULT_PORT, bind: str = "", run_as: str = "mosquitto"
 ) -> str:
-    listener = f"listener {port} {bind}".rstrip()
+    # Each value is a token of a line of its own: whitespace or a newline in one would add
+    # directives (another listener, anonymous access) to the broker's config.
+    check_run_as(run_as)
+    check_bind(bind)
+    for path in (files.pid, files.acl, files.ca, files.cert, files.key, files.crl):
+        if any(c in str(path) for c in "\n\r\0"):
+            raise ConfigError(f"broker directory {files.directory!s:.80} holds a line break")
+    listener = f"listener {int(port)} {bind}".rstrip()
     return f"""\
 # Written by `edgefleet broker-config`. Run: mosquitto -c {files.conf}
 # The control plane rewrites {files.crl.name} and {files.acl.name} and sends SIGHUP on revocation.

@@ -25,13 +25,15 @@ and each setting can be overridden by the environment variable named after its f
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from controlplane.errors import ConfigError
-from provisioning.ca import Lifetimes
+from provisioning.ca import Lifetimes, server_host
 from provisioning.errors import ProvisioningError
 from provisioning.identity import check_name
 from provisioning.settings import SettingsError, load_settings, state_home
@@ -133,6 +135,16 @@ def _check(config: ControlPlaneConfig) -> None:
         raise ConfigError(f"config: {exc}") from exc
     if not config.public_hosts:
         raise ConfigError("config: public_hosts needs at least one host name or address")
+    for host in config.public_hosts:
+        if not isinstance(host, str):
+            raise ConfigError(
+                f"config: public_hosts must be a list of host names or addresses, not {host!r}"
+            )
+        try:
+            server_host(host)
+        except ProvisioningError as exc:
+            raise ConfigError(f"config: public_hosts: {exc}") from exc
+    _check_bind_host(config.bind_host)
     for name in ("enroll_port", "device_port", "grpc_port"):
         port = getattr(config, name)
         if not 0 <= port <= 65535:
@@ -154,7 +166,55 @@ def _check(config: ControlPlaneConfig) -> None:
             "config: renewal_interval_seconds must be at least 0 and under a third of "
             "device_days (devices renew at two thirds of their certificate's lifetime)"
         )
-    if config.broker_url and not config.broker_url.startswith("mqtts://"):
-        raise ConfigError(f"config: broker url {config.broker_url!r} must be mqtts://HOST:PORT")
+    if config.broker_url:
+        _check_broker_url(config.broker_url)
+    if (
+        config.broker_dir is not None
+        and config.broker_dir.exists()
+        and not config.broker_dir.is_dir()
+    ):
+        raise ConfigError(
+            f"config: broker dir {config.broker_dir} is not a directory; name the directory "
+            "`edgefleet broker-config` wrote"
+        )
     if not 0 < config.revocation_poll_seconds <= 3600:  # also refuses nan
         raise ConfigError("config: revocation_poll_seconds must be over 0 and at most 3600")
+
+
+def _check_bind_host(host: str) -> None:
+    """An IP address to listen on, or a host name that resolves to one (`localhost`)."""
+    if not isinstance(host, str):
+        raise ConfigError(f"config: bind_host must be an address such as 0.0.0.0, not {host!r}")
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    labels = host.split(".")
+    numeric = all(label.isdigit() for label in labels)
+    try:
+        server_host(host)
+    except ProvisioningError:
+        numeric = True
+    if numeric or host.startswith("*"):
+        raise ConfigError(
+            f"config: bind_host {host!r} is not an address to listen on; give an IP address "
+            "such as 0.0.0.0, 127.0.0.1 or ::"
+        )
+
+
+def _check_broker_url(url: str) -> None:
+    usage = f"config: broker url {url!r} must be mqtts://HOST:PORT"
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"{usage} (port 1 to 65535)") from None
+    if parts.scheme != "mqtts" or not parts.hostname or parts.path not in ("", "/"):
+        raise ConfigError(usage)
+    if port is not None and not 1 <= port <= 65535:
+        raise ConfigError(f"{usage} (port 1 to 65535)")
+    try:
+        server_host(parts.hostname)
+    except ProvisioningError as exc:
+        raise ConfigError(f"{usage}: {exc}") from exc

@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from cryptography import x509
 
-from controlplane.enroll_api import certificate_reply
+from controlplane.audit import REFUSED
+from controlplane.enroll_api import certificate_reply, peer_of
+from controlplane.errors import DeviceRefused
 from controlplane.json_api import json_app, read_fields
 from controlplane.registry import Device
 from provisioning.identity import serial_hex
@@ -50,7 +52,7 @@ def device_app(plane: ControlPlane, endpoints: Endpoints) -> web.Application:
     async def renew(request: web.Request) -> web.Response:
         _, cert = caller(request)
         body = await read_fields(request, "csr")
-        issued = plane.enrollment.renew(cert, body["csr"])
+        issued = plane.enrollment.renew(cert, body["csr"], peer=peer_of(request))
         return web.json_response(certificate_reply(plane, issued, endpoints))
 
     app.router.add_get("/v1/devices/self", whoami)
@@ -67,7 +69,17 @@ def authenticate_request(
     indexed lookup) rather than passing it through the request."""
     transport = request.transport
     cert = peer_certificate(transport.get_extra_info("ssl_object") if transport else None)
-    return plane.registry.authenticate(cert), cert
+    try:
+        return plane.registry.authenticate(cert), cert
+    except DeviceRefused as exc:
+        plane.audit.record(
+            "certificate.refused",
+            REFUSED,
+            serial=serial_hex(cert) if cert is not None else None,
+            peer=peer_of(request),
+            detail=f"https {request.method} {request.path}: {exc}",
+        )
+        raise
 
 
 def _describe(device: Device, cert: x509.Certificate) -> dict:

@@ -44,13 +44,18 @@ def enrollment_app(plane: ControlPlane, endpoints: Endpoints) -> web.Application
 
     async def enroll(request: web.Request) -> web.Response:
         body = await read_fields(request, "token", "csr")
-        issued = plane.enrollment.enroll(body["token"], body["csr"])
+        issued = plane.enrollment.enroll(body["token"], body["csr"], peer=peer_of(request))
         return web.json_response(certificate_reply(plane, issued, endpoints), status=201)
 
     app.router.add_get("/v1/ca.pem", ca_certificate)
     app.router.add_get("/v1/crl.pem", crl)
     app.router.add_post("/v1/enroll", enroll)
     return app
+
+
+def peer_of(request: web.Request) -> str:
+    """The caller's address, for the audit log."""
+    return request.remote or "unknown"
 
 
 def certificate_reply(plane: ControlPlane, issued: Issued, endpoints: Endpoints) -> dict:

@@ -17,13 +17,15 @@ from datetime import datetime, timedelta
 from cryptography import x509
 from sqlite_utils import Database
 
-from controlplane.errors import TokenRejected, TooSoon
+from controlplane.audit import REFUSED, AuditLog
+from controlplane.errors import DeviceRefused, TokenRejected, TooSoon
 from controlplane.registry import ACTIVE, Device, DeviceRegistry
+from controlplane.storage import write_transaction
 from controlplane.tokens import TokenStore
 from provisioning.ca import CertificateAuthority, utc_now
 from provisioning.csr import check_csr
-from provisioning.identity import DeviceIdentity
-from provisioning.tokens import ca_pin, parse_token
+from provisioning.identity import DeviceIdentity, serial_hex
+from provisioning.tokens import EnrollmentToken, ca_pin, parse_token
 
 DEFAULT_RENEWAL_INTERVAL = timedelta(hours=1)
 
@@ -46,6 +48,7 @@ class EnrollmentService:
         ca: CertificateAuthority,
         tokens: TokenStore,
         registry: DeviceRegistry,
+        audit: AuditLog,
         *,
         region: str,
         renewal_interval: timedelta = DEFAULT_RENEWAL_INTERVAL,
@@ -55,14 +58,33 @@ class EnrollmentService:
         self._ca = ca
         self._tokens = tokens
         self._registry = registry
+        self._audit = audit
         self._region = region
         self._renewal_interval = renewal_interval
         self._clock = clock
         self._pin = ca_pin(ca.certificate)
 
-    def enroll(self, token_text: str, csr_pem: str | bytes) -> Issued:
+    def enroll(self, token_text: str, csr_pem: str | bytes, *, peer: str | None = None) -> Issued:
         """Check the token and the CSR, use up one use of the token, issue a certificate."""
         token = parse_token(token_text)
+        try:
+            issued = self._enroll(token, csr_pem)
+        except TokenRejected as exc:
+            self._audit.record(
+                "enroll", REFUSED, token_id=token.token_id, peer=peer, detail=str(exc)
+            )
+            raise
+        self._audit.record(
+            "enroll",
+            device_id=issued.device.device_id,
+            token_id=token.token_id,
+            serial=serial_hex(issued.certificate),
+            peer=peer,
+            detail=f"region {issued.device.region}",
+        )
+        return issued
+
+    def _enroll(self, token: EnrollmentToken, csr_pem: str | bytes) -> Issued:
         if token.ca_pin != self._pin:
             raise TokenRejected(
                 "enrollment token was made by another control plane (its CA pin does not match "
@@ -72,7 +94,7 @@ class EnrollmentService:
         # CSR, before the token is spent: a bad CSR must not burn a use.
         self._tokens.check(token, served_region=self._region)
         public_key = check_csr(csr_pem)
-        with self._db.atomic():
+        with write_transaction(self._db):
             grant = self._tokens.redeem(token, served_region=self._region)
             if grant.device_id is None:
                 device = self._registry.add(
@@ -87,13 +109,33 @@ class EnrollmentService:
                     )
             return self._issue(device, public_key)
 
-    def renew(self, presented: x509.Certificate, csr_pem: str | bytes) -> Issued:
-        """Issue a new certificate, same identity, to a device authenticated by `presented`."""
+    def renew(
+        self, presented: x509.Certificate, csr_pem: str | bytes, *, peer: str | None = None
+    ) -> Issued:
+        """Issue a new certificate, same identity, to a device authenticated by `presented`, its
+        newest certificate; every earlier one is superseded (refused, and listed in the CRL)."""
         device = self._registry.authenticate(presented)
         public_key = check_csr(csr_pem)
-        with self._db.atomic():
-            self._check_renewal_interval(device)
-            return self._issue(device, public_key)
+        old = serial_hex(presented)
+        try:
+            with write_transaction(self._db):
+                # Again inside the transaction: two renewals with one certificate, one wins.
+                self._registry.authenticate(presented)
+                self._check_renewal_interval(device)
+                issued = self._issue(device, public_key)
+        except (DeviceRefused, TooSoon) as exc:
+            self._audit.record(
+                "renew", REFUSED, device_id=device.device_id, serial=old, peer=peer, detail=str(exc)
+            )
+            raise
+        self._audit.record(
+            "renew",
+            device_id=device.device_id,
+            serial=serial_hex(issued.certificate),
+            peer=peer,
+            detail=f"replaces {old}",
+        )
+        return issued
 
     def _check_renewal_interval(self, device: Device) -> None:
         """One certificate per device per renewal interval: a device (or a thief of its key)
@@ -118,4 +160,5 @@ class EnrollmentService:
             public_key, DeviceIdentity(device.device_id, device.region), now=self._clock()
         )
         self._registry.record_certificate(device.device_id, cert)
+        self._registry.supersede_others(device.device_id, cert)
         return Issued(device, cert)

@@ -19,6 +19,7 @@ import grpc
 from cryptography import x509
 from google.protobuf.message import DecodeError
 
+from controlplane.audit import REFUSED, AuditLog
 from controlplane.errors import DeviceRefused
 from controlplane.registry import Device, DeviceRegistry
 from protocol import fleet_pb2, fleet_pb2_grpc
@@ -73,9 +74,10 @@ class LiveStreams:
 class DeviceGate(grpc.aio.ServerInterceptor):
     """Admit only active devices of the registry, and end their streams when revoked."""
 
-    def __init__(self, registry: DeviceRegistry, streams: LiveStreams) -> None:
+    def __init__(self, registry: DeviceRegistry, streams: LiveStreams, audit: AuditLog) -> None:
         self._registry = registry
         self._streams = streams
+        self._audit = audit
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -104,6 +106,13 @@ class DeviceGate(grpc.aio.ServerInterceptor):
         try:
             device = self._registry.authenticate(cert)
         except DeviceRefused as exc:
+            self._audit.record(
+                "certificate.refused",
+                REFUSED,
+                serial=serial_hex(cert) if cert is not None else None,
+                peer=context.peer(),
+                detail=f"grpc: {exc}",
+            )
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         return device, cert
 

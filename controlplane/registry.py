@@ -4,6 +4,11 @@ Every certificate the CA issues to a device is recorded here by serial. The devi
 (HTTPS and gRPC) admit a certificate only if this registry knows its serial and neither it nor
 its device is revoked; that check, done on every call, is what Python's TLS stacks cannot do
 with a CRL. A revocation bumps a generation counter so other processes notice it.
+
+A device holds one certificate at a time: a renewal (or re-enrollment) supersedes every earlier
+certificate of the device, which the endpoints refuse from then on and the CRL lists, so a key
+stolen from an older generation cannot compete with the device. Superseding bumps the same
+generation, so the running server republishes the CRL.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from cryptography import x509
 from sqlite_utils import Database
 
 from controlplane.errors import DeviceRefused, NotFound
-from controlplane.storage import bump_counter, counter
+from controlplane.storage import bump_counter, counter, write_transaction
 from provisioning.ca import utc_now
 from provisioning.crl import RevokedEntry
 from provisioning.errors import ProvisioningError
@@ -79,6 +84,27 @@ class DeviceRegistry:
             ],
         )
 
+    def supersede_others(self, device_id: str, current: x509.Certificate) -> list[str]:
+        """Mark every other live certificate of the device superseded by `current`; return their
+        serials. Call in the transaction that records `current`."""
+        serial = serial_hex(current)
+        serials = [
+            r[0]
+            for r in self._db.execute(
+                "SELECT serial FROM certificates WHERE device_id = ? AND serial != ? "
+                "AND revoked_at IS NULL AND superseded_at IS NULL",
+                [device_id, serial],
+            ).fetchall()
+        ]
+        if serials:
+            self._db.execute(
+                "UPDATE certificates SET superseded_at = ? WHERE device_id = ? AND serial != ? "
+                "AND revoked_at IS NULL AND superseded_at IS NULL",
+                [_ts(self._clock()), device_id, serial],
+            )
+            bump_counter(self._db, REVOCATION_GENERATION)
+        return serials
+
     def last_issued(self, device_id: str) -> datetime | None:
         """When the device's newest certificate was issued (by this control plane's clock)."""
         row = self._db.execute(
@@ -94,32 +120,39 @@ class DeviceRegistry:
             identity = device_identity_of(cert)
         except ProvisioningError as exc:
             raise DeviceRefused(str(exc)) from exc
+        serial = serial_hex(cert)
         row = self._db.execute(
-            "SELECT device_id, revoked_at FROM certificates WHERE serial = ?", [serial_hex(cert)]
+            "SELECT device_id, revoked_at, superseded_at FROM certificates WHERE serial = ?",
+            [serial],
         ).fetchone()
         if row is None or row[0] != identity.device_id:
             raise DeviceRefused(
-                f"certificate {serial_hex(cert)} was not issued to a device by this control plane"
+                f"certificate {serial} was not issued to a device by this control plane"
             )
         device = self.get(identity.device_id)
         if row[1] is not None or device is None or device.status != ACTIVE:
+            raise DeviceRefused(f"certificate {serial} of device {identity.device_id} is revoked")
+        if row[2] is not None:
             raise DeviceRefused(
-                f"certificate {serial_hex(cert)} of device {identity.device_id} is revoked"
+                f"certificate {serial} of device {identity.device_id} was superseded by a renewal "
+                f"at {_dt(row[2]).isoformat(timespec='seconds')}; only the device's newest "
+                "certificate is accepted (identity/current on the node)"
             )
         return device
 
     def is_revoked(self, serial: str) -> bool:
+        """Whether the endpoints refuse this certificate now: revoked, superseded, or unknown."""
         row = self._db.execute(
-            "SELECT c.revoked_at, d.status FROM certificates c JOIN devices d "
+            "SELECT c.revoked_at, c.superseded_at, d.status FROM certificates c JOIN devices d "
             "ON d.id = c.device_id WHERE c.serial = ?",
             [serial],
         ).fetchone()
-        return row is None or row[0] is not None or row[1] != ACTIVE
+        return row is None or row[0] is not None or row[1] is not None or row[2] != ACTIVE
 
     def revoke(self, device_id: str) -> list[str]:
         """Revoke a device and every certificate it holds; return the newly revoked serials."""
         now = _ts(self._clock())
-        with self._db.atomic():
+        with write_transaction(self._db):
             device = self.get(device_id)
             if device is None:
                 raise NotFound(f"no device {device_id!r}; see: edgefleet device list")
@@ -142,10 +175,11 @@ class DeviceRegistry:
         return serials
 
     def revoked_entries(self) -> list[RevokedEntry]:
-        """Revoked certificates not yet expired: what the CRL must list."""
+        """Revoked or superseded certificates not yet expired: what the CRL must list."""
         rows = self._db.execute(
-            "SELECT serial, revoked_at FROM certificates "
-            "WHERE revoked_at IS NOT NULL AND not_after > ? ORDER BY serial",
+            "SELECT serial, COALESCE(revoked_at, superseded_at) FROM certificates "
+            "WHERE (revoked_at IS NOT NULL OR superseded_at IS NOT NULL) AND not_after > ? "
+            "ORDER BY serial",
             [_ts(self._clock())],
         ).fetchall()
         return [RevokedEntry(int(serial, 16), _dt(at)) for serial, at in rows]

@@ -6,8 +6,9 @@
 
 Beside the listeners, one maintenance task keeps the server safe to leave running: it ends the
 live streams of devices revoked by another process (`edgefleet device revoke`), republishes the
-CRL before it goes stale, and renews the server's and the broker's certificates before they
-expire.
+CRL before it goes stale or when the registry holds revocations it lacks (a revoking process that
+died between its commit and its publish, a certificate a renewal superseded), and renews the
+server's and the broker's certificates before they expire.
 
     server = ControlPlaneServer(ControlPlane.open(load_config()))
     endpoints = await server.start()
@@ -30,6 +31,7 @@ from aiohttp import web
 
 from controlplane.device_api import device_app
 from controlplane.enroll_api import enrollment_app
+from controlplane.errors import ConfigError
 from controlplane.grpc_api import DeviceGate, FleetServicer, LiveStreams
 from controlplane.server_certificate import ServerCredentials, ensure_server_certificate
 from controlplane.service import ControlPlane
@@ -77,7 +79,7 @@ class ControlPlaneServer:
     async def start(self) -> Endpoints:
         plane, config = self.plane, self.plane.config
         self._renew_server_certificate()
-        if plane.revocation.crl_due():
+        if plane.revocation.crl_due() or plane.revocation.crl_behind():
             plane.revocation.publish()
         self._seen_generation = plane.registry.revocation_generation()
 
@@ -87,9 +89,15 @@ class ControlPlaneServer:
             self._credentials.cert_file, self._credentials.key_file, client_ca_file=ca_file
         )
         self._contexts = [enroll_ctx, device_ctx]
-        enroll_sock = _listen(config.bind_host, config.enroll_port)
-        device_sock = _listen(config.bind_host, config.device_port)
-        grpc_port = await self._start_grpc(config.bind_host, config.grpc_port)
+        sockets: list[socket.socket] = []
+        try:
+            enroll_sock = _listen(config.bind_host, config.enroll_port, sockets)
+            device_sock = _listen(config.bind_host, config.device_port, sockets)
+            grpc_port = await self._start_grpc(config.bind_host, config.grpc_port)
+        except ConfigError:
+            for sock in sockets:
+                sock.close()
+            raise
 
         host = _url_host(config.public_host)
         self.endpoints = Endpoints(
@@ -125,7 +133,7 @@ class ControlPlaneServer:
 
     async def _start_grpc(self, host: str, port: int) -> int:
         self._grpc = grpc.aio.server(
-            interceptors=[DeviceGate(self.plane.registry, self.streams)],
+            interceptors=[DeviceGate(self.plane.registry, self.streams, self.plane.audit)],
             options=[("grpc.so_reuseport", 0)],
         )
         fleet_pb2_grpc.add_FleetServicer_to_server(
@@ -136,7 +144,14 @@ class ControlPlaneServer:
             self._fetch_grpc_certificate_configuration,
             require_client_authentication=True,
         )
-        bound = self._grpc.add_secure_port(f"{_url_host(host)}:{port}", credentials)
+        try:
+            bound = self._grpc.add_secure_port(f"{_url_host(host)}:{port}", credentials)
+        except RuntimeError:  # gRPC says only "Failed to bind"
+            self._grpc = None
+            raise ConfigError(
+                f"cannot listen on {_url_host(host)}:{port} (gRPC): the port is in use or the "
+                "address is not this machine's; check [server] bind_host and grpc_port"
+            ) from None
         await self._grpc.start()
         return bound
 
@@ -174,8 +189,9 @@ class ControlPlaneServer:
             await asyncio.sleep(self.plane.config.revocation_poll_seconds)
             try:
                 self.end_revoked_streams()
-                if self.plane.revocation.crl_due():
-                    self.plane.revocation.publish()
+                revocation = self.plane.revocation
+                if revocation.crl_due() or revocation.crl_behind():
+                    revocation.publish()
                 self._renew_server_certificate()
                 if self.plane.broker is not None:
                     self.plane.broker.renew_certificates(
@@ -200,9 +216,18 @@ class ControlPlaneServer:
         return ended
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def _listen(host: str, port: int, opened: list[socket.socket]) -> socket.socket:
+    """A listening socket (also appended to `opened`), or ConfigError saying why there is none."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return socket.create_server((host, port), family=family, backlog=512)
+    try:
+        sock = socket.create_server((host, port), family=family, backlog=512)
+    except OSError as exc:  # in use, not an address of this machine, a name that resolves not
+        raise ConfigError(
+            f"cannot listen on {_url_host(host)}:{port}: {exc.strerror or exc}; check [server] "
+            "bind_host and the ports"
+        ) from None
+    opened.append(sock)
+    return sock
 
 
 def _url_host(host: str) -> str:

@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 
 from sqlite_utils import Database
 
+from controlplane.audit import AuditLog
 from controlplane.broker import Broker
 from controlplane.config import ControlPlaneConfig
 from controlplane.enrollment import EnrollmentService
@@ -36,6 +37,7 @@ class ControlPlane:
     registry: DeviceRegistry
     enrollment: EnrollmentService
     revocation: Revocation
+    audit: AuditLog
     broker: Broker | None
     clock: Callable[[], datetime]
 
@@ -45,7 +47,8 @@ class ControlPlane:
     ) -> ControlPlane:
         ca = CertificateAuthority.load(config.ca_dir, config.lifetimes)
         db = open_database(config.database_path)
-        tokens = TokenStore(db, clock)
+        audit = AuditLog(db, clock)
+        tokens = TokenStore(db, audit, clock)
         registry = DeviceRegistry(db, clock)
         broker = None
         if config.broker_dir is not None:
@@ -63,6 +66,7 @@ class ControlPlane:
                 ca,
                 tokens,
                 registry,
+                audit,
                 region=config.region,
                 renewal_interval=timedelta(seconds=config.renewal_interval_seconds),
                 clock=clock,
@@ -71,11 +75,13 @@ class ControlPlane:
                 db,
                 ca,
                 registry,
+                audit,
                 crl_path=config.crl_path,
                 crl_lifetime=config.crl_lifetime,
                 broker=broker,
                 clock=clock,
             ),
+            audit=audit,
             broker=broker,
             clock=clock,
         )

@@ -8,17 +8,27 @@ Tables:
 - `tokens`: enrollment tokens, by id, with the SHA-256 of their secret, never the secret.
 - `devices`: enrolled devices and their region, tags and status (`active` / `revoked`).
 - `certificates`: every certificate issued, so revocation can list serials and prune expired.
-- `settings`: small counters: CRL number, revocation generation.
+- `settings`: small counters: CRL number, revocation generation, the generation the
+  published CRL covers.
+- `audit`: who did what, when, from where: token creation, enrollments, renewals, refused
+  tokens and certificates, revocations, model pushes, publisher changes. Never a secret or a key.
+
+Transactions that write go through `write_transaction` (BEGIN IMMEDIATE): a deferred transaction
+that reads and then writes cannot wait for another writer (SQLite refuses the upgrade at once,
+"database is locked", whatever busy_timeout says), while BEGIN IMMEDIATE waits its turn.
 """
 
 from __future__ import annotations
 
+import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from sqlite_utils import Database
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (
@@ -51,7 +61,8 @@ CREATE TABLE IF NOT EXISTS certificates (
     not_before BIGINT NOT NULL,
     not_after BIGINT NOT NULL,
     issued_at BIGINT NOT NULL,
-    revoked_at BIGINT
+    revoked_at BIGINT,
+    superseded_at BIGINT
 );
 CREATE INDEX IF NOT EXISTS certificates_device ON certificates(device_id);
 CREATE INDEX IF NOT EXISTS certificates_revoked ON certificates(revoked_at, not_after);
@@ -59,7 +70,21 @@ CREATE TABLE IF NOT EXISTS settings (
     name TEXT PRIMARY KEY,
     value BIGINT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS audit (
+    at BIGINT NOT NULL,
+    event TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    device_id TEXT,
+    token_id TEXT,
+    serial TEXT,
+    peer TEXT,
+    detail TEXT
+);
+CREATE INDEX IF NOT EXISTS audit_at ON audit(at);
 """
+
+# Columns added after version 1, for databases made before them.
+MIGRATIONS = {2: ["ALTER TABLE certificates ADD COLUMN superseded_at BIGINT"]}
 
 
 def open_database(path: Path | str) -> Database:
@@ -72,13 +97,46 @@ def open_database(path: Path | str) -> Database:
     db.execute("PRAGMA foreign_keys = ON")
     if db.journal_mode != "wal":
         db.enable_wal()
-    db.executescript(SCHEMA)
-    db.execute(
-        "INSERT INTO schema_version (version, applied_at) VALUES (?, ?) "
-        "ON CONFLICT (version) DO NOTHING",
-        [SCHEMA_VERSION, int(time.time())],
-    )
+    with write_transaction(db):
+        fresh = "certificates" not in db.table_names()
+        for statement in SCHEMA.split(";"):
+            if statement.strip():
+                db.execute(statement)
+        applied = db.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+        if not fresh and applied is not None:
+            for version in range(applied + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS.get(version, []):
+                    db.execute(statement)
+        db.execute(
+            "INSERT INTO schema_version (version, applied_at) VALUES (?, ?) "
+            "ON CONFLICT (version) DO NOTHING",
+            [SCHEMA_VERSION, int(time.time())],
+        )
     return db
+
+
+@contextmanager
+def write_transaction(db: Database) -> Iterator[Database]:
+    """A transaction that will write: BEGIN IMMEDIATE takes the write lock first, waiting up to
+    busy_timeout for another writer, so a read in it is never followed by a refused upgrade.
+    Inside another transaction, a savepoint of it."""
+    if db.conn.in_transaction:
+        with db.atomic():
+            yield db
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        if db.conn.in_transaction:
+            db.conn.rollback()
+        raise
+    try:
+        db.execute("COMMIT")
+    except sqlite3.Error:
+        if db.conn.in_transaction:
+            db.conn.rollback()
+        raise
 
 
 def counter(db: Database, name: str) -> int:

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlite_utils import Database
 
+from controlplane.audit import AuditLog
 from controlplane.errors import BadRequest, TokenRejected
 from provisioning.ca import utc_now
 from provisioning.identity import check_name, check_tag
@@ -48,8 +49,11 @@ class TokenGrant:
 
 
 class TokenStore:
-    def __init__(self, db: Database, clock: Callable[[], datetime] = utc_now) -> None:
+    def __init__(
+        self, db: Database, audit: AuditLog, clock: Callable[[], datetime] = utc_now
+    ) -> None:
         self._db = db
+        self._audit = audit
         self._clock = clock
 
     def create(
@@ -97,6 +101,13 @@ class TokenStore:
                 _ts(now),
                 device_id,
             ],
+        )
+        scope = f"region {region}, tags {json.dumps(tags, sort_keys=True)}, {uses} use(s)"
+        self._audit.record(
+            "token.create",
+            token_id=record.token_id,
+            device_id=device_id,
+            detail=f"{scope}, expires {record.expires_at.isoformat(timespec='seconds')}",
         )
         return token, record
 

@@ -210,3 +210,141 @@ async def test_serve_ignores_sighup_and_stops_cleanly_with_streams_open(config_p
     text = log.read_text()
     assert "SIGHUP ignored" in text and '"stopping"' in text and '"stopped"' in text, text
     assert '"level": "error"' not in text, text
+
+
+def set_setting(config_path, line: str, replacing: str) -> None:
+    text = config_path.read_text()
+    assert replacing in text
+    config_path.write_text(text.replace(replacing, line))
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('public_hosts = ["bad host!"]', "host name 'bad host!' is not valid"),
+        ('public_hosts = [["a"], 1]', "host name \"['a']\" is not valid"),
+        ('public_hosts = ["127.0.0.1"]\nbind_host = "999.1.1.1"', "bind_host '999.1.1.1' is not"),
+    ],
+)
+def test_serve_refuses_hosts_it_cannot_use(config_path, line, message):
+    set_setting(config_path, line, 'public_hosts = ["127.0.0.1", "localhost"]')
+    rc, _, err = edgefleet("serve", "--config", str(config_path))
+    assert refused(rc, err, message), err
+
+
+@pytest.mark.parametrize("port", ["enroll_port", "grpc_port"])
+def test_serve_with_a_port_in_use_says_so_in_one_line(config_path, port):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        number = taken.getsockname()[1]
+        set_setting(config_path, f"{port} = {number}", f"{port} = 0")
+        done = subprocess.run(
+            [sys.executable, "-m", "controlplane.cli", "serve", "--config", str(config_path)],
+            capture_output=True, text=True, timeout=60,
+            env={k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")},
+        )  # fmt: skip
+    assert refused(done.returncode, done.stderr, f"cannot listen on 127.0.0.1:{number}")
+    assert len([line for line in done.stderr.splitlines() if "error" in line]) == 1, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("BROKER_URL", "mqtts://127.0.0.1:99999", "port 1 to 65535"),
+        ("BROKER_URL", "mqtts://127.0.0.1:0", "port 1 to 65535"),
+        ("BROKER_URL", "mqtts://:8883", "must be mqtts://HOST:PORT"),
+        ("BROKER_DIR", "{config_path}", "is not a directory"),
+    ],
+)
+def test_broker_settings_that_cannot_work_are_refused_at_load(config_path, setting, value, message):
+    env = {f"EDGEFLEET_{setting}": value.format(config_path=config_path)}
+    with pytest.raises(ConfigError, match=message):
+        load_config(config_path, env=env)
+
+
+def test_a_revocation_whose_broker_step_fails_says_it_is_revoked_and_how_to_retry(tmp_path):
+    from controlplane.service import ControlPlane
+    from provisioning.csr import build_csr
+    from provisioning.keys import new_private_key
+    from tests.trust_fixtures import free_port
+
+    config_path = write_config(tmp_path, free_port(), tmp_path / "broker")
+    config = load_config(config_path, env={})
+    CertificateAuthority.create(config.ca_dir, lifetimes=config.lifetimes)
+    cfg = ("--config", str(config_path))
+    assert (
+        edgefleet("broker-config", str(config.broker_dir), "--hostname", "127.0.0.1", *cfg)[0] == 0
+    )
+    plane = ControlPlane.open(config)
+    try:
+        token, _ = plane.tokens.create(region="ae", ca_pin=plane.ca_pin)
+        issued = plane.enrollment.enroll(str(token), build_csr(new_private_key()))
+    finally:
+        plane.close()
+    device_id = issued.device.device_id
+    (config.broker_dir / "crl.pem").unlink()
+    (config.broker_dir / "crl.pem").mkdir()  # the broker's CRL cannot be replaced
+
+    rc, _, err = edgefleet("device", "revoke", device_id, *cfg)
+    assert refused(rc, err, f"device {device_id} is revoked (1 certificate(s)"), err
+    assert f"run again: edgefleet device revoke {device_id}" in err
+    assert len(err.strip().splitlines()) == 1
+    plane = ControlPlane.open(config)
+    try:
+        assert plane.registry.get(device_id).status == "revoked"
+    finally:
+        plane.close()
+
+    (config.broker_dir / "crl.pem").rmdir()
+    rc, _, err = edgefleet("device", "revoke", device_id, *cfg)
+    assert rc == 0, err
+    crl = x509.load_pem_x509_crl((config.broker_dir / "crl.pem").read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(issued.certificate.serial_number)
+
+
+def test_tuf_init_with_root_keys_where_none_can_be_made_is_refused(config_path):
+    rc, _, err = edgefleet(
+        "tuf", "init", "--root-keys", "/proc/edgefleet-keys", "--config", str(config_path)
+    )
+    assert refused(rc, err, "cannot create the TUF repository"), err
+
+
+def test_ca_init_with_a_state_dir_that_is_a_file_is_refused(tmp_path):
+    path = write_config(tmp_path)
+    (tmp_path / "cp").write_text("not a directory")
+    rc, _, err = edgefleet("ca", "init", "--config", str(path))
+    assert refused(rc, err, "Not a directory"), err
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--run-as", "mosquitto\nlistener 18899 127.0.0.1", "is not a user name"),
+        ("--run-as", "mosquitto allow_anonymous", "is not a user name"),
+        ("--bind", "127.0.0.1\nallow_anonymous true", "is not an IP address"),
+        ("--bind", "localhost", "is not an IP address"),
+    ],
+)
+def test_broker_config_refuses_values_that_would_add_directives(
+    config_path, tmp_path, option, value, message
+):
+    broker = tmp_path / "broker"
+    rc, _, err = edgefleet(
+        "broker-config", str(broker), f"{option}={value}", "--config", str(config_path)
+    )
+    assert refused(rc, err, message), err
+    assert not (broker / "mosquitto.conf").exists()
+
+
+@pytest.mark.parametrize(
+    "values", [{"run_as": "mosquitto\nlistener 1"}, {"bind": "127.0.0.1 \nallow_anonymous true"}]
+)
+def test_render_conf_refuses_whitespace_in_a_value(tmp_path, values):
+    from controlplane.broker import BrokerFiles, render_conf
+
+    with pytest.raises(ConfigError):
+        render_conf(BrokerFiles(tmp_path), **values)

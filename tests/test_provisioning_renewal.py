@@ -1,21 +1,26 @@
 """Certificate renewal on the device: at 2/3 of the lifetime by an injected clock, over mTLS,
-hot-reloaded through a listener, while local serving keeps answering; and the documented
-recovery of a certificate that expired while the node was offline."""
+hot-reloaded through a listener, while local serving keeps answering; the older certificate
+superseded by it; and the documented recovery of a certificate that expired while the node was
+offline."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+from dataclasses import replace
 from datetime import timedelta
 
 import aiohttp
+import grpc
 import pytest
+from cryptography import x509
 
-from agent.identity import CertificateRenewer, IdentityStore
+from agent.identity import CertificateRenewer, IdentityStore, enroll
 from agent.identity.errors import CertificateExpired
 from agent.serving.server import ServeOptions, start
 from provisioning.ca import utc_now
+from provisioning.csr import build_csr
 from provisioning.keys import new_private_key
 
 
@@ -179,3 +184,45 @@ async def test_certificate_expired_offline_is_recovered_with_a_reenrollment_toke
     assert env.cli("device", "revoke", identity.device_id)[0] == 0
     rc, _, err = env.cli("token", "create", "--device", identity.device_id)
     assert rc == 1 and "revoked" in err
+
+
+async def test_a_renewal_supersedes_the_older_certificate_everywhere(control_plane):
+    """After a renewal only the newest certificate works: a key stolen from the older generation
+    can neither renew (and so compete with the device) nor use the endpoints, and the CRL the
+    broker reads lists it."""
+    env = control_plane
+    store = IdentityStore(env.root / "renewing" / "identity")
+    enrolled = await enroll(env.endpoints.enroll_url, env.token(), store)
+    generation = store.directory / "generations" / enrolled.serial  # `current` moves on
+    older = replace(enrolled, key_file=generation / "key.pem", cert_file=generation / "cert.pem")
+    newer = await CertificateRenewer(store).renew()
+    assert newer.serial != older.serial
+
+    async with aiohttp.ClientSession() as session:
+        csr = build_csr(new_private_key()).decode()
+        async with session.post(
+            f"{env.endpoints.device_url}/v1/devices/self/renew",
+            json={"csr": csr},
+            ssl=older.ssl_context(),
+        ) as response:
+            status, reply = response.status, await response.json()
+    assert status == 403 and "superseded by a renewal" in reply["message"], reply
+    status, reply = await env.whoami(older)
+    assert status == 403 and "superseded" in reply["message"]
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await env.hello(older)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    assert (await env.whoami(newer))[0] == 200
+    assert (await env.hello(newer)).certificate_serial == newer.serial
+
+    def listed() -> bool:
+        crl = x509.load_pem_x509_crl(env.config.crl_path.read_bytes())
+        return crl.get_revoked_certificate_by_serial_number(older.certificate.serial_number)
+
+    deadline = asyncio.get_running_loop().time() + env.timeout
+    while not listed() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.02)  # the server republishes on its next maintenance pass
+    assert listed()
+    crl = x509.load_pem_x509_crl(env.config.crl_path.read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(newer.certificate.serial_number) is None

@@ -6,15 +6,23 @@ number only goes up.
 The server's publisher is stopped right after it read the revoked list (before the revocation)
 and let go only once the revoking one is either done or waiting for its turn, so the test is
 deterministic and never relies on timing.
+
+And a revoking process killed between its commit and its publish: the running server publishes
+the revocation itself.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 import socket
+import sys
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -200,3 +208,49 @@ def test_write_crl_and_the_broker_refuse_an_older_crl(state, tmp_path):
         plane.close()
     assert crl_number(state.broker_crl()) == newest
     assert state.broker_acl() == acl
+
+
+KILLED_AFTER_COMMIT = """
+import os, sys
+from controlplane.config import load_config
+from controlplane.revocation import Revocation
+from controlplane.service import ControlPlane
+
+def power_cut(self, **kwargs):  # kill -9 between the registry's commit and the CRL
+    os.kill(os.getpid(), 9)
+
+Revocation.publish = power_cut
+ControlPlane.open(load_config(sys.argv[1], env={})).revocation.revoke(sys.argv[2])
+"""
+
+
+async def test_a_revocation_killed_before_its_publish_reaches_the_crl_and_the_broker(tmp_path):
+    """The revoking process dies right after its commit: the running server finds the registry
+    ahead of the CRL it published and publishes the revocation (CRL, broker CRL and ACL)."""
+    from tests.trust_fixtures import free_port, start_control_plane
+
+    env = await start_control_plane(tmp_path, broker_port=free_port(), broker_dir=tmp_path / "mq")
+    try:
+        credentials = await env.enroll()
+        serial = credentials.certificate.serial_number
+        device_id = credentials.identity.device_id
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", KILLED_AFTER_COMMIT, str(env.config_path), device_id,
+            cwd=Path(__file__).resolve().parents[1],
+        )  # fmt: skip
+        assert await process.wait() == -signal.SIGKILL
+        assert env.plane.registry.get(device_id).status == "revoked"
+
+        def published() -> bool:
+            crl = x509.load_pem_x509_crl(env.config.crl_path.read_bytes())
+            broker = x509.load_pem_x509_crl((env.config.broker_dir / "crl.pem").read_bytes())
+            return all(c.get_revoked_certificate_by_serial_number(serial) for c in (crl, broker))
+
+        deadline = time.monotonic() + WAIT
+        while not published() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)  # the maintenance pass runs every 0.05 s here
+        assert published()
+        assert f"user {device_id}\ntopic deny #" in (env.config.broker_dir / "acl").read_text()
+    finally:
+        await env.server.stop()
+        env.plane.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sqlite3
+import sys
 from pathlib import Path
 
 from controlplane.cli import UserError
@@ -55,3 +56,25 @@ def open_tuf_repository(args: argparse.Namespace):
         return TufRepository(config.state_dir / "tuf")
     except TufRepositoryError as exc:
         raise UserError(str(exc)) from None
+
+
+def record_audit(args: argparse.Namespace, event: str, **fields: str | None) -> None:
+    """Append to the audit log of the control plane named by --config, for commands that change
+    what the fleet trusts without opening the whole control plane (model push, publishers).
+    The change is made already: a log that cannot be written is a warning, not an error."""
+    from controlplane.audit import AuditLog
+    from controlplane.storage import open_database
+
+    config = load(args)
+    try:
+        db = open_database(config.database_path)
+    except (sqlite3.Error, OSError) as exc:
+        print(
+            f"edgefleet: warning: not recorded in the audit log {config.database_path}: {exc}",
+            file=sys.stderr,
+        )
+        return
+    try:
+        AuditLog(db).record(event, **fields)
+    finally:
+        db.close()

@@ -42,12 +42,18 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives import serialization
 
-    from controlplane.broker import Broker, write_broker_config
+    from controlplane.broker import Broker, check_bind, check_run_as, write_broker_config
+    from controlplane.errors import ConfigError
     from provisioning.ca import server_host
     from provisioning.errors import ProvisioningError
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port} is not a TCP port")
+    try:
+        check_run_as(args.run_as)
+        check_bind(args.bind)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
     try:
         wanted = [server_host(host) for host in args.hostname]
     except ProvisioningError as exc:
@@ -71,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
             )
         # A broker already running from this directory picks up the new files.
         reloaded = files.pid.exists() and Broker(files.directory, plane.ca).reload()
-    except (ProvisioningError, OSError) as exc:
+    except (ProvisioningError, ConfigError, OSError) as exc:
         raise UserError(f"cannot write broker config: {exc}") from exc
     finally:
         plane.close()

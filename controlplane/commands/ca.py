@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sqlite3
 
 from controlplane.cli import UserError
 from controlplane.commands._common import add_config_argument, load
@@ -31,9 +32,11 @@ def run_init(args: argparse.Namespace) -> int:
     config = load(args)
     try:
         ca = CertificateAuthority.create(config.ca_dir, args.name, lifetimes=config.lifetimes)
+        open_database(config.database_path).close()
     except ProvisioningError as exc:
         raise UserError(str(exc)) from exc
-    open_database(config.database_path).close()
+    except (OSError, sqlite3.Error) as exc:  # e.g. a state_dir that is a regular file
+        raise UserError(f"cannot create the CA in {config.ca_dir}: {exc}") from None
     print(f"device CA created in {config.ca_dir}")
     print(f"  certificate: {config.ca_dir / ca.CERT_FILE}")
     print(f"  key:         {config.ca_dir / ca.KEY_FILE} (mode 0600; back it up offline)")

@@ -50,9 +50,10 @@ def run_revoke(args: argparse.Namespace) -> int:
 
     plane = open_plane(args)
     try:
+        # NotPublished (committed, CRL or broker step failed) is one line like any other error.
         result = plane.revocation.revoke(args.device_id)
     except ControlPlaneError as exc:
-        raise UserError(str(exc)) from exc
+        raise UserError(str(exc)) from None
     finally:
         plane.close()
     print(f"device {result.device_id} revoked ({len(result.serials)} certificate(s))")

@@ -16,7 +16,11 @@ import os
 from pathlib import Path
 
 from controlplane.cli import UserError
-from controlplane.commands._common import add_config_argument, open_tuf_repository
+from controlplane.commands._common import (
+    add_config_argument,
+    open_tuf_repository,
+    record_audit,
+)
 
 PASSWORD_ENV = "EDGEFLEET_KEY_PASSWORD"
 
@@ -130,6 +134,12 @@ def run_push(args: argparse.Namespace) -> int:
         published = store.push(args.dir)
     except PushRefused as exc:
         raise UserError(str(exc)) from None
+    publishers = sorted({str(v.custom.get("publisher", "")) for v in published})
+    record_audit(
+        args,
+        "model.push",
+        detail=f"targets {[v.target for v in published]}, publisher key {publishers}",
+    )
     for variant in published:
         print(f"published {variant.target}  {variant.length} B  sha256:{variant.sha256[:16]}")
     return 0
@@ -163,6 +173,11 @@ def run_publisher_add(args: argparse.Namespace) -> int:
         )
     except (SignatureError, TufRepositoryError) as exc:
         raise UserError(str(exc)) from None
+    record_audit(
+        args,
+        "publisher.add",
+        detail=f"publisher {publisher.name}, key {publisher.key_id}, models {list(models)}",
+    )
     print(
         f"publisher {publisher.name} (key {publisher.key_id[:16]}) may sign: "
         f"{', '.join(publisher.models)}. Move {args.root_keys} back offline."
@@ -179,6 +194,7 @@ def run_publisher_remove(args: argparse.Namespace) -> int:
         PublisherRegistry(repository).remove(args.name, repository.root_signers(args.root_keys))
     except TufRepositoryError as exc:
         raise UserError(str(exc)) from None
+    record_audit(args, "publisher.remove", detail=f"publisher {args.name}")
     print(f"publisher {args.name} removed; nodes refuse its signatures from their next update")
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from controlplane.cli import UserError
 from controlplane.commands._common import add_config_argument, open_plane
 
 
@@ -24,6 +25,7 @@ def run(args: argparse.Namespace) -> int:
     import signal
 
     from controlplane.artifacts_api import artifact_routes
+    from controlplane.errors import ControlPlaneError
     from controlplane.server import ControlPlaneServer
     from provisioning.logs import configure_logging
 
@@ -36,7 +38,11 @@ def run(args: argparse.Namespace) -> int:
         server = ControlPlaneServer(
             plane, device_routes=artifact_routes(plane.config.state_dir / "tuf")
         )
-        endpoints = await server.start()
+        try:
+            endpoints = await server.start()
+        except ControlPlaneError as exc:
+            await server.stop()
+            raise UserError(str(exc)) from None
         print(
             f"enrollment {endpoints.enroll_url}  devices {endpoints.device_url}  "
             f"gRPC {endpoints.grpc_target}",

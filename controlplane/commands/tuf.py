@@ -58,6 +58,8 @@ def run_init(args: argparse.Namespace) -> int:
         )
     except TufRepositoryError as exc:
         raise UserError(str(exc)) from None
+    except OSError as exc:  # the root-key directory or the state directory cannot be made
+        raise UserError(f"cannot create the TUF repository: {exc}") from None
     root = repository.root().signed.roles["root"]
     print(f"TUF repository created in {repository.directory}")
     print(f"root: {len(root.keyids)} keys in {args.root_keys}, {root.threshold} must sign")
