@@ -112,8 +112,9 @@ class EnrollmentService:
     def renew(
         self, presented: x509.Certificate, csr_pem: str | bytes, *, peer: str | None = None
     ) -> Issued:
-        """Issue a new certificate, same identity, to a device authenticated by `presented`, its
-        newest certificate; every earlier one is superseded (refused, and listed in the CRL)."""
+        """Issue a new certificate, same identity, to a device authenticated by `presented`.
+        Once the device presents the new one, every earlier one is superseded (refused, and
+        listed in the CRL): see DeviceRegistry.authenticate."""
         device = self._registry.authenticate(presented)
         public_key = check_csr(csr_pem)
         old = serial_hex(presented)
@@ -160,5 +161,4 @@ class EnrollmentService:
             public_key, DeviceIdentity(device.device_id, device.region), now=self._clock()
         )
         self._registry.record_certificate(device.device_id, cert)
-        self._registry.supersede_others(device.device_id, cert)
         return Issued(device, cert)

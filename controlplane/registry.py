@@ -5,10 +5,11 @@ Every certificate the CA issues to a device is recorded here by serial. The devi
 its device is revoked; that check, done on every call, is what Python's TLS stacks cannot do
 with a CRL. A revocation bumps a generation counter so other processes notice it.
 
-A device holds one certificate at a time: a renewal (or re-enrollment) supersedes every earlier
-certificate of the device, which the endpoints refuse from then on and the CRL lists, so a key
-stolen from an older generation cannot compete with the device. Superseding bumps the same
-generation, so the running server republishes the CRL.
+A device holds one certificate at a time: once it presents the certificate a renewal (or
+re-enrollment) gave it, every earlier one is superseded, refused by the endpoints from then on
+and listed in the CRL, so a key stolen from an older generation cannot compete with the device.
+Not at issue: a renewal whose answer is lost on the way leaves the node the certificate it has.
+Superseding bumps the same generation, so the running server republishes the CRL.
 """
 
 from __future__ import annotations
@@ -84,27 +85,6 @@ class DeviceRegistry:
             ],
         )
 
-    def supersede_others(self, device_id: str, current: x509.Certificate) -> list[str]:
-        """Mark every other live certificate of the device superseded by `current`; return their
-        serials. Call in the transaction that records `current`."""
-        serial = serial_hex(current)
-        serials = [
-            r[0]
-            for r in self._db.execute(
-                "SELECT serial FROM certificates WHERE device_id = ? AND serial != ? "
-                "AND revoked_at IS NULL AND superseded_at IS NULL",
-                [device_id, serial],
-            ).fetchall()
-        ]
-        if serials:
-            self._db.execute(
-                "UPDATE certificates SET superseded_at = ? WHERE device_id = ? AND serial != ? "
-                "AND revoked_at IS NULL AND superseded_at IS NULL",
-                [_ts(self._clock()), device_id, serial],
-            )
-            bump_counter(self._db, REVOCATION_GENERATION)
-        return serials
-
     def last_issued(self, device_id: str) -> datetime | None:
         """When the device's newest certificate was issued (by this control plane's clock)."""
         row = self._db.execute(
@@ -122,7 +102,7 @@ class DeviceRegistry:
             raise DeviceRefused(str(exc)) from exc
         serial = serial_hex(cert)
         row = self._db.execute(
-            "SELECT device_id, revoked_at, superseded_at FROM certificates WHERE serial = ?",
+            "SELECT device_id, revoked_at, superseded_at, rowid FROM certificates WHERE serial = ?",
             [serial],
         ).fetchone()
         if row is None or row[0] != identity.device_id:
@@ -138,7 +118,26 @@ class DeviceRegistry:
                 f"at {_dt(row[2]).isoformat(timespec='seconds')}; only the device's newest "
                 "certificate is accepted (identity/current on the node)"
             )
+        self._supersede_older(identity.device_id, row[3])
         return device
+
+    def _supersede_older(self, device_id: str, rowid: int) -> None:
+        """The device presents a certificate: every one issued to it before that one is
+        superseded from now on (refused, and listed in the CRL). Not when the new one is issued:
+        a renewal whose answer never reached the node must leave it the certificate it has."""
+        older = (
+            "FROM certificates WHERE device_id = ? AND rowid < ? "
+            "AND revoked_at IS NULL AND superseded_at IS NULL"
+        )
+        if self._db.execute(f"SELECT 1 {older} LIMIT 1", [device_id, rowid]).fetchone() is None:
+            return  # the usual case: one read, no write
+        with write_transaction(self._db):
+            self._db.execute(
+                "UPDATE certificates SET superseded_at = ? "
+                f"WHERE serial IN (SELECT serial {older})",
+                [_ts(self._clock()), device_id, rowid],
+            )
+            bump_counter(self._db, REVOCATION_GENERATION)
 
     def is_revoked(self, serial: str) -> bool:
         """Whether the endpoints refuse this certificate now: revoked, superseded, or unknown."""

@@ -187,9 +187,9 @@ async def test_certificate_expired_offline_is_recovered_with_a_reenrollment_toke
 
 
 async def test_a_renewal_supersedes_the_older_certificate_everywhere(control_plane):
-    """After a renewal only the newest certificate works: a key stolen from the older generation
-    can neither renew (and so compete with the device) nor use the endpoints, and the CRL the
-    broker reads lists it."""
+    """Once the device uses its renewed certificate, only that one works: a key stolen from the
+    older generation can neither renew (and so compete with the device) nor use the endpoints,
+    and the CRL the broker reads lists it."""
     env = control_plane
     store = IdentityStore(env.root / "renewing" / "identity")
     enrolled = await enroll(env.endpoints.enroll_url, env.token(), store)
@@ -197,6 +197,10 @@ async def test_a_renewal_supersedes_the_older_certificate_everywhere(control_pla
     older = replace(enrolled, key_file=generation / "key.pem", cert_file=generation / "cert.pem")
     newer = await CertificateRenewer(store).renew()
     assert newer.serial != older.serial
+    # Until the device presents the new certificate, the older one still works: a renewal
+    # whose answer was lost on the way must not cut the node off.
+    assert (await env.whoami(older))[0] == 200
+    assert (await env.whoami(newer))[0] == 200  # from now on the older one is superseded
 
     async with aiohttp.ClientSession() as session:
         csr = build_csr(new_private_key()).decode()
