@@ -193,7 +193,8 @@ async def main():
 
 assert [(e.name, e.state) for e in asyncio.run(main())] == [("mlp", "READY")]
 assert "agent.selection.sandbox" in sys.modules  # the model was tried in a child
-wire = {"agent.selection.sandbox", "agent.selection.worker"}  # the child and its messages
+# the child, its messages and the checks of its replies
+wire = {"agent.selection.sandbox", "agent.selection.worker", "agent.selection.replies"}
 unwanted = sorted(m for m in sys.modules if m.startswith(("agent.selection.", "sqlite_utils"))
                   and m not in wire)
 assert not unwanted, unwanted

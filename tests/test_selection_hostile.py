@@ -5,7 +5,10 @@ that dies. Each is refused or recorded with its reason, and the agent stays up."
 from __future__ import annotations
 
 import math
+import os
 import struct
+import threading
+import time
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +20,8 @@ from onnx import TensorProto, helper
 from agent.profiles import AllowedDevice, RuntimeOptions, SelectionSettings, load_profile
 from agent.selection import SelectionError, choose, load_golden
 from agent.selection.inputs import MAX_INPUT_ELEMENTS, InputError, batched, random_inputs
-from agent.selection.sandbox import Sandbox, SandboxCrashed
+from agent.selection.replies import ReplyError, check_reply
+from agent.selection.sandbox import Sandbox, SandboxCrashed, SandboxTimeout
 from agent.serving.server import ServeOptions
 from runtimes.discovery import RuntimeDevice
 from tests.conftest import ServerThread
@@ -232,3 +236,184 @@ def test_a_worker_dying_silently_has_no_tail_in_its_reason():
 def test_an_unbounded_wait_is_clamped_not_an_overflow():
     with Sandbox() as sandbox:
         assert sandbox.call({"op": "ping"}, timeout=math.inf)["ok"]
+
+
+# --- what the worker replies ----------------------------------------------------------------------
+
+# Code run in the worker finds the stream its replies go to: a subverted runtime can write it.
+_REPLIES = (
+    "import struct, sys, time\n"
+    "frame = sys._getframe()\n"
+    "while frame.f_code.co_name != 'main':\n"
+    "    frame = frame.f_back\n"
+    "replies = frame.f_locals['replies']\n"
+)
+
+
+def _call_in_thread(sandbox: Sandbox, request: dict, timeout: float, within: float):
+    """sandbox.call's reply or exception, or AssertionError if it is still waiting `within` s on."""
+    outcome: list = []
+
+    def call():
+        try:
+            outcome.append(sandbox.call(request, timeout=timeout))
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(within)
+    if not outcome:
+        os.kill(sandbox._process.pid, 9)  # let the stuck read end
+        raise AssertionError(f"call(timeout={timeout}) still waiting after {within} s")
+    return outcome[0]
+
+
+def test_a_reply_header_without_its_body_times_out_with_the_call():
+    stalls = RunsInTheWorker(
+        _REPLIES + "replies.write(struct.pack('!Q', 100))\nreplies.flush()\ntime.sleep(3600)\n"
+    )
+    with Sandbox() as sandbox:
+        sandbox.call({"op": "ping"}, timeout=60)
+        outcome = _call_in_thread(sandbox, {"op": "ping", "payload": stalls}, 2, within=30)
+        assert isinstance(outcome, SandboxTimeout), outcome
+        assert not sandbox.running
+        assert sandbox.call({"op": "ping"}, timeout=60)["ok"]  # a fresh worker
+
+
+def test_a_reply_declaring_gigabytes_is_refused_before_it_is_read():
+    huge = RunsInTheWorker(
+        _REPLIES + "replies.write(struct.pack('!Q', 8 << 30) + b'x')\n"
+        "replies.flush()\ntime.sleep(3600)\n"
+    )
+    with Sandbox() as sandbox:
+        outcome = _call_in_thread(sandbox, {"op": "ping", "payload": huge}, 60, within=30)
+    assert isinstance(outcome, SandboxCrashed), outcome
+    assert "reply the agent refuses: it declares 8589934592 bytes, over the cap of 256 MiB" in str(
+        outcome
+    )
+
+
+_BOMB = "bomb = ['x']\nfor _ in range(40):\n    bomb = [bomb, bomb]\n"
+
+
+def test_a_placement_list_bomb_is_refused_not_walked():
+    # About 1 KB of pickle, 2**40 leaves: the agent must not walk, compare or serialise it.
+    writes = RunsInTheWorker(
+        _REPLIES + _BOMB + "import pickle\n"
+        "reply = {'ok': True, 'load_seconds': 0.1, 'memory_mb': 1.0, 'inputs': [],\n"
+        "         'outputs': [], 'placement': ['CPUExecutionProvider', bomb]}\n"
+        "body = pickle.dumps(reply)\n"
+        "replies.write(struct.pack('!Q', len(body)) + body)\n"
+        "replies.flush()\n"
+    )
+    with Sandbox() as sandbox:
+        outcome = _call_in_thread(sandbox, {"op": "load", "payload": writes}, 60, within=30)
+    assert isinstance(outcome, SandboxCrashed), outcome
+    assert "reply the agent refuses: placement (a list) is not a name" in str(outcome)
+
+
+@pytest.mark.parametrize(
+    ("op", "reply", "problem"),
+    [
+        (
+            "load",
+            {"ok": True, "load_seconds": 0.1, "memory_mb": 1, "placement": ["CPU"] * 65},
+            "placement is not a list of at most 64",
+        ),
+        ("benchmark", {"ok": True, "latencies": ["1"], "stopped_early": False}, "not a number"),
+        ("infer", {"ok": True, "outputs": {"y": [1.0]}}, "is not an array"),
+        (
+            "discover",
+            {
+                "ok": True,
+                "devices": [
+                    {"runtime": "x", "device": "CPU", "details": {"deep": [[[[[["too deep"]]]]]]}}
+                ],
+            },
+            "nests over 4 deep",
+        ),
+        ("ping", ["not", "a", "table"], "is not a table"),
+        ("ping", {"ok": False, "error": 7}, "error is not text"),
+    ],
+    ids=["long-placement", "latency-text", "output-list", "deep-details", "list", "error-number"],
+)
+def test_replies_of_the_wrong_shape_are_refused(op, reply, problem):
+    with pytest.raises(ReplyError, match=problem):
+        check_reply(op, reply)
+
+
+_SUBVERTED_WORKER = """
+if b"agent.selection.worker" in open("/proc/self/cmdline", "rb").read():
+    import pickle
+
+    _dumps = pickle.dumps
+
+    def dumps(obj, *args, **kwargs):
+        if isinstance(obj, dict) and isinstance(obj.get("placement"), list):
+            bomb = ["x"]
+            for _ in range(40):
+                bomb = [bomb, bomb]
+            obj = {**obj, "placement": [obj["placement"][0], bomb]}
+        return _dumps(obj, *args, **kwargs)
+
+    pickle.dumps = dumps
+"""
+
+
+def test_a_candidate_whose_worker_sends_a_bomb_is_recorded_and_selection_ends(
+    tmp_path, monkeypatch
+):
+    # As if the model subverted its runtime: every load reply of the worker carries the bomb.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_SUBVERTED_WORKER)
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    directory = tmp_path / "bomb" / "1"
+    identity_model(directory / "model.onnx", [1, 4])
+    x = np.ones((1, 4), np.float32)
+    np.savez(directory / "golden.npz", **{"input/x": x, "output/y": x})  # no reference run
+    outcome: list = []
+
+    def select():
+        try:
+            choose(directory, profile=ort_profile(), devices=ORT_DEVICES)
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=select, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "selection still running after 60 s"
+    assert isinstance(outcome[0], SelectionError)
+    (result,) = [r for r in outcome[0].results if r.candidate.runtime == "onnxruntime"]
+    assert result.reason.startswith("crashed: the selection worker sent a reply the agent refuses")
+
+
+def test_a_timed_out_worker_takes_the_processes_it_started_along(tmp_path):
+    pid_file = tmp_path / "helper.pid"
+    starts_a_helper = RunsInTheWorker(
+        "import subprocess, time\n"
+        f"helper = subprocess.Popen(['sleep', '300'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(helper.pid))\n"
+        "time.sleep(3600)\n"
+    )
+    with Sandbox() as sandbox:
+        outcome = _call_in_thread(sandbox, {"op": "load", "payload": starts_a_helper}, 2, 30)
+    assert isinstance(outcome, SandboxTimeout), outcome
+    helper = int(pid_file.read_text())
+    for _ in range(100):
+        if not _alive(helper):
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(helper, 9)
+        raise AssertionError("the worker's helper process outlived it")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"  # a zombie has ended

@@ -4,19 +4,29 @@
         reply = sandbox.call({"op": "load", ...}, timeout=60)   # SandboxTimeout after 60 s
 
 A timed-out or crashed worker is killed and the next call starts a fresh one, so one bad
-candidate costs its own time limit and nothing else.
+candidate costs its own time limit and nothing else. The worker runs in a session of its own,
+and killing it kills its process group: helpers a runtime started (a compiler daemon) go too.
+
+The worker runs code from the model's runtime, so its replies are read as untrusted: the whole
+reply (not only its first byte) must arrive within the call's time limit, a reply may declare
+at most MAX_REPLY_BYTES, and each must have the shape its request calls for (`replies`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import select
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from agent.selection.replies import ReplyError, check_reply
 
 _ROOT = Path(__file__).resolve().parents[2]  # the directory holding the agent package
 # Starting Python and importing numpy can be slow on a small board; it is not the candidate's time.
@@ -25,6 +35,13 @@ STARTUP_SECONDS = 60.0
 LONGEST_WAIT_SECONDS = 7 * 86_400.0
 # A line Python's warnings module writes ("path:line: SomeWarning: message"): not why a worker died.
 _WARNING_LINE = re.compile(r"\S.*:\d+: \w*Warning: ")
+# The largest reply the agent reads. The biggest legitimate ones are a reference run's outputs,
+# which must also fit a golden file (provisioning.package.MAX_GOLDEN_BYTES, 256 MiB) to be
+# compared; the header's size is read before anything is allocated for the body.
+MAX_REPLY_BYTES = 256 * 2**20
+_READ_CHUNK = 1 << 20
+# Bytes of a reply's length prefix (agent.selection.worker writes "!Q").
+_HEADER_SIZE = 8
 
 
 class SandboxError(Exception):
@@ -66,13 +83,16 @@ class Sandbox:
             _write(self._process.stdin, request)
         except (BrokenPipeError, OSError):
             raise SandboxCrashed(self._crash_reason()) from None
-        return self._receive(timeout, what=f"{request['op']} did not finish within {timeout:g} s")
+        what = f"{request['op']} did not finish within {timeout:g} s"
+        return self._receive(request["op"], timeout, what)
 
     def kill(self) -> None:
+        """Kill the worker and whatever it started (its process group)."""
         if self._process is None:
             return
-        if self._process.poll() is None:
-            self._process.kill()
+        # Before the worker is reaped its pid, and so its group id, cannot be reused.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._process.pid, signal.SIGKILL)
         self._process.wait()
         for stream in (self._process.stdin, self._process.stdout):
             if stream:
@@ -107,24 +127,34 @@ class Sandbox:
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             env=env,
+            start_new_session=True,  # its own process group, killed as one
         )
         assert self._process.stdin is not None
         _write(self._process.stdin, {"op": "ping"})
-        self._receive(self.startup_seconds, what="the selection worker did not start")
+        self._receive("ping", self.startup_seconds, what="the selection worker did not start")
 
-    def _receive(self, timeout: float, what: str) -> dict[str, Any]:
+    def _receive(self, op: str, timeout: float, what: str) -> dict[str, Any]:
+        """The reply to `op`, all of it read within `timeout` seconds."""
         assert self._process is not None and self._process.stdout is not None
-        stream = self._process.stdout
+        fd = self._process.stdout.fileno()
         wait = min(timeout, LONGEST_WAIT_SECONDS) if timeout > 0 else 0.0  # nan: no wait
-        ready, _, _ = select.select([stream], [], [], wait)
-        if not ready:
-            self.kill()
-            raise SandboxTimeout(what)
-        # The reply has started (replies are written in one piece); a worker that dies mid-reply
-        # shows up as a short read.
+        deadline = time.monotonic() + wait
         try:
-            reply = _read(stream)
-        except Exception as exc:  # not plain data, or not a pickle: the worker is not trusted
+            body = None
+            header = _read_exactly(fd, _HEADER_SIZE, deadline)
+            if header is not None:
+                size = int.from_bytes(header, "big")
+                if size > MAX_REPLY_BYTES:
+                    raise ReplyError(
+                        f"it declares {size} bytes, over the cap of {MAX_REPLY_BYTES >> 20} MiB"
+                    )
+                body = _read_exactly(fd, size, deadline)
+            # A worker that dies mid-reply shows up as a short read.
+            reply = None if body is None else check_reply(op, _unpickle(body))
+        except TimeoutError:
+            self.kill()
+            raise SandboxTimeout(what) from None
+        except Exception as exc:  # not plain data, not a pickle, not its shape: not trusted
             self.kill()
             message = f"the selection worker sent a reply the agent refuses: {exc}"
             raise SandboxCrashed(message) from None
@@ -169,7 +199,25 @@ def _write(stream: BinaryIO, message: Any) -> None:
     write_message(stream, message)
 
 
-def _read(stream: BinaryIO) -> Any:
-    from agent.selection.worker import read_reply
+def _unpickle(body: bytes) -> Any:
+    from agent.selection.worker import unpickle_reply
 
-    return read_reply(stream)
+    return unpickle_reply(body)
+
+
+def _read_exactly(fd: int, size: int, deadline: float) -> bytes | None:
+    """`size` bytes from `fd`, or None if it ends first; TimeoutError at `deadline` (monotonic).
+
+    Read with os.read after select(): a buffered read would block until all `size` bytes came,
+    however long a stalled worker takes to send them.
+    """
+    data = bytearray()
+    while len(data) < size:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise TimeoutError
+        chunk = os.read(fd, min(size - len(data), _READ_CHUNK))
+        if not chunk:
+            return None
+        data += chunk
+    return bytes(data)

@@ -26,7 +26,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-_HEADER = struct.Struct("!Q")
+_HEADER = struct.Struct("!Q")  # the body's length; agent.selection.sandbox reads it too
 
 
 # What a reply may reference besides plain data: numpy arrays, dtypes and scalars (numpy 2
@@ -59,7 +59,12 @@ def read_reply(stream: BinaryIO) -> Any:
     """A worker's reply: plain data and numpy arrays only, else UnpicklingError. None when the
     stream ends before a whole reply."""
     body = _read_body(stream)
-    return None if body is None else _ReplyUnpickler(io.BytesIO(body)).load()
+    return None if body is None else unpickle_reply(body)
+
+
+def unpickle_reply(body: bytes) -> Any:
+    """The reply in `body` (a reply without its header): plain data and numpy arrays only."""
+    return _ReplyUnpickler(io.BytesIO(body)).load()
 
 
 def _read_body(stream: BinaryIO) -> bytes | None:
