@@ -22,6 +22,7 @@ from agent.selection import SelectionError, choose, load_golden
 from agent.selection.inputs import MAX_INPUT_ELEMENTS, InputError, batched, random_inputs
 from agent.selection.replies import ReplyError, check_reply
 from agent.selection.sandbox import Sandbox, SandboxCrashed, SandboxTimeout
+from agent.selection.variants import VariantError
 from agent.serving.server import ServeOptions
 from runtimes.discovery import RuntimeDevice
 from tests.conftest import ServerThread
@@ -417,3 +418,34 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.rpartition(")")[2].split()[0] != "Z"  # a zombie has ended
+
+
+# --- model files --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weights", ["fifo", "dev-zero"])
+def test_an_ir_whose_weights_are_no_regular_file_is_refused_not_read(tmp_path, weights):
+    directory = tmp_path / "ir" / "1"
+    directory.mkdir(parents=True)
+    (directory / "model.xml").write_text('<?xml version="1.0"?><net name="x" version="11"/>')
+    if weights == "fifo":
+        os.mkfifo(directory / "model.bin")  # opened for reading, it waits for a writer
+    else:
+        (directory / "model.bin").symlink_to("/dev/zero")  # never ends
+    outcome: list = []
+
+    def select():
+        try:
+            choose(directory, profile=ort_profile(), devices=ORT_DEVICES)
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=select, daemon=True)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive(), "selection still reading model.bin after 30 s"
+    assert isinstance(outcome[0], VariantError)
+    assert (
+        str(outcome[0])
+        == f"{directory / 'model.bin'}: not a regular file; a model's files must be files"
+    )

@@ -9,10 +9,13 @@ variant, named by its file name; OpenVINO IR counts its `.bin` in the digest.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from agent.serving.repository import version_number
 from runtimes.loader import MODEL_SUFFIXES
@@ -78,16 +81,32 @@ def reference_order(variant: Variant) -> tuple[int, int, str]:
 
 
 def file_digest(path: Path) -> str:
-    """sha256 of a model file; an OpenVINO IR's weights (.bin) are part of it."""
+    """sha256 of a model file; an OpenVINO IR's weights (.bin) are part of it.
+
+    Each is opened without blocking and must be a regular file once open: a FIFO would wait for
+    a writer forever and /dev/zero would never end, in the agent's own process.
+    """
     sha = hashlib.sha256()
     parts = [path]
-    if path.suffix.lower() == ".xml" and path.with_suffix(".bin").exists():
+    if path.suffix.lower() == ".xml" and os.path.lexists(path.with_suffix(".bin")):
         parts.append(path.with_suffix(".bin"))
     for part in parts:
-        with open(part, "rb") as handle:
+        with _open_regular(part) as handle:
             while chunk := handle.read(_CHUNK):
                 sha.update(chunk)
     return sha.hexdigest()
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise VariantError(f"{path}: cannot read it: {exc.strerror}") from None
+    handle = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        handle.close()
+        raise VariantError(f"{path}: not a regular file; a model's files must be files")
+    return handle
 
 
 def model_digest(variants: list[Variant]) -> str:
