@@ -406,3 +406,66 @@ def test_the_agent_unpickles_only_plain_data_and_arrays_from_its_worker(tmp_path
         with pytest.raises(pickle.UnpicklingError, match="may not build"):
             read_reply(io.BytesIO(struct.pack("!Q", len(gadget)) + gadget))
     assert not marker.exists()
+
+
+# --- what the key holds -------------------------------------------------------------------------
+
+
+def test_changed_golden_vectors_select_again_even_with_the_same_bytes(tmp_path, sample_repo):
+    directory = model_dir(tmp_path, sample_repo, "mlp")
+    inputs = sample_input("mlp")
+    output = reference_output("mlp", inputs)["output"]
+    cache = DecisionCache(tmp_path / "agent.db")
+    chosen_profile = profile("generic-cpu", ort())
+
+    def golden(array: np.ndarray):
+        np.savez(
+            directory / "golden.npz", **{"input/input": inputs["input"], "output/output": array}
+        )
+        return choose(directory, profile=chosen_profile, cache=cache)
+
+    assert not golden(output).from_cache
+    assert golden(output).from_cache
+    # The same bytes read as int32, or in another shape, are not the vectors the choice passed.
+    for changed in (output.view(np.int32), output.reshape(-1, 1)):
+        with pytest.raises(SelectionError, match="no candidate passed"):
+            golden(changed)
+
+
+def test_a_litert_delegate_appearing_selects_again(tmp_path, sample_repo, monkeypatch):
+    directory = model_dir(tmp_path, sample_repo, "mlp-tflite")
+    libraries = tmp_path / "delegates"
+    libraries.mkdir()
+    monkeypatch.setenv("EDGEFLEET_LITERT_DELEGATE_PATH", str(libraries))
+    gpu = AllowedDevice("litert", "GPU", RuntimeOptions(), 60)
+    chosen_profile = profile("generic-cpu", gpu, LITERT)
+    cache = DecisionCache(tmp_path / "agent.db")
+    first = choose(directory, profile=chosen_profile, cache=cache)
+    assert by_label(first)["litert GPU threads=auto [model.tflite]"].reason.startswith(
+        "litert has no GPU device here"
+    )
+    assert choose(directory, profile=chosen_profile, cache=cache).from_cache
+
+    # Not a real delegate: it fails to load, and that is measured and recorded.
+    shutil.copy("/bin/true", libraries / "libtensorflowlite_gpu_delegate.so")
+    messages: list[str] = []
+    again = choose(directory, profile=chosen_profile, cache=cache, progress=messages.append)
+    assert not again.from_cache
+    assert any("LiteRT delegates none -> ['GPU']" in m for m in messages), messages
+    tried = by_label(again)["litert GPU threads=auto [model.tflite]"]
+    assert tried.reason.startswith("failed to load"), tried.reason
+
+
+def test_models_with_the_same_files_keep_decisions_of_their_own(tmp_path, sample_repo):
+    source = model_dir(tmp_path, sample_repo, "mlp")
+    for name in ("a", "b"):
+        shutil.copytree(source, tmp_path / name / "1")
+    cache = DecisionCache(tmp_path / "agent.db")
+    chosen_profile = profile("generic-cpu", ort())
+    a = choose(tmp_path / "a", profile=chosen_profile, cache=cache)
+    b = choose(tmp_path / "b", profile=chosen_profile, cache=cache)
+    assert (a.model, b.model) == ("a", "b") and not b.from_cache
+    again = choose(tmp_path / "b", profile=chosen_profile, cache=cache, reuse=False)
+    assert again.model == "b"
+    assert cache.latest("a").key == a.key  # measuring b again left a's decision alone
+    assert choose(tmp_path / "a", profile=chosen_profile, cache=cache).model == "a"

@@ -1,6 +1,6 @@
 """`choose()`: decide how to load one model on this node, by measuring, once.
 
-key = (model digest, variants, hardware fingerprint, runtime versions, profile, policy)
+key = (model, digest, variants, hardware, runtime versions, LiteRT delegates, profile, policy)
 cached decision for key?  -> reuse it (no runtime imported, no benchmark)
 discover runtimes and devices               (in the selection worker)
 build candidates the profile allows         (the rest recorded with their reason)
@@ -24,7 +24,13 @@ from agent.selection.candidates import Pin, build
 from agent.selection.compile_cache import CompileCache
 from agent.selection.decision import CHOSEN, SKIPPED, VERIFIED, CandidateResult, Decision
 from agent.selection.inputs import GOLDEN_FILE, Reference, load_golden
-from agent.selection.key import SelectionKey, digest_of, profile_ident, runtime_versions
+from agent.selection.key import (
+    SelectionKey,
+    delegate_libraries,
+    digest_of,
+    profile_ident,
+    runtime_versions,
+)
 from agent.selection.sandbox import Sandbox, SandboxCrashed, SandboxTimeout
 from agent.selection.tolerance import Tolerance
 from agent.selection.trials import SCORE_UNITS, SelectionError, Trials
@@ -77,7 +83,7 @@ def choose(
     variants = find_variants(model_dir, memo=cache.digest if cache else None)
     if golden is None:
         golden = load_golden(version_dir(model_dir) / GOLDEN_FILE)
-    key = _key(variants, facts, profile, tolerance, golden, pin)
+    key = _key(name, variants, facts, profile, tolerance, golden, pin)
 
     if cache is not None and reuse:
         cached = cache.get(key)
@@ -192,6 +198,7 @@ def _summary(result: CandidateResult) -> str:
 
 
 def _key(
+    name: str,
     variants: list[Variant],
     facts: HardwareFacts,
     profile: Profile,
@@ -211,6 +218,8 @@ def _key(
         runtimes=tuple(sorted(runtime_versions().items())),
         profile=profile_ident(profile),
         policy=digest_of(policy),
+        model=name,
+        delegates=delegate_libraries(),
     )
 
 

@@ -43,10 +43,17 @@ class Reference:
     source: str  # "golden.npz" or the candidate that computed it
 
     def digest(self) -> str:
+        """sha256 over every array's name, dtype, shape and bytes, each length-prefixed: the
+        same bytes as int32 instead of float32, or reshaped, are other golden vectors."""
         sha = hashlib.sha256()
         for group in (self.inputs, self.outputs):
+            sha.update(len(group).to_bytes(8, "big"))
             for name in sorted(group):
-                sha.update(name.encode() + b"\0" + np.ascontiguousarray(group[name]).tobytes())
+                array = np.ascontiguousarray(group[name])
+                for part in (name.encode(), array.dtype.str.encode(), repr(array.shape).encode()):
+                    sha.update(len(part).to_bytes(8, "big") + part)
+                data = array.tobytes()
+                sha.update(len(data).to_bytes(8, "big") + data)
         return sha.hexdigest()
 
 

@@ -70,6 +70,21 @@ def digest_of(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def delegate_libraries() -> tuple[tuple[str, str], ...]:
+    """(device, "path size:mtime") of each LiteRT delegate library found, without importing
+    LiteRT: a delegate installed, removed or replaced offers other devices to measure."""
+    from runtimes.delegates import delegates
+
+    found = []
+    for device, library in sorted(delegates().items()):
+        try:
+            st = os.stat(library)
+        except OSError:
+            continue
+        found.append((device, f"{library} {st.st_size}:{st.st_mtime_ns}"))
+    return tuple(found)
+
+
 @dataclass(frozen=True)
 class SelectionKey:
     model_digest: str
@@ -78,6 +93,11 @@ class SelectionKey:
     runtimes: tuple[tuple[str, str], ...]  # (distribution, version), sorted
     profile: str  # name@digest of the profile file
     policy: str  # digest of the tolerance, golden vectors and pin that judged the candidates
+    # The serving name: two models with the same files keep decisions of their own.
+    model: str = ""
+    # LiteRT delegate libraries found (delegate_libraries()); the devices of ONNX Runtime and
+    # OpenVINO follow from the hardware fingerprint and their versions.
+    delegates: tuple[tuple[str, str], ...] = ()
     format: int = SELECTION_FORMAT
 
     @property
@@ -99,6 +119,10 @@ class SelectionKey:
                 if before.get(name) != after.get(name):
                     was, now = before.get(name, "absent"), after.get(name, "absent")
                     changes.append(f"{name} {was} -> {now}")
+        if self.delegates != older.delegates:
+            was = [d for d, _ in older.delegates] or "none"
+            now = [d for d, _ in self.delegates] or "none"
+            changes.append(f"LiteRT delegates {was} -> {now} (or a library changed)")
         if self.profile != older.profile:
             changes.append(f"profile {older.profile} -> {self.profile}")
         if self.policy != older.policy:
@@ -111,6 +135,7 @@ class SelectionKey:
         data = asdict(self)
         data["variants"] = list(self.variants)
         data["runtimes"] = dict(self.runtimes)
+        data["delegates"] = [list(pair) for pair in self.delegates]
         return data
 
     @classmethod
@@ -122,6 +147,8 @@ class SelectionKey:
             runtimes=tuple(sorted(data["runtimes"].items())),
             profile=data["profile"],
             policy=data["policy"],
+            model=str(data.get("model", "")),
+            delegates=tuple((str(d), str(lib)) for d, lib in data.get("delegates", ())),
             format=int(data.get("format", 0)),
         )
 
