@@ -135,3 +135,22 @@ def test_select_with_a_state_dir_it_cannot_open_is_one_line(
         err = capsys.readouterr().err
         assert err.startswith(f"edgefleet-agent: error: cannot open the agent state in {state_dir}")
         assert reason in err
+
+
+@pytest.mark.parametrize(
+    ("setting", "allowed"),
+    [('precision = "fp64"', "f32, bf16, f16"), ('hint = "FAST"', "LATENCY, THROUGHPUT")],
+)
+def test_a_model_toml_pin_to_an_unknown_option_is_one_line(
+    capsys, tmp_path, sample_repo, quick_profile, setting, allowed
+):
+    directory = tmp_path / "mlp" / "1"
+    shutil.copytree(sample_repo / "mlp" / "1", directory)
+    (directory / "model.toml").write_text(f'runtime = "openvino"\n{setting}\n')
+    args = ["select", str(directory), "--profile", str(quick_profile), "--quiet"]
+    assert main([*args, "--state-dir", str(tmp_path / "state")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"edgefleet-agent: error: {setting.split()[0]}: expected one of {allowed}"
+    )
+    assert "Traceback" not in err

@@ -100,6 +100,10 @@ def test_model_settings_from_model_toml():
     assert pin is None
     _, pin = model_settings({"runtime": "openvino", "device": "cpu", "threads": 2})
     assert pin == Pin("openvino", "cpu", None, {"threads": 2})
+    with pytest.raises(ValueError, match="precision: expected one of f32, bf16, f16; got 'fp64'"):
+        model_settings({"runtime": "openvino", "precision": "fp64"})
+    with pytest.raises(ValueError, match="hint: expected one of LATENCY, THROUGHPUT"):
+        model_settings({"hint": "latency"})
 
 
 # --- candidates --------------------------------------------------------------------------------

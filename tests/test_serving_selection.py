@@ -128,3 +128,13 @@ def test_a_full_pin_loads_directly_without_measuring(sample_repo, tmp_path, capl
         assert session.properties["PERFORMANCE_HINT"] == "THROUGHPUT"
         assert session.properties["INFERENCE_PRECISION_HINT"] == "f32"
     assert "measured now" not in caplog.text and "stored decision" not in caplog.text
+
+
+def test_a_pin_to_an_unknown_precision_is_a_clear_load_failure(variants_repo, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(variants_repo, repo)
+    (repo / "mlp" / "1" / "model.toml").write_text('runtime = "openvino"\nprecision = "fp64"\n')
+    with serve(repo, tmp_path / "state") as agent:
+        (entry,) = agent.dataplane.repository_index()
+    assert entry.state == "UNAVAILABLE"
+    assert "precision must be one of f32, bf16, f16; got 'fp64'" in entry.reason

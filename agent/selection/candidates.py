@@ -250,6 +250,8 @@ def _device_problem(
         )
     precision = dict(candidate.options).get("precision")
     capabilities = device.details.get("OPTIMIZATION_CAPABILITIES")
+    if precision and precision not in _PRECISION_CAPABILITY:
+        return f"no precision {precision!r} (known: {', '.join(_PRECISION_CAPABILITY)})"
     if precision and isinstance(capabilities, list):
         needed = _PRECISION_CAPABILITY[precision]
         if needed not in capabilities:

@@ -15,11 +15,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from agent.profiles import OPENVINO_HINTS, OPENVINO_PRECISIONS
 from agent.selection.candidates import Pin
 from agent.selection.tolerance import Tolerance, ToleranceError
 
 _PIN_KEYS = ("runtime", "device", "variant")
 _PIN_OPTIONS = ("threads", "hint", "precision")
+# The values an OpenVINO option may be pinned to, as a profile may list them.
+_ALLOWED = {"hint": OPENVINO_HINTS, "precision": OPENVINO_PRECISIONS}
+
+
+class ModelSettingsError(ValueError):
+    """model.toml pins an option to a value selection does not know."""
 
 
 def model_settings(config: Mapping[str, Any]) -> tuple[Tolerance, Pin | None]:
@@ -30,6 +37,11 @@ def model_settings(config: Mapping[str, Any]) -> tuple[Tolerance, Pin | None]:
     tolerance = Tolerance.from_mapping(table)
     fields = {k: config[k] for k in _PIN_KEYS if config.get(k)}
     options = {k: config[k] for k in _PIN_OPTIONS if config.get(k) is not None}
+    for key, allowed in _ALLOWED.items():
+        if key in options and options[key] not in allowed:
+            raise ModelSettingsError(
+                f"{key}: expected one of {', '.join(allowed)}; got {options[key]!r}"
+            )
     if not fields and not options:
         return tolerance, None
     return tolerance, Pin(**fields, options=options)

@@ -8,6 +8,7 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from agent.profiles import OPENVINO_HINTS, OPENVINO_PRECISIONS
 from runtimes.base import LoadOptions
 
 # model.toml holds a handful of settings; anything larger is a mistake, not a config to parse.
@@ -120,6 +121,10 @@ _LIMITS = {
 }
 
 
+# OpenVINO options, as a firmware profile may list them.
+_CHOICES = {"hint": OPENVINO_HINTS, "precision": OPENVINO_PRECISIONS}
+
+
 def _check(source: str, key: str, value):
     if key in _LIMITS:
         lo, hi = _LIMITS[key]
@@ -138,4 +143,8 @@ def _check(source: str, key: str, value):
         return value
     if not isinstance(value, str) or not value:
         raise ModelConfigError(f"{source}: {key} must be a non-empty string")
+    if key in _CHOICES and value not in _CHOICES[key]:
+        raise ModelConfigError(
+            f"{source}: {key} must be one of {', '.join(_CHOICES[key])}; got {value!r}"
+        )
     return value

@@ -459,7 +459,7 @@ class DataPlane:
         except SelectionError as exc:
             rows = "; ".join(f"{r.candidate.label()}: {r.reason}" for r in exc.results if r.reason)
             raise ModelIncompatible(f"{exc}" + (f" ({rows})" if rows else "")) from None
-        except ValueError as exc:  # tolerance table, variant files, golden vectors
+        except (ValueError, LookupError) as exc:  # tolerance, pin, variant files, golden vectors
             raise ModelIncompatible(f"accelerator selection: {exc}") from None
         log.info(
             "model %s version %s runs on %s %s (%s, %s)",
