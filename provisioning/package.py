@@ -83,6 +83,8 @@ _MAX_FILES = 64
 _MAX_DIMS = 8
 # All arrays of one golden file together; a node loads them to self-test every package.
 MAX_GOLDEN_BYTES = 256 * 2**20
+# numpy kinds a golden array may have: booleans, signed and unsigned integers, floats.
+_NUMERIC_KINDS = "biuf"
 
 
 class ManifestError(ValueError):
@@ -315,6 +317,13 @@ def _npy_bytes(archive: zipfile.ZipFile, member: zipfile.ZipInfo, source: str) -
     if dtype.hasobject:
         raise ManifestError(
             f"{source}: {member.filename!r} holds Python objects; golden arrays are numeric"
+        )
+    # Text, bytes, complex, dates, records and empty items (|V0) have no tensor datatype; an
+    # itemsize of 0 would also let any shape through the cap on bytes.
+    if dtype.kind not in _NUMERIC_KINDS or dtype.fields is not None or dtype.itemsize == 0:
+        raise ManifestError(
+            f"{source}: {member.filename!r} holds {dtype.str} values; golden arrays are numbers "
+            "or booleans"
         )
     if any(d < 0 for d in shape):
         raise ManifestError(f"{source}: {member.filename!r} declares the shape {shape}")

@@ -130,6 +130,42 @@ def test_golden_arrays_of_python_objects_are_refused(tmp_path):
         load_golden(path)
 
 
+@pytest.mark.parametrize(
+    "output",
+    [
+        np.array([["a", "b"]]),
+        np.array([[b"a", b"b"]]),
+        np.ones((1, 2), np.complex64),
+        np.zeros((1, 2), "M8[s]"),
+        np.zeros((1, 2), [("a", "f4")]),
+    ],
+    ids=["unicode", "bytes", "complex", "datetime", "structured"],
+)
+def test_golden_arrays_of_anything_but_numbers_are_refused(tmp_path, output):
+    path = tmp_path / "golden.npz"
+    np.savez(path, **{"input/x": np.ones((1, 2), np.float32), "output/y": output})
+    with pytest.raises(InputError, match=r"golden\.npz: 'output/y\.npy' holds .* values; golden"):
+        load_golden(path)
+
+
+def test_golden_items_of_no_size_cannot_declare_any_shape(tmp_path):
+    # |V0 x 2**60: zero bytes by the cap's count, and numpy's own error when read.
+    members = {
+        "input/x.npy": npy_header((1,)) + bytes(4),
+        "output/y.npy": npy_header((1 << 60,), "|V0"),
+    }
+    path = write_npz(tmp_path / "golden.npz", members)
+    with pytest.raises(InputError, match=r"'output/y\.npy' holds \|V0 values"):
+        load_golden(path)
+
+
+def test_a_golden_output_with_no_tensor_datatype_is_an_input_error(tmp_path):
+    path = tmp_path / "golden.npz"
+    np.savez(path, **{"input/x": np.ones(2, np.float32), "output/y": np.ones(2, ">f4")})
+    with pytest.raises(InputError, match=r"golden\.npz: numpy dtype >f4 has no KServe datatype"):
+        load_golden(path)
+
+
 def test_a_good_golden_file_still_loads(tmp_path):
     path = tmp_path / "golden.npz"
     x, y = np.ones((1, 16), np.float32), np.zeros((1, 4), np.float32)

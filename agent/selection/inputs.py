@@ -73,12 +73,11 @@ def load_golden(path: Path) -> Reference | None:
     outputs = {k.removeprefix("output/"): a for k, a in arrays.items() if k.startswith("output/")}
     if not inputs or not outputs:
         raise InputError(f"{path}: expected arrays named input/<name> and output/<name>")
-    return Reference(
-        inputs=inputs,
-        outputs=outputs,
-        datatypes={name: from_numpy(array.dtype) for name, array in outputs.items()},
-        source=path.name,
-    )
+    try:
+        datatypes = {name: from_numpy(array.dtype) for name, array in outputs.items()}
+    except ValueError as exc:  # a byte order or width no tensor has (>f4, float128)
+        raise InputError(f"{path}: {exc}") from None
+    return Reference(inputs=inputs, outputs=outputs, datatypes=datatypes, source=path.name)
 
 
 def random_inputs(specs: list[Spec]) -> dict[str, np.ndarray]:
