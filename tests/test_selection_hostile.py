@@ -4,8 +4,11 @@ that dies. Each is refused or recorded with its reason, and the agent stays up."
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
+import sqlite3
 import struct
 import threading
 import time
@@ -18,7 +21,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from agent.profiles import AllowedDevice, RuntimeOptions, SelectionSettings, load_profile
-from agent.selection import SelectionError, choose, load_golden
+from agent.selection import DecisionCache, SelectionError, choose, load_golden
 from agent.selection.inputs import MAX_INPUT_ELEMENTS, InputError, batched, random_inputs
 from agent.selection.replies import ReplyError, check_reply
 from agent.selection.sandbox import Sandbox, SandboxCrashed, SandboxTimeout
@@ -485,3 +488,56 @@ def test_an_ir_whose_weights_are_no_regular_file_is_refused_not_read(tmp_path, w
         str(outcome[0])
         == f"{directory / 'model.bin'}: not a regular file; a model's files must be files"
     )
+
+
+# --- agent.db -----------------------------------------------------------------------------------
+
+
+def test_selection_tables_of_another_schema_are_replaced_with_a_warning(tmp_path, caplog):
+    directory = tmp_path / "m" / "1"
+    identity_model(directory / "model.onnx", [1, 4])
+    with sqlite3.connect(tmp_path / "agent.db") as db:
+        db.executescript(
+            "create table selection_decisions(key text primary key, x);"
+            "create table selection_candidates(key, position);"
+            "create table selection_file_digests(path text primary key, other);"
+        )
+    with caplog.at_level(logging.WARNING, logger="agent.selection.cache"):
+        cache = DecisionCache(tmp_path / "agent.db")
+    assert "table selection_decisions has columns this agent does not use" in caplog.text
+    first = choose(directory, profile=ort_profile(), cache=cache, devices=ORT_DEVICES)
+    again = choose(directory, profile=ort_profile(), cache=DecisionCache(tmp_path / "agent.db"))
+    assert not first.from_cache and again.from_cache
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda d: d.update(variant="other.onnx", key={**d["key"], "variants": ["other.onnx"]}),
+        lambda d: d.update(model="someone-else", key={**d["key"], "model": "someone-else"}),
+    ],
+    ids=["variant-not-in-the-model", "key-of-another-model"],
+)
+def test_a_stored_row_not_stored_for_its_key_is_measured_again(tmp_path, caplog, tamper):
+    directory = tmp_path / "m" / "1"
+    identity_model(directory / "model.onnx", [1, 4])
+    cache = DecisionCache(tmp_path / "agent.db")
+    first = choose(directory, profile=ort_profile(), cache=cache, devices=ORT_DEVICES)
+    data = first.to_dict()
+    tamper(data)
+    with sqlite3.connect(tmp_path / "agent.db") as db:
+        db.execute("update selection_decisions set decision = ?", [json.dumps(data)])
+    with caplog.at_level(logging.WARNING, logger="agent.selection.cache"):
+        again = choose(directory, profile=ort_profile(), cache=cache, devices=ORT_DEVICES)
+    assert not again.from_cache and again.model == "m" and again.variant == "model.onnx"
+    assert "its key is not the one it is stored under" in caplog.text
+
+
+def test_an_unreadable_database_is_a_cache_miss_not_a_crash(tmp_path, caplog):
+    directory = tmp_path / "m" / "1"
+    identity_model(directory / "model.onnx", [1, 4])
+    cache = DecisionCache(tmp_path / "agent.db")
+    cache.db.execute("drop table selection_decisions")  # as if another process broke it
+    with caplog.at_level(logging.WARNING, logger="agent.selection.cache"):
+        assert cache.latest("m") is None and cache.compile_dirs_in_use() == set()
+    assert "stored selection decisions cannot be read" in caplog.text

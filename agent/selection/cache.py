@@ -39,6 +39,38 @@ _DECISIONS = "selection_decisions"
 _CANDIDATES = "selection_candidates"
 _DIGESTS = "selection_file_digests"
 
+_SCHEMA: dict[str, dict[str, type]] = {
+    _DECISIONS: {
+        "key": str,
+        "model": str,
+        "model_digest": str,
+        "variants": str,
+        "hardware": str,
+        "runtimes": str,
+        "profile": str,
+        "policy": str,
+        "decision": str,
+        "created_at": float,
+    },
+    _CANDIDATES: {
+        "key": str,
+        "position": int,
+        "variant": str,
+        "runtime": str,
+        "device": str,
+        "options": str,
+        "verdict": str,
+        "reason": str,
+        "load_seconds": float,
+        "p50_ms": float,
+        "p99_ms": float,
+        "max_error": float,
+        "memory_mb": float,
+        "placement": str,
+    },
+    _DIGESTS: {"path": str, "stamp": str, "digest": str},
+}
+
 _T = TypeVar("_T")
 
 
@@ -67,72 +99,62 @@ class DecisionCache:
             self._ensure_tables()
 
     def _ensure_tables(self) -> None:
-        if {_DECISIONS, _CANDIDATES, _DIGESTS} <= set(self.db.table_names()):
-            return  # the common case at start-up: one query instead of four DDL statements
-        self.db[_DECISIONS].create(
-            {
-                "key": str,
-                "model": str,
-                "model_digest": str,
-                "variants": str,
-                "hardware": str,
-                "runtimes": str,
-                "profile": str,
-                "policy": str,
-                "decision": str,
-                "created_at": float,
-            },
-            pk="key",
-            if_not_exists=True,
-        )
+        names = set(self.db.table_names())
+        if {_DECISIONS, _CANDIDATES, _DIGESTS} <= names and all(
+            set(self.db[table].columns_dict) == set(columns) for table, columns in _SCHEMA.items()
+        ):
+            return  # the common case at start-up: two queries a table instead of DDL
+        # Tables of these names with other columns: an older agent's, or damaged. What they
+        # hold cannot be read, so they go, and their models are measured again.
+        for table in (_CANDIDATES, _DECISIONS, _DIGESTS):
+            if table in names and set(self.db[table].columns_dict) != set(_SCHEMA[table]):
+                log.warning(
+                    "table %s has columns this agent does not use; dropped (its models are "
+                    "measured again)",
+                    table,
+                )
+                self.db[table].drop()
+        self.db[_DECISIONS].create(_SCHEMA[_DECISIONS], pk="key", if_not_exists=True)
         self.db[_DECISIONS].create_index(["model", "created_at"], if_not_exists=True)
         self.db[_CANDIDATES].create(
-            {
-                "key": str,
-                "position": int,
-                "variant": str,
-                "runtime": str,
-                "device": str,
-                "options": str,
-                "verdict": str,
-                "reason": str,
-                "load_seconds": float,
-                "p50_ms": float,
-                "p99_ms": float,
-                "max_error": float,
-                "memory_mb": float,
-                "placement": str,
-            },
+            _SCHEMA[_CANDIDATES],
             pk=("key", "position"),
             foreign_keys=[("key", _DECISIONS, "key")],
             if_not_exists=True,
         )
-        self.db[_DIGESTS].create(
-            {"path": str, "stamp": str, "digest": str}, pk="path", if_not_exists=True
-        )
+        self.db[_DIGESTS].create(_SCHEMA[_DIGESTS], pk="path", if_not_exists=True)
 
     @_locked
     def get(self, key: SelectionKey) -> Decision | None:
-        rows = list(
-            self.db.query(
-                f"select key, model, decision from {_DECISIONS} where key = ?", [key.ident]
-            )
+        rows = self._rows(
+            f"select key, model, decision from {_DECISIONS} where key = ?", [key.ident]
         )
         decision = self._decode(rows[0]) if rows else None
+        if decision is not None and decision.key != key:
+            # The row's id is the key's digest; a row whose own key differs was not stored by
+            # this agent for this key.
+            self._drop(rows[0], "its key is not the one it is stored under")
+            return None
         if decision is not None:
             decision.from_cache = True
         return decision
 
     @_locked
     def latest(self, model: str) -> Decision | None:
-        rows = list(
-            self.db.query(
-                f"select key, model, decision from {_DECISIONS} where model = ? "
-                "order by created_at desc limit 1",
-                [model],
-            )
+        rows = self._rows(
+            f"select key, model, decision from {_DECISIONS} where model = ? "
+            "order by created_at desc limit 1",
+            [model],
         )
         return self._decode(rows[0]) if rows else None
+
+    def _rows(self, sql: str, params: list[Any]) -> list[dict[str, Any]]:
+        """The rows of a read; none, with a warning, when the database cannot answer it."""
+        try:
+            return list(self.db.query(sql, params))
+        except sqlite3.Error as exc:
+            log.warning("stored selection decisions cannot be read (measuring again): %s", exc)
+            return []
 
     @_locked
     def put(self, decision: Decision) -> None:
@@ -197,8 +219,8 @@ class DecisionCache:
     def compile_dirs_in_use(self) -> set[str]:
         """OpenVINO compile cache directories that stored decisions load from."""
         used = set()
-        # list(): decoding deletes the rows it cannot use
-        for row in list(self.db.query(f"select key, model, decision from {_DECISIONS}")):
+        # a list: decoding deletes the rows it cannot use
+        for row in self._rows(f"select key, model, decision from {_DECISIONS}", []):
             decision = self._decode(row)
             if decision is not None and decision.options.extra.get("CACHE_DIR"):
                 used.add(decision.options.extra["CACHE_DIR"])
@@ -208,31 +230,39 @@ class DecisionCache:
         """`compute(path)`, remembered while the file (and an IR's .bin) keeps size and mtime."""
         stamp = _stamp(path)
         with self._lock:
-            rows = list(
-                self.db.query(f"select stamp, digest from {_DIGESTS} where path = ?", [str(path)])
-            )
-        if rows and rows[0]["stamp"] == stamp:
+            rows = self._rows(f"select stamp, digest from {_DIGESTS} where path = ?", [str(path)])
+        if rows and rows[0]["stamp"] == stamp and isinstance(rows[0]["digest"], str):
             return rows[0]["digest"]
         digest = compute(path)  # outside the lock: hashing a large model takes a while
         with self._lock:
-            self.db[_DIGESTS].upsert(
-                {"path": str(path), "stamp": stamp, "digest": digest}, pk="path"
-            )
+            try:
+                self.db[_DIGESTS].upsert(
+                    {"path": str(path), "stamp": stamp, "digest": digest}, pk="path"
+                )
+            except sqlite3.Error as exc:  # the digest is still right; it is computed again
+                log.warning("a model file's digest cannot be stored: %s", exc)
         return digest
 
     def _decode(self, row: dict[str, Any]) -> Decision | None:
         """The decision of a row; None, and the row deleted, if this agent cannot use it."""
         try:
             return Decision.from_dict(json.loads(row["decision"]))
-        except (DecisionError, json.JSONDecodeError, TypeError, RecursionError) as exc:
-            log.warning(
-                "model %s: dropped a stored selection decision this agent cannot use (it is "
-                "measured again): %s",
-                row["model"],
-                exc,
-            )
-            self._delete(row["key"])
+        # ValueError: not JSON, or not UTF-8 (a blob)
+        except (DecisionError, ValueError, TypeError, RecursionError) as exc:
+            self._drop(row, str(exc))
             return None
+
+    def _drop(self, row: dict[str, Any], why: str) -> None:
+        log.warning(
+            "model %s: dropped a stored selection decision this agent cannot use (it is "
+            "measured again): %s",
+            row["model"],
+            why,
+        )
+        try:
+            self._delete(row["key"])
+        except sqlite3.Error as exc:  # read-only or damaged: the row stays, unused
+            log.warning("could not delete it: %s", exc)
 
     def _delete(self, key: str) -> None:
         with self.db.conn:

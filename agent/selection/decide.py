@@ -87,9 +87,10 @@ def choose(
 
     if cache is not None and reuse:
         cached = cache.get(key)
-        if cached is not None:
-            say(f"{name}: reusing the decision of {cached.decided_at} (nothing changed)")
-            return _rebase(cached, variants)
+        rebased = _rebase(cached, variants) if cached is not None else None
+        if rebased is not None:
+            say(f"{name}: reusing the decision of {rebased.decided_at} (nothing changed)")
+            return rebased
         previous = cache.latest(name)
         if previous is not None:
             changed = key.changes_from(previous.key)
@@ -223,9 +224,16 @@ def _key(
     )
 
 
-def _rebase(decision: Decision, variants: list[Variant]) -> Decision:
-    """A cached decision pointing at today's path of the same variant (same digest)."""
-    variant = next(v for v in variants if v.name == decision.variant)
+def _rebase(decision: Decision, variants: list[Variant]) -> Decision | None:
+    """A cached decision pointing at today's path of the same variant (same digest); None when
+    the model has no such variant (a row not stored for this key): measured again.
+
+    None rather than StopIteration: raised in asyncio.to_thread, StopIteration never reaches
+    the awaiting coroutine, and serving would wait on the model forever.
+    """
+    variant = next((v for v in variants if v.name == decision.variant), None)
+    if variant is None:
+        return None
     return replace(decision, variant_path=variant.path, from_cache=True)
 
 
