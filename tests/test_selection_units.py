@@ -27,7 +27,7 @@ from agent.selection.decision import (
     DecisionError,
 )
 from agent.selection.key import SelectionKey
-from agent.selection.tolerance import compare
+from agent.selection.tolerance import Bound, compare
 from agent.selection.variants import Variant
 from runtimes.discovery import RuntimeDevice
 
@@ -67,6 +67,30 @@ def test_integer_outputs_per_datatype():
     assert not compare({"l": labels + 1}, {"l": labels}, {"l": "INT64"}, Tolerance()).ok
 
 
+@pytest.mark.parametrize("dtype", [np.int64, np.uint64])
+def test_64_bit_integers_are_compared_as_integers(dtype):
+    # As float64, 2**53 + 1 is 2**53 and 2**62 + 100 is 2**62: both would pass exactly.
+    reference = np.array([2**53 + 1, 2**62 + 100], dtype=dtype)
+    close = np.array([2**53, 2**62], dtype=dtype)
+    comparison = compare({"i": close}, {"i": reference}, {"i": "INT64"}, Tolerance())
+    assert not comparison.ok and comparison.max_error == 100
+    assert "2 of 2 values over the INT64 tolerance" in comparison.problem
+    assert compare({"i": reference}, {"i": reference.copy()}, {"i": "INT64"}, Tolerance()).ok
+    within = Tolerance.from_mapping({"INT64": {"atol": 100}})
+    assert compare({"i": close}, {"i": reference}, {"i": "INT64"}, within).ok
+    extremes = np.array([np.iinfo(dtype).min, np.iinfo(dtype).max], dtype=dtype)
+    swapped = extremes[::-1].copy()
+    assert not compare({"i": swapped}, {"i": extremes}, {"i": "INT64"}, Tolerance()).ok
+
+
+def test_int64_against_uint64_is_compared_exactly():
+    reference = np.array([2**63 + 1], dtype=np.uint64)
+    candidate = np.array([2**62], dtype=np.int64)
+    assert not compare({"i": candidate}, {"i": reference}, {"i": "UINT64"}, Tolerance()).ok
+    same = np.array([2**62], dtype=np.uint64)
+    assert compare({"i": candidate}, {"i": same}, {"i": "UINT64"}, Tolerance()).ok
+
+
 def test_shape_missing_output_and_nan_are_failures():
     reference = logits()
     assert (
@@ -84,6 +108,12 @@ def test_tolerance_settings_are_checked():
         Tolerance.from_mapping({"FP32": {"atol": -1}})
     with pytest.raises(ToleranceError, match="expected a table with atol and/or rtol"):
         Tolerance.from_mapping({"FP32": {"abs": 1}})
+    # Lower case is the same datatype, over the same defaults: FP32's rtol stays.
+    assert Tolerance.from_mapping({"fp32": {"atol": 1e-2}}).bound("FP32") == Bound(1e-2, 1e-3)
+    with pytest.raises(
+        ToleranceError, match=r"tolerance\.FLOAT32: not a datatype; expected one of"
+    ):
+        Tolerance.from_mapping({"FLOAT32": {"atol": 1.0}})
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-nan", "1" + "0" * 400])

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from runtimes.datatypes import DATATYPES
+
 
 @dataclass(frozen=True, slots=True)
 class Bound:
@@ -55,7 +57,13 @@ class Tolerance:
     def from_mapping(cls, table: Mapping[str, Any] | None) -> Tolerance:
         """`{"FP32": {"atol": 1e-2, "rtol": 1e-2}, ...}` over the defaults."""
         bounds = dict(DEFAULT_BOUNDS)
-        for datatype, values in (table or {}).items():
+        for name, values in (table or {}).items():
+            datatype = str(name).upper()  # fp32 is FP32, with FP32's defaults under it
+            if datatype not in DATATYPES:
+                raise ToleranceError(
+                    f"tolerance.{name}: not a datatype; expected one of "
+                    f"{', '.join(sorted(DATATYPES))}"
+                )
             if not isinstance(values, Mapping) or set(values) - {"atol", "rtol"}:
                 raise ToleranceError(
                     f"tolerance.{datatype}: expected a table with atol and/or rtol, got {values!r}"
@@ -74,7 +82,7 @@ class Tolerance:
                         f"tolerance.{datatype}.{key}: expected a finite number >= 0, got {value!r}"
                     )
                 numbers[key] = float(value)
-            bounds[datatype.upper()] = Bound(**numbers)
+            bounds[datatype] = Bound(**numbers)
         return cls(bounds)
 
     def to_dict(self) -> dict[str, dict[str, float]]:
@@ -112,6 +120,20 @@ def compare(
             if not np.array_equal(actual, expected):
                 return Comparison(False, math.inf, f"output {name!r} differs from the reference")
             continue
+        if actual.dtype.kind in "iu" and expected.dtype.kind in "iu":
+            error = _integer_error(actual, expected)
+            max_error = float(error.max()) if error.size else 0.0
+            worst = max(worst, max_error)
+            over = _over_integer_bound(error, expected, bound)
+            if over:
+                return Comparison(
+                    False,
+                    worst,
+                    f"output {name!r} differs from the reference by up to {max_error:.0f} "
+                    f"({over} of {error.size} values over the {datatype} tolerance: "
+                    f"{bound.describe()})",
+                )
+            continue
         a, e = actual.astype(np.float64), expected.astype(np.float64)
         if np.isnan(a).any() and not np.array_equal(np.isnan(a), np.isnan(e)):
             return Comparison(
@@ -134,3 +156,32 @@ def compare(
                 f"{bound.describe()})",
             )
     return Comparison(True, worst, None)
+
+
+def _integer_error(actual: np.ndarray, expected: np.ndarray) -> np.ndarray:
+    """|actual - expected| exactly, as uint64: float64 holds integers only up to 2**53, so
+    INT64 values 2**53 and 2**53 + 1 would compare equal."""
+    if {actual.dtype.kind, expected.dtype.kind} == {"i", "u"} and 8 in (
+        actual.dtype.itemsize,
+        expected.dtype.itemsize,
+    ):
+        # No numpy integer holds both int64 and uint64: Python's integers do.
+        pairs = zip(actual.ravel().tolist(), expected.ravel().tolist(), strict=True)
+        return np.array([abs(x - y) for x, y in pairs], dtype=np.uint64)
+    common = np.result_type(actual, expected)
+    a, e = actual.astype(common), expected.astype(common)
+    # In the unsigned type of the same width the difference wraps to its true magnitude.
+    unsigned = np.dtype(f"u{common.itemsize}")
+    au, eu = a.astype(unsigned), e.astype(unsigned)
+    return np.where(a >= e, au - eu, eu - au).astype(np.uint64)
+
+
+def _over_integer_bound(error: np.ndarray, expected: np.ndarray, bound: Bound) -> int:
+    """How many integer errors exceed atol + rtol * |expected| (in integers when rtol is 0)."""
+    if not error.size:
+        return 0
+    if bound.rtol == 0:
+        allowed = min(math.floor(bound.atol), 2**64 - 1)
+        return int((error > np.uint64(allowed)).sum())
+    allowed_float = bound.atol + bound.rtol * np.abs(expected.astype(np.float64))
+    return int((error.astype(np.float64) > allowed_float).sum())
