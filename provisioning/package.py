@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 import tomllib
 import zipfile
 import zlib
@@ -83,6 +84,15 @@ _MAX_FILES = 64
 _MAX_DIMS = 8
 # All arrays of one golden file together; a node loads them to self-test every package.
 MAX_GOLDEN_BYTES = 256 * 2**20
+# Arrays in one golden file, and the bytes of its zip central directory (entries of ~60 bytes
+# for names like output/<name>.npy). zipfile reads the whole directory into a list before any
+# member can be checked: 200k empty members took 13 s and 316 MiB.
+MAX_GOLDEN_MEMBERS = 1024
+MAX_GOLDEN_DIRECTORY_BYTES = 1 << 20
+# The end-of-central-directory record: 22 bytes, then a comment of at most 64 KiB.
+_END_RECORD = struct.Struct("<4s4H2LH")
+_END_SIGNATURE = b"PK\x05\x06"
+_ZIP64_LOCATOR = b"PK\x06\x07"
 # numpy kinds a golden array may have: booleans, signed and unsigned integers, floats.
 _NUMERIC_KINDS = "biuf"
 
@@ -264,8 +274,14 @@ def check_relative_path(text: str, where: str) -> str:
 def load_npz(path: Path, source: str) -> dict[str, np.ndarray]:
     """The arrays of a .npz file, refused before loading if their headers declare too much."""
     try:
+        _check_directory(path, source)
         with zipfile.ZipFile(path) as archive:
             members = archive.infolist()
+            if len(members) > MAX_GOLDEN_MEMBERS:
+                raise ManifestError(
+                    f"{source}: {len(members)} arrays, over the cap of {MAX_GOLDEN_MEMBERS} per "
+                    "golden file"
+                )
             declared = 0
             for member in members:
                 declared += _npy_bytes(archive, member, source)
@@ -295,6 +311,31 @@ def load_npz(path: Path, source: str) -> dict[str, np.ndarray]:
         MemoryError,
     ) as exc:
         raise ManifestError(f"{source}: not a readable .npz file: {exc}") from None
+
+
+def _check_directory(path: Path, source: str) -> None:
+    """Refuse a zip whose end record announces over MAX_GOLDEN_MEMBERS entries or a central
+    directory over MAX_GOLDEN_DIRECTORY_BYTES, or is zip64 (golden vectors never need it),
+    before zipfile reads the directory. A file with no end record is left to zipfile's error."""
+    with open(path, "rb") as file:
+        size = file.seek(0, 2)
+        file.seek(max(0, size - _END_RECORD.size - 0xFFFF))
+        tail = file.read()
+    at = tail.rfind(_END_SIGNATURE)
+    if at < 0 or len(tail) - at < _END_RECORD.size:
+        return
+    _, _, _, _, entries, directory_bytes, _, _ = _END_RECORD.unpack_from(tail, at)
+    if (
+        entries == 0xFFFF
+        or directory_bytes == 0xFFFFFFFF
+        or tail[at - 20 : at - 16] == (_ZIP64_LOCATOR)
+    ):
+        raise ManifestError(f"{source}: a zip64 archive; golden vectors fit a plain .npz")
+    if entries > MAX_GOLDEN_MEMBERS or directory_bytes > MAX_GOLDEN_DIRECTORY_BYTES:
+        raise ManifestError(
+            f"{source}: {entries} arrays ({directory_bytes} bytes of zip directory), over the "
+            f"cap of {MAX_GOLDEN_MEMBERS} arrays per golden file"
+        )
 
 
 def _npy_bytes(archive: zipfile.ZipFile, member: zipfile.ZipInfo, source: str) -> int:

@@ -4,6 +4,7 @@ that dies. Each is refused or recorded with its reason, and the agent stays up."
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -166,6 +167,46 @@ def test_a_golden_output_with_no_tensor_datatype_is_an_input_error(tmp_path):
     path = tmp_path / "golden.npz"
     np.savez(path, **{"input/x": np.ones(2, np.float32), "output/y": np.ones(2, ">f4")})
     with pytest.raises(InputError, match=r"golden\.npz: numpy dtype >f4 has no KServe datatype"):
+        load_golden(path)
+
+
+def _many_members(path: Path, count: int) -> Path:
+    empty = io.BytesIO()
+    np.save(empty, np.zeros((0,), np.uint8))
+    members = {"input/x.npy": empty.getvalue()}
+    members.update((f"output/{i}.npy", empty.getvalue()) for i in range(count))
+    return write_npz(path, members)
+
+
+def _end_record_says(path: Path, entries: int) -> None:
+    """Rewrite the entry counts of the zip's end-of-central-directory record."""
+    data = bytearray(path.read_bytes())
+    at = data.rfind(b"PK\x05\x06")
+    struct.pack_into("<HH", data, at + 8, entries, entries)
+    path.write_bytes(bytes(data))
+
+
+def test_a_golden_file_of_too_many_arrays_is_refused_from_its_end_record(tmp_path):
+    path = _many_members(tmp_path / "golden.npz", 5000)
+    started = time.perf_counter()
+    with pytest.raises(
+        InputError, match=r"5001 arrays \(\d+ bytes of zip directory\), over the cap"
+    ):
+        load_golden(path)
+    assert time.perf_counter() - started < 30
+
+
+def test_a_golden_end_record_that_understates_its_arrays_is_caught_by_the_count(tmp_path):
+    path = _many_members(tmp_path / "golden.npz", 2000)
+    _end_record_says(path, 2)
+    with pytest.raises(InputError, match="2001 arrays, over the cap of 1024 per golden file"):
+        load_golden(path)
+
+
+def test_a_zip64_golden_file_is_refused(tmp_path):
+    path = _many_members(tmp_path / "golden.npz", 1)
+    _end_record_says(path, 0xFFFF)
+    with pytest.raises(InputError, match=r"a zip64 archive; golden vectors fit a plain \.npz"):
         load_golden(path)
 
 
