@@ -39,9 +39,10 @@ The manifest says what the package is and how a node checks it:
 
 Arrays live in .npz files, not in TOML. `Manifest.parse` checks every key and value strictly
 and names the offending key in its error; `Package.load` also checks the files and the golden
-arrays against the declared inputs and outputs. A golden file is read member by member: each
-array's .npy header is checked (numeric dtype, at most `MAX_GOLDEN_BYTES` for the whole file)
-before anything is allocated, since a few hundred bytes of header can declare terabytes.
+arrays against the declared inputs and outputs. A golden file is read member by member: its
+zip end record is checked first (at most `MAX_GOLDEN_MEMBERS` arrays, no zip64), then each
+array's .npy header (numbers or booleans, at most `MAX_GOLDEN_BYTES` for the whole file) before
+anything is allocated, since a few hundred bytes of header can declare terabytes.
 """
 
 from __future__ import annotations
