@@ -454,18 +454,7 @@ def test_a_candidate_whose_worker_sends_a_bomb_is_recorded_and_selection_ends(
     identity_model(directory / "model.onnx", [1, 4])
     x = np.ones((1, 4), np.float32)
     np.savez(directory / "golden.npz", **{"input/x": x, "output/y": x})  # no reference run
-    outcome: list = []
-
-    def select():
-        try:
-            choose(directory, profile=ort_profile(), devices=ORT_DEVICES)
-        except Exception as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=select, daemon=True)
-    thread.start()
-    thread.join(60)
-    assert not thread.is_alive(), "selection still running after 60 s"
+    outcome = _choose_in_thread(directory, 60)
     assert isinstance(outcome[0], SelectionError)
     (result,) = [r for r in outcome[0].results if r.candidate.runtime == "onnxruntime"]
     assert result.reason.startswith("crashed: the selection worker sent a reply the agent refuses")
@@ -492,6 +481,23 @@ def test_a_timed_out_worker_takes_the_processes_it_started_along(tmp_path):
         raise AssertionError("the worker's helper process outlived it")
 
 
+def _choose_in_thread(directory: Path, seconds: float) -> list:
+    """choose() on `directory` in a thread; what it raised. A hang fails after `seconds`."""
+    outcome: list = []
+
+    def select():
+        try:
+            choose(directory, profile=ort_profile(), devices=ORT_DEVICES)
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=select, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"selection still running after {seconds} s"
+    return outcome
+
+
 def _alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -512,18 +518,7 @@ def test_an_ir_whose_weights_are_no_regular_file_is_refused_not_read(tmp_path, w
         os.mkfifo(directory / "model.bin")  # opened for reading, it waits for a writer
     else:
         (directory / "model.bin").symlink_to("/dev/zero")  # never ends
-    outcome: list = []
-
-    def select():
-        try:
-            choose(directory, profile=ort_profile(), devices=ORT_DEVICES)
-        except Exception as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=select, daemon=True)
-    thread.start()
-    thread.join(30)
-    assert not thread.is_alive(), "selection still reading model.bin after 30 s"
+    outcome = _choose_in_thread(directory, 30)
     assert isinstance(outcome[0], VariantError)
     assert (
         str(outcome[0])
