@@ -312,6 +312,22 @@ CASES = [
         400,
         "config",
     ),
+    (
+        "load-with-model-files",  # Triton's in-request model files: ignored, it would say 200
+        "/v2/repository/models/mlp/load",
+        json.dumps({"parameters": {"file:1/model.onnx": "AAAA"}}).encode(),
+        {},
+        400,
+        "load parameters (file:1/model.onnx) are not supported",
+    ),
+    (
+        "unload-with-unknown-parameter",
+        "/v2/repository/models/mlp/unload",
+        json.dumps({"parameters": {"unload_dependents": True, "force": True}}).encode(),
+        {},
+        400,
+        "unload parameters (force) are not supported",
+    ),
     ("unknown-endpoint", "/v2/nothing/here", b"", {}, 404, "no such endpoint"),
     ("repo-index-bad-json", "/v2/repository/index", b"{oops", {}, 400, "JSON"),
     ("load-unknown-model", "/v2/repository/models/ghost/load", b"", {}, 404, "ghost"),

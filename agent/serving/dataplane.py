@@ -559,6 +559,24 @@ def _content_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+# Repository parameters the agent accepts and ignores. tritonclient sends unload_dependents on
+# every unload; it concerns ensembles, which the agent does not have.
+_IGNORED_PARAMETERS = {"load": frozenset(), "unload": frozenset({"unload_dependents"})}
+
+
+def check_repository_parameters(action: str, names) -> None:
+    """InvalidInput for load/unload parameters the agent does not take (either front end).
+    Triton's config override and in-request model files (`file:...`) would bypass the signed,
+    verified repository; models reach a node only through it."""
+    unsupported = sorted(set(names) - _IGNORED_PARAMETERS[action])
+    if unsupported:
+        shown = ", ".join(name[:64] for name in unsupported[:8])
+        raise InvalidInput(
+            f"{action} parameters ({shown}) are not supported; models are loaded from the "
+            "model repository as they are (a model's config is its model.toml)"
+        )
+
+
 def _forget_task(tasks: set[asyncio.Task]) -> Callable[[asyncio.Task], None]:
     def done(task: asyncio.Task) -> None:
         tasks.discard(task)

@@ -41,7 +41,7 @@ from collections.abc import Awaitable, Callable
 from google.protobuf.message import DecodeError, Message
 
 from agent.serving import grpc_codec, http2
-from agent.serving.dataplane import DataPlane
+from agent.serving.dataplane import DataPlane, check_repository_parameters
 from agent.serving.errors import InvalidInput, RequestTimeout, ServingError
 from agent.serving.scheduler import Job
 from agent.serving.server import bind
@@ -225,22 +225,10 @@ class InferenceService:
         return pb.RepositoryModelUnloadResponse()
 
 
-# Repository parameters the agent accepts and ignores. tritonclient sends unload_dependents on
-# every unload; it concerns ensembles, which the agent does not have.
-_IGNORED_PARAMETERS = {"load": frozenset(), "unload": frozenset({"unload_dependents"})}
-
-
 def _check_repository_request(request, action: str) -> None:
     if not request.model_name:
         raise InvalidInput(f"model_name is empty: name the model to {action}")
-    unsupported = sorted(set(request.parameters) - _IGNORED_PARAMETERS[action])
-    if unsupported:
-        # Triton's config override and in-request model files would bypass the signed,
-        # verified repository; models reach a node only through it.
-        raise InvalidInput(
-            f"{action} parameters ({', '.join(unsupported)}) are not supported; "
-            "models are loaded from the model repository as they are"
-        )
+    check_repository_parameters(action, request.parameters)
 
 
 # --- the gRPC protocol over HTTP/2 ----------------------------------------------------------

@@ -13,7 +13,7 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent.serving import rest_codec
-from agent.serving.dataplane import DataPlane
+from agent.serving.dataplane import DataPlane, check_repository_parameters
 from agent.serving.errors import InvalidInput, ServingError
 from agent.serving.http1 import Handler, HttpServer, Reply, Request, Response
 from agent.serving.tensors import InferenceResponse
@@ -244,18 +244,11 @@ class RestFrontEnd:
         self._in_background(self.dataplane.read_repository_index(ready_only), reply, answer)
 
     def load(self, request: Request, reply: Reply, name: str) -> None:
-        parameters = _json_body(request).get("parameters")
-        if parameters is not None and not isinstance(parameters, dict):
-            raise InvalidInput("'parameters' must be an object")
-        if parameters and "config" in parameters:
-            raise InvalidInput(
-                "parameters.config is not supported: a model's config is its model.toml "
-                "in the repository"
-            )
+        check_repository_parameters("load", _repository_parameters(request))
         self._in_background(self.dataplane.load_model(name), reply)
 
     def unload(self, request: Request, reply: Reply, name: str) -> None:
-        _json_body(request)
+        check_repository_parameters("unload", _repository_parameters(request))
         self._in_background(self.dataplane.unload_model(name), reply)
 
     def _in_background(
@@ -286,6 +279,13 @@ class RestFrontEnd:
     def metrics(self, request: Request, reply: Reply) -> Response:
         body = generate_latest(self.dataplane.metrics.registry)
         return Response(200, body, CONTENT_TYPE_LATEST)
+
+
+def _repository_parameters(request: Request) -> dict:
+    parameters = _json_body(request).get("parameters")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise InvalidInput("'parameters' must be an object")
+    return parameters or {}
 
 
 def _json_body(request: Request) -> dict:
