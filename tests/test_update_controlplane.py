@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import AsyncIterator
 
 from agent.serving.server import ServeOptions
 from agent.update import pin_enrollment_root
@@ -35,6 +36,20 @@ def edgefleet(*argv: str) -> str:
     return out.getvalue()
 
 
+@contextlib.asynccontextmanager
+async def serving_artifacts(tmp_path, config_path, config) -> AsyncIterator[TrustEnv]:
+    """The control plane of `config` serving its TUF repository's artifact routes."""
+    clock = Clock()
+    plane = ControlPlane.open(config, clock=clock)
+    server = ControlPlaneServer(plane, device_routes=artifact_routes(config.state_dir / "tuf"))
+    endpoints = await server.start()
+    try:
+        yield TrustEnv(tmp_path, config_path, config, plane, server, endpoints, clock)
+    finally:
+        await server.stop()
+        plane.close()
+
+
 async def test_enrolled_node_updates_through_the_control_plane(tmp_path, sample_repo):
     config_path = write_config(tmp_path)
     config = load_config(config_path, env={})
@@ -53,12 +68,7 @@ async def test_enrolled_node_updates_through_the_control_plane(tmp_path, sample_
         pushed = edgefleet("model", "push", str(package), *cfg)
         assert f"published mlp/{version}/onnx-fp32.tar" in pushed
 
-    clock = Clock()
-    plane = ControlPlane.open(config, clock=clock)
-    server = ControlPlaneServer(plane, device_routes=artifact_routes(config.state_dir / "tuf"))
-    endpoints = await server.start()
-    env = TrustEnv(tmp_path, config_path, config, plane, server, endpoints, clock)
-    try:
+    async with serving_artifacts(tmp_path, config_path, config) as env:
         credentials = await env.enroll()
         node = tmp_path / "devices" / "1"  # the identity directory is node/identity
         root = TufRepository(config.state_dir / "tuf").root_bytes()
@@ -88,9 +98,6 @@ async def test_enrolled_node_updates_through_the_control_plane(tmp_path, sample_
             assert rc == 75  # EX_TEMPFAIL: paused, will retry (after re-enrollment)
             assert "HTTP 403" in out
             assert agent.dataplane.model("mlp").version == "1"
-    finally:
-        await server.stop()
-        plane.close()
 
 
 async def test_artifact_route_refuses_links_and_an_empty_suffix_range(tmp_path):
@@ -111,14 +118,9 @@ async def test_artifact_route_refuses_links_and_an_empty_suffix_range(tmp_path):
     link = "ab" * 32
     (repository.blobs_dir / link).symlink_to(secret)
 
-    clock = Clock()
-    plane = ControlPlane.open(config, clock=clock)
-    server = ControlPlaneServer(plane, device_routes=artifact_routes(config.state_dir / "tuf"))
-    endpoints = await server.start()
-    env = TrustEnv(tmp_path, config_path, config, plane, server, endpoints, clock)
-    try:
+    async with serving_artifacts(tmp_path, config_path, config) as env:
         device = await env.enroll()
-        base = f"{endpoints.device_url}/v1/tuf/targets/mlp/1"
+        base = f"{env.endpoints.device_url}/v1/tuf/targets/mlp/1"
         async with aiohttp.ClientSession() as session:
 
             async def get(path: str, **headers: str) -> tuple[int, bytes, dict]:
@@ -135,6 +137,3 @@ async def test_artifact_route_refuses_links_and_an_empty_suffix_range(tmp_path):
             assert status == 404 and b"not a blob" not in body
             status, body, headers = await get(f"{digest}.onnx-fp32.tar", Range="bytes=-0")
             assert status == 416 and headers["Content-Range"] == f"bytes */{length}"
-    finally:
-        await server.stop()
-        plane.close()
