@@ -22,6 +22,7 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as tc
 from onnx import TensorProto, helper
+from tritonclient.grpc import model_config_pb2 as triton_config_pb2
 from tritonclient.grpc import service_pb2 as triton_pb2
 from tritonclient.utils import InferenceServerException
 
@@ -197,26 +198,62 @@ def test_generated_code_is_up_to_date(tmp_path):
 
 def _fields(message) -> dict:
     return {
-        f.name: (f.number, f.type, f.is_repeated, f.message_type and f.message_type.full_name)
+        f.name: (
+            f.number,
+            f.type,
+            f.is_repeated,
+            f.message_type and f.message_type.full_name,
+            f.enum_type and f.enum_type.full_name,
+        )
         for f in message.fields
     }
 
 
-def _assert_same_messages(ours, theirs) -> None:
+def _assert_same_enums(ours, theirs) -> None:
     assert ours.full_name == theirs.full_name
-    assert _fields(ours) == _fields(theirs), ours.full_name
+    assert {v.name: v.number for v in ours.values} == {v.name: v.number for v in theirs.values}
+
+
+def _assert_same_messages(ours, theirs) -> None:
+    """Every field we declare is Triton's (name, number, type); the model configuration and
+    statistics messages declare only the fields the agent sets."""
+    assert ours.full_name == theirs.full_name
+    mine, triton = _fields(ours), _fields(theirs)
+    assert mine == {name: triton.get(name) for name in mine}, ours.full_name
+    if ours.name not in PARTIAL_MESSAGES:
+        assert mine.keys() == triton.keys(), ours.full_name
     for nested in ours.nested_types:
         _assert_same_messages(nested, theirs.nested_types_by_name[nested.name])
+    for enum in ours.enum_types:
+        _assert_same_enums(enum, theirs.enum_types_by_name[enum.name])
+
+
+# Messages of Triton's model configuration and statistics with fields the agent never sets.
+PARTIAL_MESSAGES = {
+    "ModelConfig",
+    "ModelInput",
+    "ModelOutput",
+    "ModelInstanceGroup",
+    "ModelDynamicBatching",
+    "ModelStatistics",
+}
 
 
 def test_proto_is_wire_compatible_with_tritonclient():
-    """Every message, field number and type we declare is Triton's; every method maps 1:1."""
+    """Every message, enum, field number and type we declare is Triton's (grpc_service.proto or
+    model_config.proto); every method maps 1:1."""
     assert pb.DESCRIPTOR.package == triton_pb2.DESCRIPTOR.package == "inference"
+    triton_files = (triton_pb2.DESCRIPTOR, triton_config_pb2.DESCRIPTOR)
     for name, message in pb.DESCRIPTOR.message_types_by_name.items():
-        _assert_same_messages(message, triton_pb2.DESCRIPTOR.message_types_by_name[name])
+        twin = next(
+            f.message_types_by_name[name] for f in triton_files if name in f.message_types_by_name
+        )
+        _assert_same_messages(message, twin)
+    for name, enum in pb.DESCRIPTOR.enum_types_by_name.items():
+        _assert_same_enums(enum, triton_config_pb2.DESCRIPTOR.enum_types_by_name[name])
     ours = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     theirs = triton_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-    assert len(ours.methods) == 9
+    assert len(ours.methods) == 11
     for method in ours.methods:
         twin = theirs.methods_by_name[method.name]
         assert (method.input_type.full_name, method.output_type.full_name) == (

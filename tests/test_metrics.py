@@ -24,14 +24,14 @@ def test_counters_histograms_and_gauge_per_model_version():
     metrics = Metrics()
     mlp, cnn = metrics.for_model("mlp", "1"), metrics.for_model("cnn", "2")
     for elapsed_us in (50, 300, 500, 4000, 20_000_000):  # the last one beyond every bucket
-        mlp.succeeded(elapsed_us * 1000, queue_ns=10_000)
+        mlp.succeeded(elapsed_us * 1000, queue_ns=10_000, compute_ns=5_000)
     mlp.failure("InvalidInput")
     mlp.failure("InvalidInput")
     mlp.failure("QueueFull")
     mlp.executed(rows=3, compute_ns=40_000)
     mlp.executed(rows=32, compute_ns=60_000)
     mlp.pending = 4
-    cnn.succeeded(1_000_000, 0)
+    cnn.succeeded(1_000_000, 0, 0)
 
     got = _samples(metrics)
     labels = (("model", "mlp"), ("version", "1"))
@@ -78,8 +78,8 @@ def test_counters_histograms_and_gauge_per_model_version():
 
 def test_a_reload_keeps_counting_and_the_health_watch_reads_it():
     metrics = Metrics()
-    metrics.for_model("mlp", "1").succeeded(200_000_000, 0)  # 0.2 s
-    metrics.for_model("mlp", "1").succeeded(2_000_000_000, 0)  # a reload gets the same counters
+    metrics.for_model("mlp", "1").succeeded(200_000_000, 0, 0)  # 0.2 s
+    metrics.for_model("mlp", "1").succeeded(2_000_000_000, 0, 0)  # a reload gets the same counters
     metrics.for_model("mlp", "1").failure("InferenceFailed")
     text = generate_latest(metrics.registry).decode()
     sample = parse_sample(text, "mlp", "1")

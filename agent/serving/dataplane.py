@@ -28,7 +28,7 @@ from agent.serving.errors import (
     ModelNotReady,
     ServingError,
 )
-from agent.serving.metrics import Metrics
+from agent.serving.metrics import Metrics, ModelMetrics
 from agent.serving.model import ModelIncompatible, ModelMetadata, ServedModel
 from agent.serving.repository import (
     ModelMissing,
@@ -52,7 +52,13 @@ log = logging.getLogger(__name__)
 # What `DataPlane.submit` calls with the answer: (response, None) or (None, error).
 Answer = Callable[[InferenceResponse | None, ServingError | None], None]
 
-EXTENSIONS = ("binary_tensor_data", "model_repository", "metrics")
+EXTENSIONS = (
+    "binary_tensor_data",
+    "model_repository",
+    "model_configuration",
+    "statistics",
+    "metrics",
+)
 
 _NUMBER = re.compile(r"\s*\+?[0-9]+\s*")  # a version as Triton's std::stol reads it
 
@@ -177,6 +183,23 @@ class DataPlane:
             outputs=list(model.outputs.values()),
         )
 
+    def statistics(
+        self, name: str | None = None, version: str | None = None
+    ) -> list[tuple[str, str, ModelMetrics]]:
+        """(name, version, counters) of the loaded versions asked for: every model's without a
+        name, every version of the model's without a version (as Triton); ModelNotFound /
+        ModelNotReady for a model or version that is not loaded."""
+        if not name:
+            if version:
+                raise InvalidInput(f"version {version!r} without a model name: name the model")
+            chosen = list(self._all_loaded())
+        elif version:
+            chosen = [self.model(name, version)]
+        else:
+            chosen = list(self._models.get(name, {}).values()) or [self.model(name)]
+        chosen.sort(key=lambda m: (m.name, int(m.version)))
+        return [(m.name, m.version, m.metrics) for m in chosen]
+
     def model_ready(self, name: str, version: str | None = None) -> bool:
         try:
             self.model(name, version)
@@ -214,11 +237,11 @@ class DataPlane:
 
             def finished(outcome: Outcome | None, error: ServingError | None) -> None:
                 if error is not None:
-                    m.failure(_reason(error))
+                    m.failure(_reason(error), time.perf_counter_ns() - start)
                     done(None, error)
                     return
                 outputs = _select_outputs(model, request, outcome.arrays, outcome.span)
-                m.succeeded(time.perf_counter_ns() - start, outcome.queue_ns)
+                m.succeeded(time.perf_counter_ns() - start, outcome.queue_ns, outcome.compute_ns)
                 response = InferenceResponse(model.name, model.version, outputs, request.id)
                 done(response, None)
 

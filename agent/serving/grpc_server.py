@@ -38,6 +38,7 @@ import time
 import zlib
 from collections.abc import Awaitable, Callable
 
+from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
 
 from agent.serving import grpc_codec, http2
@@ -46,6 +47,7 @@ from agent.serving.errors import InvalidInput, RequestTimeout, ServingError
 from agent.serving.scheduler import Job
 from agent.serving.server import bind
 from agent.serving.tensors import InferenceResponse
+from agent.serving.triton_extensions import config_document, statistics_document
 from protocol import inference_pb2 as pb
 from runtimes.base import TensorSpec
 
@@ -56,6 +58,8 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Streams one client connection may have open at once; more wait in the client. Together with
 # the message size limit this bounds what a single connection can make the server buffer.
 MAX_CONCURRENT_STREAMS = 128
+# Characters of an error message sent in grpc-message (up to 12 bytes each once encoded).
+MAX_STATUS_MESSAGE = 512
 
 # A compressed message inflates this far on the event loop (about a millisecond); the rest of
 # it, INFLATE_STEP at a time, in a thread.
@@ -131,6 +135,8 @@ class InferenceService:
             "ServerMetadata": (pb.ServerMetadataRequest, self.ServerMetadata),
             "ModelMetadata": (pb.ModelMetadataRequest, self.ModelMetadata),
             "ModelInfer": (pb.ModelInferRequest, self.ModelInfer),
+            "ModelConfig": (pb.ModelConfigRequest, self.ModelConfig),
+            "ModelStatistics": (pb.ModelStatisticsRequest, self.ModelStatistics),
             "RepositoryIndex": (pb.RepositoryIndexRequest, self.RepositoryIndex),
             "RepositoryModelLoad": (pb.RepositoryModelLoadRequest, self.RepositoryModelLoad),
             "RepositoryModelUnload": (pb.RepositoryModelUnloadRequest, self.RepositoryModelUnload),
@@ -167,6 +173,16 @@ class InferenceService:
             inputs=_tensor_metadata(md.inputs),
             outputs=_tensor_metadata(md.outputs),
         )
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest) -> pb.ModelConfigResponse:
+        model = self.dataplane.model(request.name, request.version or None)
+        return json_format.ParseDict({"config": config_document(model)}, pb.ModelConfigResponse())
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest
+    ) -> pb.ModelStatisticsResponse:
+        entries = self.dataplane.statistics(request.name or None, request.version or None)
+        return json_format.ParseDict(statistics_document(entries), pb.ModelStatisticsResponse())
 
     def ModelInfer(
         self, message: bytes | memoryview, done: InferDone, timeout: float | None = None
@@ -525,7 +541,12 @@ def _timeout_s(value: bytes | None) -> float | None:
 
 
 def _percent_encode(message: str) -> bytes:
-    """grpc-message: printable ASCII except '%' as is, everything else %XX of its UTF-8."""
+    """grpc-message: printable ASCII except '%' as is, everything else %XX of its UTF-8; cut
+    to MAX_STATUS_MESSAGE characters, as a message may quote what the client sent (a 100 KB
+    model name) and gRPC clients drop a response whose metadata passes 8-16 KiB."""
+    if len(message) > MAX_STATUS_MESSAGE:
+        cut = len(message) - MAX_STATUS_MESSAGE
+        message = f"{message[:MAX_STATUS_MESSAGE]}... ({cut} more characters)"
     return b"".join(
         bytes((b,)) if 0x20 <= b <= 0x7E and b != 0x25 else b"%%%02X" % b for b in message.encode()
     )

@@ -56,16 +56,20 @@ class ModelMetrics:
     __slots__ = (
         "batch_counts",
         "batch_sum",
+        "batches",
         "compute_us",
         "created",
         "exec_count",
+        "failure_us",
         "failures",
         "inference_count",
         "labels",
+        "last_inference_ms",
         "latency_counts",
         "latency_sum",
         "pending",
         "queue_us",
+        "request_compute_us",
         "request_us",
         "success",
     )
@@ -85,17 +89,28 @@ class ModelMetrics:
         self.latency_sum = 0.0
         self.batch_counts = [0] * (len(BATCH_BUCKETS) + 1)
         self.batch_sum = 0
+        # For the statistics extension (Triton's per-request view): the compute time of each
+        # successful request's batch, summed per request; the time failed requests took; and
+        # executions by exact batch size -> [count, compute ns] (at most max_batch_size keys).
+        self.request_compute_us = 0.0
+        self.failure_us = 0.0
+        self.batches: dict[int, list[int]] = {}
+        self.last_inference_ms = 0
 
-    def succeeded(self, elapsed_ns: int, queue_ns: int) -> None:
+    def succeeded(self, elapsed_ns: int, queue_ns: int, compute_ns: int) -> None:
         self.success += 1
         self.request_us += elapsed_ns / 1000
         self.queue_us += queue_ns / 1000
+        self.request_compute_us += compute_ns / 1000
         seconds = elapsed_ns / 1e9
         self.latency_counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.latency_sum += seconds
 
-    def failure(self, reason: str) -> None:
+    def failure(self, reason: str, elapsed_ns: int = 0) -> None:
+        """A failed request; `elapsed_ns` is how long it took if it reached the model's queue
+        (one refused outright took no measurable time)."""
         self.failures[reason] = self.failures.get(reason, 0) + 1
+        self.failure_us += elapsed_ns / 1000
 
     def executed(self, rows: int, compute_ns: int) -> None:
         """One model execution (a batch of `rows`) finished."""
@@ -104,6 +119,12 @@ class ModelMetrics:
         self.compute_us += compute_ns / 1000
         self.batch_counts[bisect_left(BATCH_BUCKETS, rows)] += 1
         self.batch_sum += rows
+        size = self.batches.get(rows)
+        if size is None:
+            size = self.batches[rows] = [0, 0]
+        size[0] += 1
+        size[1] += compute_ns
+        self.last_inference_ms = time.time_ns() // 1_000_000
 
 
 class Metrics:

@@ -17,6 +17,7 @@ from agent.serving.dataplane import DataPlane, check_repository_parameters
 from agent.serving.errors import InvalidInput, ServingError
 from agent.serving.http1 import Handler, HttpServer, Reply, Request, Response
 from agent.serving.tensors import InferenceResponse
+from agent.serving.triton_extensions import config_document, statistics_document
 from runtimes.base import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,10 @@ class RestFrontEnd:
         if n >= 3 and parts[0] == "v2" and parts[1] == "models":
             name = parts[2]
             if n == 3:
+                # As in Triton, /v2/models/stats is every model's statistics: the metadata of
+                # a model named "stats" is at /v2/models/stats/versions/{v}.
+                if name == "stats":
+                    return "GET", self.model_statistics, (None, None)
                 return "GET", self.model_metadata, (name, None)
             if n == 4:
                 return self._model_route(parts[3], name, None)
@@ -126,11 +131,16 @@ class RestFrontEnd:
         return None
 
     def _model_route(self, action: str, name: str, version: str | None):
-        """`/v2/models/{name}[/versions/{version}]` + `""` (metadata), `/ready` or `/infer`."""
+        """`/v2/models/{name}[/versions/{version}]` + `""` (metadata), `/ready`, `/infer`,
+        `/config` or `/stats`."""
         if action == "infer":
             return "POST", self.infer, (name, version)
         if action == "ready":
             return "GET", self.model_ready, (name, version)
+        if action == "config":
+            return "GET", self.model_config, (name, version)
+        if action == "stats":
+            return "GET", self.model_statistics, (name, version)
         if action == "":
             return "GET", self.model_metadata, (name, version)
         return None
@@ -157,6 +167,16 @@ class RestFrontEnd:
                 "outputs": _specs(md.outputs),
             }
         )
+
+    def model_config(
+        self, request: Request, reply: Reply, name: str, version: str | None
+    ) -> Response:
+        return _json(config_document(self.dataplane.model(name, version)))
+
+    def model_statistics(
+        self, request: Request, reply: Reply, name: str | None, version: str | None
+    ) -> Response:
+        return _json(statistics_document(self.dataplane.statistics(name, version)))
 
     def model_ready(
         self, request: Request, reply: Reply, name: str, version: str | None
