@@ -9,7 +9,15 @@ address; never a token secret, a key or a certificate body.
     audit.entries(event="enroll")
 
 Events: token.create, enroll (ok / refused), renew (ok / refused), certificate.refused,
-device.revoke, model.push, publisher.add, publisher.remove.
+device.revoke, model.push, publisher.add, publisher.remove, audit.unrecorded (below).
+
+Refusals are what anyone on the network can cause (a revoked device that keeps reconnecting, a
+scanner posting made-up tokens), so they are throttled, per process: the same refusal (same
+event, ids, peer host and detail) is written once per REFUSAL_WINDOW_S and its repeats counted
+into the next row written for it, and at most MAX_REFUSAL_ROWS_PER_MINUTE refusal rows are
+written a minute in all, the rest counted into the next refusal row (or an `audit.unrecorded`
+row). The server's maintenance pass writes counts that no later row carried. Accepted actions
+are always written.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import getpass
 import logging
 import sqlite3
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,6 +38,10 @@ log = logging.getLogger(__name__)
 
 OK = "ok"
 REFUSED = "refused"
+
+REFUSAL_WINDOW_S = 60.0  # one row per identical refusal per window; repeats are counted
+MAX_REFUSAL_ROWS_PER_MINUTE = 120  # refusal rows a minute, every kind together
+MAX_TRACKED_REFUSALS = 4096  # identical-refusal counters kept (oldest dropped first)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +60,7 @@ class AuditLog:
     def __init__(self, db: Database, clock: Callable[[], datetime] = utc_now) -> None:
         self._db = db
         self._clock = clock
+        self._refusals = RefusalThrottle()
 
     def record(
         self,
@@ -61,9 +75,35 @@ class AuditLog:
     ) -> None:
         """Append a record. A failing write is logged, not raised: the audited action (a
         refusal, a committed revocation) must not turn into a server error because of it."""
-        entry = AuditEntry(
-            self._clock(), event, outcome, device_id, token_id, serial, peer or cli_peer(), detail
-        )
+        at, peer = self._clock(), peer or cli_peer()
+        if outcome == REFUSED:
+            key = (event, device_id, token_id, serial, _host(peer), detail)
+            note = self._refusals.admit(key, at.timestamp())
+            if note is None:
+                return
+            if note:
+                detail = f"{detail} {note}" if detail else note
+        self._write(AuditEntry(at, event, outcome, device_id, token_id, serial, peer, detail))
+
+    def flush_refusals(self) -> None:
+        """Write the repeats counted for refusals whose window has passed with no new row to
+        carry them (the server's maintenance pass calls this), so none goes unrecorded."""
+        at = self._clock()
+        for (event, device_id, token_id, serial, host, detail), repeats in self._refusals.due(
+            at.timestamp()
+        ):
+            note = f"(not recorded one by one: {repeats} more of these in {REFUSAL_WINDOW_S:g} s)"
+            detail = f"{detail} {note}" if detail else note
+            self._write(AuditEntry(at, event, REFUSED, device_id, token_id, serial, host, detail))
+        dropped = self._refusals.over_budget_due(at.timestamp())
+        if dropped:
+            detail = (
+                f"{dropped} refusals over the budget of {MAX_REFUSAL_ROWS_PER_MINUTE} rows a minute"
+            )
+            self._write(AuditEntry(at, "audit.unrecorded", REFUSED, detail=detail))
+
+    def _write(self, entry: AuditEntry) -> None:
+        event, outcome = entry.event, entry.outcome
         log.info(
             "audit: %s %s",
             event,
@@ -87,6 +127,64 @@ class AuditLog:
             [event] if event else [],
         ).fetchall()
         return [AuditEntry(datetime.fromtimestamp(r[0], UTC), *r[1:]) for r in rows]
+
+
+class RefusalThrottle:
+    """Which refusals get a row of their own (see the module docstring)."""
+
+    def __init__(self):
+        self._seen: OrderedDict[tuple, list] = OrderedDict()  # key -> [written at, repeats]
+        self._minute = 0.0  # when the current minute of the budget began
+        self._rows = 0  # refusal rows written in it
+        self._over_budget = 0  # refusals not written for the budget since the last row
+
+    def admit(self, key: tuple, now: float) -> str | None:
+        """None: count it, write nothing. Otherwise write it, with this note (may be empty) on
+        what was counted instead of written since the last row."""
+        seen = self._seen.get(key)
+        if seen is not None and now - seen[0] < REFUSAL_WINDOW_S:
+            seen[1] += 1
+            return None
+        if now - self._minute >= 60.0:
+            self._minute, self._rows = now, 0
+        if self._rows >= MAX_REFUSAL_ROWS_PER_MINUTE:
+            self._over_budget += 1
+            return None
+        self._rows += 1
+        notes = []
+        if seen is not None and seen[1]:
+            notes.append(f"{seen[1]} more of these in the {REFUSAL_WINDOW_S:g} s before")
+        if self._over_budget:
+            notes.append(f"{self._over_budget} other refusals over the audit budget")
+            self._over_budget = 0
+        self._seen[key] = [now, 0]
+        self._seen.move_to_end(key)
+        while len(self._seen) > MAX_TRACKED_REFUSALS:
+            self._seen.popitem(last=False)
+        return f"(not recorded one by one: {'; '.join(notes)})" if notes else ""
+
+    def over_budget_due(self, now: float) -> int:
+        """Refusals the budget kept out, once its minute has passed with no row to carry them."""
+        dropped = self._over_budget if now - self._minute >= 60.0 else 0
+        self._over_budget -= dropped
+        return dropped
+
+    def due(self, now: float) -> list[tuple[tuple, int]]:
+        """(key, repeats) of the refusals repeated in a window that has passed; they start over."""
+        found = []
+        for key, seen in self._seen.items():
+            if seen[1] and now - seen[0] >= REFUSAL_WINDOW_S:
+                found.append((key, seen[1]))
+                seen[0], seen[1] = now, 0
+        return found
+
+
+def _host(peer: str) -> str:
+    """The peer without its port (a reconnecting client has a new one each time): gRPC writes
+    `ipv4:10.0.0.5:51234` / `ipv6:[::1]:51234`, aiohttp the bare address."""
+    if peer.startswith(("ipv4:", "ipv6:")):
+        return peer.rsplit(":", 1)[0]
+    return peer
 
 
 def cli_peer() -> str:

@@ -7,8 +7,9 @@
 Beside the listeners, one maintenance task keeps the server safe to leave running: it ends the
 live streams of devices revoked by another process (`edgefleet device revoke`), republishes the
 CRL before it goes stale or when the registry holds revocations it lacks (a revoking process that
-died between its commit and its publish, a certificate a renewal superseded), and renews the
-server's and the broker's certificates before they expire.
+died between its commit and its publish, a certificate a renewal superseded), renews the
+server's and the broker's certificates before they expire, and writes the audit log's counts of
+throttled refusals.
 
     server = ControlPlaneServer(ControlPlane.open(load_config()))
     endpoints = await server.start()
@@ -188,6 +189,7 @@ class ControlPlaneServer:
         while True:
             await asyncio.sleep(self.plane.config.revocation_poll_seconds)
             try:
+                self.plane.audit.flush_refusals()
                 self.end_revoked_streams()
                 revocation = self.plane.revocation
                 if revocation.crl_due() or revocation.crl_behind():

@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import contextlib
 import io
+from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
 
 from agent.identity import CertificateRenewer, IdentityStore, enroll
 from controlplane import cli as controlplane_cli
-from controlplane.audit import AuditEntry, AuditLog
+from controlplane.audit import (
+    MAX_REFUSAL_ROWS_PER_MINUTE,
+    REFUSAL_WINDOW_S,
+    REFUSED,
+    AuditEntry,
+    AuditLog,
+)
 from controlplane.config import load_config
 from controlplane.storage import open_database
 from provisioning.ca import CertificateAuthority
@@ -115,3 +122,120 @@ def test_model_push_and_publisher_changes_are_recorded(tmp_path, sample_repo):
     assert "publisher vision" in removed.detail
     assert all(e.peer.startswith("local") for e in entries)
     assert_no_secrets(entries)
+
+
+# --- refusals anyone can cause are throttled, and nothing is lost -----------------------------
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clocked(tmp_path):
+    db = open_database(tmp_path / "audit.db")
+    clock = FakeClock()
+    yield AuditLog(db, clock), clock
+    db.close()
+
+
+def _refuse(audit: AuditLog, serial: str = "ab", port: int = 50000, detail: str = "revoked"):
+    audit.record(
+        "certificate.refused", REFUSED, serial=serial, peer=f"ipv4:10.0.0.5:{port}", detail=detail
+    )
+
+
+def test_a_refusal_repeated_within_its_window_is_one_row_and_a_count(clocked):
+    audit, clock = clocked
+    for port in range(50000, 51000):  # a revoked device reconnecting, a new port each time
+        _refuse(audit, port=port)
+        clock.advance(0.05)
+    (first,) = audit.entries()
+    assert first.detail == "revoked" and first.peer == "ipv4:10.0.0.5:50000"
+    clock.advance(REFUSAL_WINDOW_S)
+    _refuse(audit)
+    _, second = audit.entries()
+    assert second.detail == (
+        f"revoked (not recorded one by one: 999 more of these in the {REFUSAL_WINDOW_S:g} s before)"
+    )
+
+
+def test_different_refusals_each_get_a_row(clocked):
+    audit, _ = clocked
+    _refuse(audit, detail="revoked")
+    _refuse(audit, detail="expired")
+    _refuse(audit, serial="cd")
+    audit.record("certificate.refused", REFUSED, serial="ab", peer="ipv4:10.0.0.6:1")
+    audit.record("enroll", REFUSED, token_id="t1", peer="10.0.0.5", detail="not known")
+    assert len(audit.entries()) == 5
+
+
+def test_the_maintenance_pass_writes_counts_no_later_row_carried(clocked):
+    audit, clock = clocked
+    for _ in range(10):
+        _refuse(audit)
+    audit.flush_refusals()  # the window is still open: nothing to write yet
+    assert len(audit.entries()) == 1
+    clock.advance(REFUSAL_WINDOW_S)
+    audit.flush_refusals()
+    _, counted = audit.entries()
+    assert counted.serial == "ab" and counted.peer == "ipv4:10.0.0.5"
+    assert (
+        counted.detail
+        == f"revoked (not recorded one by one: 9 more of these in {REFUSAL_WINDOW_S:g} s)"
+    )
+    audit.flush_refusals()
+    clock.advance(REFUSAL_WINDOW_S)
+    _refuse(audit)  # its count was written already: no note
+    assert [e.detail for e in audit.entries()][-1] == "revoked"
+
+
+def test_at_most_a_budget_of_refusal_rows_a_minute_and_the_rest_counted(clocked):
+    audit, clock = clocked
+    for i in range(500):  # a scanner posting made-up tokens, each refusal different
+        audit.record(
+            "enroll", REFUSED, token_id=f"made-up-{i}", peer="10.0.0.9", detail="not known"
+        )
+    assert len(audit.entries()) == MAX_REFUSAL_ROWS_PER_MINUTE
+    clock.advance(60)
+    audit.record("enroll", REFUSED, token_id="next", peer="10.0.0.9", detail="not known")
+    assert audit.entries()[-1].detail == (
+        "not known (not recorded one by one: 380 other refusals over the audit budget)"
+    )
+    for i in range(200):
+        audit.record("enroll", REFUSED, token_id=f"again-{i}", peer="10.0.0.9")
+    clock.advance(60)
+    audit.flush_refusals()
+    unrecorded = audit.entries("audit.unrecorded")
+    assert [e.detail for e in unrecorded] == [
+        f"81 refusals over the budget of {MAX_REFUSAL_ROWS_PER_MINUTE} rows a minute"
+    ]
+
+
+def test_accepted_actions_are_never_throttled(clocked):
+    audit, _ = clocked
+    for _ in range(300):
+        audit.record("token.create", token_id="same", detail="region ae")
+    assert len(audit.entries()) == 300
+
+
+async def test_a_flood_of_bad_enrollments_writes_a_bounded_audit_log(control_plane):
+    env = control_plane
+    csr = "-----BEGIN CERTIFICATE REQUEST-----"
+    token = env.token(uses=1)
+    secret = parse_token(token).secret
+    for i in range(200):
+        wrong = token.replace(secret, f"{i:0{len(secret)}d}"[-len(secret) :])
+        assert (await env.post_enroll({"token": wrong, "csr": csr}))[0] == 403
+    refusals = env.plane.audit.entries("enroll")
+    assert len(refusals) == 1  # one token id, one peer, one reason: one row, the rest counted
+    assert "not known" in refusals[0].detail
+    store = IdentityStore(env.root / "after-flood" / "identity")
+    assert (await enroll(env.endpoints.enroll_url, token, store)).identity.device_id
