@@ -34,7 +34,7 @@ MLP_TOML = """max_batch_size = 16
 max_queue_delay_us = 2000
 preferred_batch_sizes = [4, 8]
 max_queue_size = 64
-timeout_ms = 5000
+timeout_ms = 60000
 instances = 2
 threads = 1
 """
@@ -112,7 +112,7 @@ def test_a_batching_model_config_leaves_the_batch_dimension_out(http, grpc_clien
     assert config["parameters"] == {
         "device": {"string_value": "CPU"},
         "max_queue_size": {"string_value": "64"},
-        "timeout_ms": {"string_value": "5000"},
+        "timeout_ms": {"string_value": "60000"},
     }
     assert _same_config(grpc_client, config, "mlp")
 

@@ -45,6 +45,9 @@ class ModelConfig:
     precision: str | None = None  # OpenVINO inference precision: f32 | bf16 | f16
     # Accepted output error per datatype, e.g. { FP32 = { atol = 1e-2, rtol = 1e-2 } }.
     tolerance: dict | None = None
+    # Class labels for the classification extension: output name -> a text file in the version
+    # directory, one label per line (line i names class i).
+    labels: dict | None = None
 
     def pins_everything(self, variants: int) -> bool:
         """True when model.toml leaves selection nothing to choose (runtime, device, variant)."""
@@ -137,6 +140,8 @@ def _check(source: str, key: str, value):
         ):
             raise ModelConfigError(f"{source}: {key} must be a list of positive integers")
         return tuple(sorted(set(value)))
+    if key == "labels":
+        return _check_labels(source, value)
     if key == "tolerance":
         if not isinstance(value, dict):
             raise ModelConfigError(f"{source}: tolerance must be a table, e.g. [tolerance]")
@@ -148,3 +153,28 @@ def _check(source: str, key: str, value):
             f"{source}: {key} must be one of {', '.join(_CHOICES[key])}; got {value!r}"
         )
     return value
+
+
+MAX_LABEL_FILES = 64
+
+
+def _check_labels(source: str, value) -> dict[str, str]:
+    """labels = { output = "file" }: plain file names in the version directory."""
+    if not isinstance(value, dict) or len(value) > MAX_LABEL_FILES:
+        raise ModelConfigError(
+            f"{source}: labels must be a table of at most {MAX_LABEL_FILES} entries, "
+            'e.g. labels = { output = "labels.txt" }'
+        )
+    for output, name in value.items():
+        if (
+            not isinstance(name, str)
+            or not name
+            or name in (".", "..")
+            or "/" in name
+            or "\\" in name
+            or "\0" in name
+        ):
+            raise ModelConfigError(
+                f"{source}: labels.{output} must be the name of a file in the version directory"
+            )
+    return dict(value)

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent import __version__, memory
+from agent.serving.classification import classify, read_labels
+from agent.serving.config import ModelConfigError
 from agent.serving.errors import (
     InvalidInput,
     ModelLoadFailed,
@@ -57,6 +59,7 @@ EXTENSIONS = (
     "model_repository",
     "model_configuration",
     "statistics",
+    "classification",
     "metrics",
 )
 
@@ -459,6 +462,7 @@ class DataPlane:
             )
         try:
             ServedModel.check_compatible(session, source.config)
+            labels = await asyncio.to_thread(_labels_of, source, session)
         except ModelIncompatible:
             session.close()
             raise
@@ -466,7 +470,7 @@ class DataPlane:
         scheduler = Scheduler(
             f"{name}:{version}", session.infer, source.config, metrics, asyncio.get_running_loop()
         )
-        return ServedModel(source, session, scheduler, metrics, model_file)
+        return ServedModel(source, session, scheduler, metrics, model_file, labels)
 
     async def _open_selected(self, source: ModelVersionSource) -> tuple[Session, Path]:
         """Load on the measured choice (a stored decision returns in milliseconds)."""
@@ -624,6 +628,22 @@ def _timeout_s(request: InferenceRequest) -> float | None:
     return value / 1e6
 
 
+def _labels_of(source: ModelVersionSource, session: Session) -> dict[str, tuple[str, ...]]:
+    """The class labels model.toml names, for outputs the model has."""
+    files = source.config.labels or {}
+    outputs = {spec.name for spec in session.outputs}
+    unknown = [name for name in files if name not in outputs]
+    if unknown:
+        raise ModelIncompatible(
+            f"model.toml has labels for {', '.join(map(repr, unknown))}, which the model does "
+            f"not output; its outputs are {', '.join(sorted(outputs))}"
+        )
+    try:
+        return read_labels(source.directory, files)
+    except ModelConfigError as exc:
+        raise ModelIncompatible(str(exc)) from None
+
+
 def _select_outputs(
     model: ServedModel, request: InferenceRequest, arrays, span: slice | None
 ) -> list[Tensor]:
@@ -639,6 +659,12 @@ def _select_outputs(
     for out in request.outputs:
         name = out.name
         array = arrays[name] if span is None else arrays[name][span]
+        count = out.parameters.get("classification") if out.parameters else None
+        if count is not None:
+            batched = model.config.max_batch_size > 0
+            array = classify(array, count, model.labels.get(name), batched)
+            tensors.append(Tensor(name, "BYTES", array.shape, array, out.parameters))
+            continue
         tensors.append(Tensor(name, from_numpy(array.dtype), array.shape, array, out.parameters))
     return tensors
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from agent.serving.classification import class_count
 from agent.serving.config import ModelConfig
 from agent.serving.errors import InvalidInput
 from agent.serving.metrics import ModelMetrics
@@ -41,6 +42,7 @@ class ServedModel:
         scheduler: Scheduler,
         metrics: ModelMetrics,
         model_file: Path,
+        labels: dict[str, tuple[str, ...]] | None = None,
     ):
         self.name = source.name
         self.version = source.version
@@ -52,6 +54,7 @@ class ServedModel:
         self.inputs = {s.name: s for s in session.inputs}
         self.outputs = {s.name: s for s in session.outputs}
         self.model_file = model_file  # the variant actually loaded
+        self.labels = labels or {}  # output name -> class labels (classification extension)
         self.platform = f"{session.runtime}_{model_file.suffix.lstrip('.')}"
         self._text_inputs = getattr(session, "text_inputs", frozenset())
 
@@ -119,13 +122,23 @@ class ServedModel:
                         f"outputs are {', '.join(self.outputs)}"
                     )
                 params = out.parameters
-                if params and ("classification" in params or "shared_memory_region" in params):
-                    raise InvalidInput(
-                        f"output {out.name!r} asks for "
-                        f"{'classification' if 'classification' in params else 'shared memory'}, "
-                        "an extension this server does not have (see GET /v2 for its extensions)"
-                    )
+                if params:
+                    self._check_output_parameters(out.name, params)
         return inputs, rows
+
+    def _check_output_parameters(self, name: str, params: dict) -> None:
+        if "shared_memory_region" in params:
+            raise InvalidInput(
+                f"output {name!r} asks for shared memory, an extension this server does not "
+                "have (see GET /v2 for its extensions)"
+            )
+        if "classification" in params:
+            try:
+                class_count(name, params["classification"])
+            except ValueError as exc:
+                raise InvalidInput(str(exc)) from None
+            if self.outputs[name].datatype == "BYTES":
+                raise InvalidInput(f"output {name!r} is BYTES: it has no values to classify by")
 
 
 def _check_unique(outputs: list) -> None:

@@ -69,6 +69,10 @@ def config_document(model: ServedModel) -> dict:
             )
         },
     }
+    for output in doc["output"]:
+        label_file = (config.labels or {}).get(output["name"])
+        if label_file:
+            output["label_filename"] = label_file
     if batching:
         doc["dynamic_batching"] = {
             "preferred_batch_size": list(config.preferred_batch_sizes),

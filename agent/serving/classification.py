@@ -1,0 +1,96 @@
+"""Triton's classification extension: an output asked for with `"classification": k` comes back
+as its k highest-valued classes instead of the raw tensor.
+
+The answer is a BYTES tensor of shape [rows, k] for a model the server batches ([k] for one it
+does not), each element `"<value>:<index>"` or `"<value>:<index>:<label>"` when the model has
+labels for that output, highest value first (ties: lower index first). `tritonclient`'s
+`InferRequestedOutput(name, class_count=k)` asks for it, and Triton's image_client example
+prints it. Labels come from a text file in the version directory, one label per line, named
+in model.toml:
+
+    labels = { output = "labels.txt" }
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+
+from agent.serving.config import ModelConfigError
+
+MAX_LABEL_FILE_BYTES = 16 * 1024 * 1024
+MAX_CLASS_COUNT = 1 << 20  # what a request may ask for (clamped to the output's classes)
+
+
+def read_labels(directory: Path, files: dict[str, str]) -> dict[str, tuple[str, ...]]:
+    """output name -> its labels, from the files model.toml names (checked there to be plain
+    file names); ModelConfigError for a file that is missing, not a regular file, too large or
+    not UTF-8."""
+    labels = {}
+    for output, name in files.items():
+        path = directory / name
+        try:
+            # without blocking, checked once open: a FIFO would wait for a writer forever
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise ModelConfigError(
+                f"labels for output {output!r}: cannot open {name}: {exc}"
+            ) from None
+        with os.fdopen(fd, "rb") as file:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ModelConfigError(f"labels for output {output!r}: {name} is not a file")
+            data = file.read(MAX_LABEL_FILE_BYTES + 1)
+        if len(data) > MAX_LABEL_FILE_BYTES:
+            raise ModelConfigError(
+                f"labels for output {output!r}: {name} is larger than "
+                f"{MAX_LABEL_FILE_BYTES >> 20} MiB"
+            )
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ModelConfigError(
+                f"labels for output {output!r}: {name} is not UTF-8: {exc}"
+            ) from None
+        lines = text.split("\n")
+        if lines[-1] == "":  # the file's last newline ends a line; it starts no label
+            lines.pop()
+        labels[output] = tuple(line.rstrip("\r") for line in lines)
+    return labels
+
+
+def class_count(output: str, value) -> int:
+    """The `classification` parameter's k, checked."""
+    if type(value) is not int or not 1 <= value <= MAX_CLASS_COUNT:
+        raise ValueError(
+            f"output {output!r}: 'classification' must be an integer in [1, {MAX_CLASS_COUNT}], "
+            f"got {value!r}"
+        )
+    return value
+
+
+def classify(
+    array: np.ndarray, count: int, labels: tuple[str, ...] | None, batched: bool
+) -> np.ndarray:
+    """The top `count` classes of each row of `array` (the whole array when not `batched`)."""
+    rows = array.reshape(array.shape[0] if batched else 1, -1)
+    count = min(count, rows.shape[1])
+    floating = rows.dtype.kind == "f"
+    out = np.empty((rows.shape[0], count), dtype=object)
+    last = rows.shape[1] - 1
+    for r, row in enumerate(rows):
+        # A stable ascending sort of the reversed row, read backwards: highest value first,
+        # equal values in index order; no negation, which unsigned integers would wrap.
+        keys = row
+        if floating and np.isnan(row).any():
+            keys = np.where(np.isnan(row), -np.inf, row)  # NaN ranks lowest, not highest
+        top = last - np.argsort(keys[::-1], kind="stable")[::-1][:count]
+        for c, index in enumerate(top.tolist()):
+            value = row[index]
+            text = f"{float(value):f}" if floating else str(int(value))
+            label = labels[index] if labels is not None and index < len(labels) else None
+            entry = f"{text}:{index}" if label is None else f"{text}:{index}:{label}"
+            out[r, c] = entry.encode()
+    return out if batched else out[0]

@@ -1,0 +1,209 @@
+"""Triton's classification extension through tritonclient (REST JSON and binary, gRPC): an output
+asked for with class_count=k comes back as its top k classes, "value:index[:label]", labels read
+from the file model.toml names; and everything a request or a repository can get wrong about it.
+
+The models are y = x identities (3 classes a row), so each test picks the scores it classifies.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from agent.serving.classification import MAX_CLASS_COUNT, classify
+from agent.serving.server import ServeOptions
+from tests.conftest import ServerThread
+from tests.test_grpc import identity_model
+
+LABELS = "cat\ndog\nbird\n"
+
+
+def _model(root, name: str, datatype: str, toml: str = "", files: dict | None = None):
+    directory = root / name / "1"
+    directory.mkdir(parents=True)
+    onnx.save(identity_model(datatype), directory / "model.onnx")
+    if toml:
+        (directory / "model.toml").write_text(toml)
+    for file, content in (files or {}).items():
+        (directory / file).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return directory
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("classify")
+    labelled = 'max_batch_size = 4\nlabels = { y = "labels.txt" }\n'
+    _model(root, "scores", "FP32", labelled, {"labels.txt": LABELS})
+    _model(root, "whole", "FP32")  # no batching: the whole output is one set of scores
+    _model(root, "counts", "INT32", "max_batch_size = 4\n")
+    _model(root, "bytes", "UINT8", "max_batch_size = 4\n")
+    _model(root, "text", "BYTES", "max_batch_size = 4\n")
+    # what a repository can get wrong: each leaves its version UNAVAILABLE, saying why
+    _model(root, "missing-file", "FP32", 'labels = { y = "labels.txt" }\n')
+    _model(root, "wrong-output", "FP32", 'labels = { z = "labels.txt" }\n', {"labels.txt": LABELS})
+    _model(root, "escape", "FP32", 'labels = { y = "../labels.txt" }\n')
+    _model(root, "not-utf8", "FP32", 'labels = { y = "l.txt" }\n', {"l.txt": b"\xff\xfe\n"})
+    linked = _model(root, "linked", "FP32", 'labels = { y = "l.txt" }\n')
+    os.symlink("/etc/passwd", linked / "l.txt")
+    fifo = _model(root, "fifo", "FP32", 'labels = { y = "l.txt" }\n')
+    os.mkfifo(fifo / "l.txt")
+    with ServerThread(ServeOptions(root, "127.0.0.1:0", "127.0.0.1:0", None)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpclient.InferenceServerClient(server.http_url) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def grpc_client(server):
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        yield client
+
+
+def _as_bytes(array: np.ndarray) -> list:
+    return [[v if isinstance(v, bytes) else v.encode() for v in row] for row in array.tolist()]
+
+
+def _classify_over(kind: str, http, grpc_client, model: str, x: np.ndarray, datatype: str, k):
+    """The classification of output y over one protocol: 'json', 'binary' or 'grpc'."""
+    module, client = (grpcclient, grpc_client) if kind == "grpc" else (httpclient, http)
+    tensor = module.InferInput("x", list(x.shape), datatype)
+    if kind == "grpc":
+        tensor.set_data_from_numpy(x)
+        wanted = module.InferRequestedOutput("y", class_count=k)
+    else:
+        tensor.set_data_from_numpy(x, binary_data=kind == "binary")
+        wanted = module.InferRequestedOutput("y", binary_data=kind == "binary", class_count=k)
+    result = client.infer(model, [tensor], outputs=[wanted])
+    output = result.get_output("y")
+    datatype = output.datatype if kind == "grpc" else output["datatype"]
+    return datatype, result.as_numpy("y")
+
+
+PROTOCOLS = ["json", "binary", "grpc"]
+
+
+@pytest.mark.parametrize("kind", PROTOCOLS)
+def test_top_classes_with_labels_per_batch_row(http, grpc_client, kind):
+    x = np.array([[0.1, 0.7, 0.2], [5.0, 5.0, -1.0]], np.float32)
+    datatype, y = _classify_over(kind, http, grpc_client, "scores", x, "FP32", 2)
+    assert datatype == "BYTES" and y.shape == (2, 2)
+    assert _as_bytes(y) == [
+        [b"0.700000:1:dog", b"0.200000:2:bird"],
+        [b"5.000000:0:cat", b"5.000000:1:dog"],  # a tie: the lower index first
+    ]
+
+
+@pytest.mark.parametrize("kind", PROTOCOLS)
+def test_a_model_without_batching_is_classified_whole(http, grpc_client, kind):
+    x = np.array([[3.0, 1.0, 2.0], [0.5, 9.0, -2.0]], np.float32)
+    _, y = _classify_over(kind, http, grpc_client, "whole", x, "FP32", 10)  # more than it has
+    assert y.shape == (6,)  # one set of scores, all 6 of them: k is cut to the classes there are
+    assert _as_bytes(y[None])[0][:3] == [b"9.000000:4", b"3.000000:0", b"2.000000:2"]
+
+
+@pytest.mark.parametrize(
+    "model, datatype, x, top",
+    [
+        ("counts", "INT32", [[-7, 2**31 - 1, 0]], [b"2147483647:1", b"0:2", b"-7:0"]),
+        ("bytes", "UINT8", [[255, 0, 128]], [b"255:0", b"128:2", b"0:1"]),  # no wrap-around
+    ],
+)
+def test_integer_outputs_rank_and_print_as_integers(http, grpc_client, model, datatype, x, top):
+    array = np.array(x, dtype=np.int32 if datatype == "INT32" else np.uint8)
+    for kind in PROTOCOLS:
+        _, y = _classify_over(kind, http, grpc_client, model, array, datatype, 3)
+        assert _as_bytes(y) == [top]
+
+
+def test_nan_ranks_lowest_and_other_outputs_stay_tensors(http):
+    x = np.array([[np.nan, 1.0, 0.0]], np.float32)
+    _, y = _classify_over("binary", http, None, "scores", x, "FP32", 1)
+    assert _as_bytes(y) == [[b"1.000000:1:dog"]]
+    plain = httpclient.InferInput("x", [1, 3], "FP32")
+    plain.set_data_from_numpy(x)
+    result = http.infer("scores", [plain])  # no classification asked: the raw tensor
+    np.testing.assert_array_equal(result.as_numpy("y"), x)
+
+
+def test_config_and_metadata_show_the_extension_and_labels(http, grpc_client):
+    assert "classification" in http.get_server_metadata()["extensions"]
+    assert "classification" in grpc_client.get_server_metadata().extensions
+    (output,) = http.get_model_config("scores")["output"]
+    assert output["label_filename"] == "labels.txt"
+    (grpc_output,) = grpc_client.get_model_config("scores").config.output
+    assert grpc_output.label_filename == "labels.txt"
+
+
+@pytest.mark.parametrize("count", [0, -1, 2.5, True, "3", MAX_CLASS_COUNT + 1, None])
+def test_a_bad_class_count_is_refused_over_both_protocols(server, count):
+    import json
+    import urllib.error
+    import urllib.request
+
+    body = {
+        "inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}],
+        "outputs": [{"name": "y", "parameters": {"classification": count}}],
+    }
+    request = urllib.request.Request(
+        f"http://{server.http_url}/v2/models/scores/infer",
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 400
+    assert b"classification" in refused.value.read()
+
+
+def test_a_bad_class_count_over_grpc_is_invalid_argument(grpc_client):
+    tensor = grpcclient.InferInput("x", [1, 3], "FP32")
+    tensor.set_data_from_numpy(np.ones((1, 3), np.float32))
+    for k in (0, -5):
+        wanted = grpcclient.InferRequestedOutput("y", class_count=k)
+        wanted._output.parameters["classification"].int64_param = k  # tritonclient skips k <= 0
+        with pytest.raises(InferenceServerException) as refused:
+            grpc_client.infer("scores", [tensor], outputs=[wanted])
+        assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert "classification" in refused.value.message()
+
+
+def test_a_bytes_output_cannot_be_classified(http):
+    tensor = httpclient.InferInput("x", [1, 3], "BYTES")
+    tensor.set_data_from_numpy(np.array([[b"a", b"b", b"c"]], dtype=object))
+    with pytest.raises(InferenceServerException) as refused:
+        http.infer("text", [tensor], outputs=[httpclient.InferRequestedOutput("y", class_count=1)])
+    assert refused.value.status() == "400" and "BYTES" in refused.value.message()
+
+
+@pytest.mark.parametrize(
+    "model, reason",
+    [
+        ("missing-file", "cannot open labels.txt"),
+        ("wrong-output", "labels for 'z', which the model does not output"),
+        ("escape", "labels.y must be the name of a file in the version directory"),
+        ("not-utf8", "l.txt is not UTF-8"),
+        ("linked", "cannot open l.txt"),  # a link could point anywhere: not followed
+        ("fifo", "l.txt is not a file"),
+    ],
+)
+def test_bad_label_files_leave_the_version_unavailable(http, model, reason):
+    index = {e["name"]: e for e in http.get_model_repository_index()}
+    assert index[model]["state"] == "UNAVAILABLE"
+    assert reason in index[model]["reason"]
+    assert index["scores"]["state"] == "READY"  # the others serve
+
+
+def test_classify_keeps_shapes_and_labels_beyond_the_file():
+    scores = np.array([[1, 3, 2, 4]], np.int64)
+    assert classify(scores, 2, ("a", "b"), batched=True).tolist() == [[b"4:3", b"3:1:b"]]
+    assert classify(scores, 9, None, batched=False).shape == (4,)
