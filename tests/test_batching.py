@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import queue
+import sys
 import threading
 import time
 
@@ -15,7 +17,7 @@ import pytest
 from agent.serving.config import ModelConfig
 from agent.serving.errors import InferenceFailed, QueueFull, RequestTimeout
 from agent.serving.metrics import Metrics
-from agent.serving.scheduler import Scheduler
+from agent.serving.scheduler import Scheduler, hand_over_queue
 from runtimes import load
 
 
@@ -515,3 +517,39 @@ def test_requests_listing_inputs_in_another_order_batch_by_name(
     assert out1 == {"ya": [1.0] * 2, "yb": [2.0] * 3}
     assert out2 == {"ya": [4.0] * 3, "yb": [3.0] * 2}
     assert "failed on a batch" not in caplog.text  # answered right the first time
+
+
+def test_a_worker_waiting_out_the_queue_delay_wakes_at_its_timeout():
+    """The race that held batches open until the next request (CPython's SimpleQueue before
+    3.13), made to happen every time: a worker waits on the hand-over queue with a timeout; a
+    hand-over wakes it, but another worker takes it first; by the time the waiter runs again
+    its time is up. It must see Empty then, not sleep on until the next hand-over."""
+    hand_overs = hand_over_queue()
+    outcome = []
+
+    def waiter() -> None:
+        try:
+            hand_overs.get(True, 0.05)
+            outcome.append("item")
+        except queue.Empty:
+            outcome.append("empty")
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)  # this thread keeps the GIL while it spins below
+    try:
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        time.sleep(0.01)  # the waiter is now blocked in get()
+        hand_overs.put(["hand-over"])  # wakes it ...
+        assert hand_overs.get_nowait() == ["hand-over"]  # ... but another worker took it
+        spin_until = time.monotonic() + 0.1
+        while time.monotonic() < spin_until:  # past the waiter's timeout, holding the GIL
+            pass
+    finally:
+        sys.setswitchinterval(interval)
+    thread.join(5)
+    stuck = thread.is_alive()
+    if stuck:
+        hand_overs.put(None)  # let it go
+        thread.join(5)
+    assert not stuck and outcome == ["empty"]

@@ -111,6 +111,18 @@ class Job:
 _STOP = object()
 
 
+def hand_over_queue() -> queue.Queue:
+    """The queue from the event loop to a model's workers.
+
+    Not SimpleQueue: before Python 3.13 its get(timeout) can sleep past the timeout until the
+    next put, when it was woken for an item another consumer took (several workers) and its
+    time ran out before it ran again. A worker holding a batch open for max_queue_delay_us then
+    waited for the next request, which closed-loop clients never sent before their deadlines.
+    queue.Queue waits on a condition and keeps its timeouts, for ~3 µs more a hand-over.
+    """
+    return queue.Queue()
+
+
 class Scheduler:
     def __init__(
         self,
@@ -129,7 +141,7 @@ class Scheduler:
         self._preferred = frozenset(config.preferred_batch_sizes)
         self._delay_s = config.max_queue_delay_us / 1e6
         self._default_timeout = config.timeout_ms / 1000
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._queue = hand_over_queue()
         self._pending = 0  # touched on the event loop thread only
         self._outbox: list[Job] = []  # submitted in this turn of the loop, not yet handed over
         # One hand-over per loop turn feeds one worker; separate jobs keep several busy.
