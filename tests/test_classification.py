@@ -16,7 +16,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from agent.serving.classification import MAX_CLASS_COUNT, classify
+from agent.serving.classification import MAX_CLASS_COUNT, MAX_CLASS_ENTRIES, _top, classify
 from agent.serving.server import ServeOptions
 from tests.conftest import ServerThread
 from tests.test_grpc import identity_model
@@ -24,10 +24,15 @@ from tests.test_grpc import identity_model
 LABELS = "cat\ndog\nbird\n"
 
 
-def _model(root, name: str, datatype: str, toml: str = "", files: dict | None = None):
+def _model(
+    root, name: str, datatype: str, toml: str = "", files: dict | None = None, width: int = 3
+):
     directory = root / name / "1"
     directory.mkdir(parents=True)
-    onnx.save(identity_model(datatype), directory / "model.onnx")
+    model = identity_model(datatype)
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[1].dim_value = width
+    onnx.save(model, directory / "model.onnx")
     if toml:
         (directory / "model.toml").write_text(toml)
     for file, content in (files or {}).items():
@@ -44,6 +49,7 @@ def server(tmp_path_factory):
     _model(root, "counts", "INT32", "max_batch_size = 4\n")
     _model(root, "bytes", "UINT8", "max_batch_size = 4\n")
     _model(root, "text", "BYTES", "max_batch_size = 4\n")
+    _model(root, "wide", "FP32", "max_batch_size = 4\n", width=20_000)
     # what a repository can get wrong: each leaves its version UNAVAILABLE, saying why
     _model(root, "missing-file", "FP32", 'labels = { y = "labels.txt" }\n')
     _model(root, "wrong-output", "FP32", 'labels = { z = "labels.txt" }\n', {"labels.txt": LABELS})
@@ -207,3 +213,30 @@ def test_classify_keeps_shapes_and_labels_beyond_the_file():
     scores = np.array([[1, 3, 2, 4]], np.int64)
     assert classify(scores, 2, ("a", "b"), batched=True).tolist() == [[b"4:3", b"3:1:b"]]
     assert classify(scores, 9, None, batched=False).shape == (4,)
+
+
+def test_an_answer_of_too_many_classes_is_refused_and_the_server_keeps_serving(http):
+    x = np.random.default_rng(1).standard_normal((4, 20_000), dtype=np.float32)
+    tensor = httpclient.InferInput("x", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    wanted = httpclient.InferRequestedOutput("y", class_count=20_000)  # 4 x 20000 strings
+    with pytest.raises(InferenceServerException) as refused:
+        http.infer("wide", [tensor], outputs=[wanted])
+    assert refused.value.status() == "400" and "ask for fewer" in refused.value.message()
+    top = httpclient.InferRequestedOutput("y", class_count=3)
+    y = http.infer("wide", [tensor], outputs=[top]).as_numpy("y")
+    best = np.argsort(-x, axis=1, kind="stable")[:, :3]
+    assert [[int(v.split(b":")[1]) for v in row] for row in y] == best.tolist()
+
+
+def test_top_classes_match_a_full_sort_with_ties():
+    rng = np.random.default_rng(7)
+    for _ in range(500):
+        n = int(rng.integers(1, 50))
+        k = int(rng.integers(1, n + 1))
+        for dtype in (np.float32, np.int32, np.uint8):
+            keys = rng.integers(0, 4, n).astype(dtype)  # many ties
+            expected = sorted(range(n), key=lambda i: (-float(keys[i]), i))[:k]
+            assert _top(keys, k).tolist() == expected
+    with pytest.raises(ValueError, match="ask for fewer"):
+        classify(np.zeros((2, MAX_CLASS_ENTRIES), np.float32), MAX_CLASS_ENTRIES, None, True)

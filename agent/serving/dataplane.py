@@ -243,7 +243,13 @@ class DataPlane:
                     m.failure(_reason(error), time.perf_counter_ns() - start)
                     done(None, error)
                     return
-                outputs = _select_outputs(model, request, outcome.arrays, outcome.span)
+                try:
+                    outputs = _select_outputs(model, request, outcome.arrays, outcome.span)
+                except ValueError as exc:  # a classification too large to answer
+                    error = InvalidInput(f"model {model.name}: {exc}")
+                    m.failure(_reason(error), time.perf_counter_ns() - start)
+                    done(None, error)
+                    return
                 m.succeeded(time.perf_counter_ns() - start, outcome.queue_ns, outcome.compute_ns)
                 response = InferenceResponse(model.name, model.version, outputs, request.id)
                 done(response, None)
