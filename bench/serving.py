@@ -11,9 +11,11 @@
    the agent again with batching off, MLServer with bench/mlserver_runtime.py. Every
    (server, protocol, model) must answer the encoded request as onnxruntime does.
 4. Rounds over all measurements, compared setups back to back: onnxruntime session.run in this
-   process; p50/p99 with 1 client and throughput with 8 and 32 (wrk with bench/wrk/infer.lua
-   for REST, h2load for gRPC). A measurement taken while other processes kept the machine busy
-   is taken again. Then the answers are checked again, and RSS of each process tree read.
+   process (again after every 1-client measurement, which is compared with the session.run
+   runs just before and after it); p50/p99 with 1 client and throughput with 8 and 32 (wrk
+   with bench/wrk/infer.lua for REST, h2load for gRPC). A measurement taken while other
+   processes kept the machine busy is taken again. Then the answers are checked again, and
+   RSS of each process tree read.
 5. A table of medians, the targets of issue 2 as ratios, and the JSON (--json PATH too).
 
     .venv/bin/python bench/serving.py [--quick] [--duration S] [--rounds N] [--skip-mlserver]
@@ -26,6 +28,7 @@ import argparse
 import contextlib
 import functools
 import http.client
+import itertools
 import json
 import os
 import platform
@@ -41,6 +44,7 @@ import time
 import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from operator import itemgetter
 from pathlib import Path
 
 import grpc
@@ -601,6 +605,9 @@ def _run_tool(command: list[str], duration_s: int) -> str:
 # setups a target compares next to each other. A figure is the median over the rounds.
 
 
+_MEASUREMENT_ORDER = itertools.count()
+
+
 @dataclass
 class Figures:
     """One row of the table: a server (or onnxruntime itself), a protocol, a model."""
@@ -616,7 +623,8 @@ class Figures:
 
     def add(self, run: LoadResult) -> None:
         self.errors += run.errors
-        self.runs.append({**asdict(run), "throughput": run.throughput})
+        order = next(_MEASUREMENT_ORDER)  # when it ran, among every measurement of the run
+        self.runs.append({**asdict(run), "throughput": run.throughput, "order": order})
 
     def summarize(self) -> None:
         """Medians over the rounds."""
@@ -703,7 +711,8 @@ def plan_round(
 
     plan = []
     for model in MODELS:
-        plan.append(Measurement(row("onnxruntime", "session.run", model), 1, raw[model].time))
+        raw_run = Measurement(row("onnxruntime", "session.run", model), 1, raw[model].time)
+        plan.append(raw_run)
         for clients in (1, *CLIENTS):
             for protocol in AGENT_PROTOCOLS:
                 for spec in specs:
@@ -711,6 +720,11 @@ def plan_round(
                     if target is not None and clients in spec.levels:
                         measure = functools.partial(run_load, target, clients, workdir=workdir)
                         plan.append(Measurement(row(spec.name, protocol, model), clients, measure))
+                        if clients == 1:
+                            # session.run again right after: each latency is compared with
+                            # the raw runs just before and after it (Results.ratio), as this
+                            # host's speed drifts by a third within a minute
+                            plan.append(raw_run)
     return plan
 
 
@@ -813,10 +827,14 @@ class Results:
 
     def ratio(self, a: Setup, b: Setup, clients: int) -> float | None:
         """Median over the rounds of a / b: p50 at 1 client, else throughput. In each round the
-        two were measured back to back, so each round's ratio saw about the same machine."""
+        two were measured back to back, so each round's ratio saw about the same machine; a
+        latency against session.run is compared with the mean of the session.run p50s measured
+        just before and just after it (plan_round brackets every 1-client measurement)."""
         fa, fb = self.get(a), self.get(b)
         if fa is None or fb is None or fa.errors or fb.errors:
             return None
+        if clients == 1 and b[1] == "session.run":
+            return _bracketed_ratio(fa.runs, fb.runs)
         key = "p50_us" if clients == 1 else "throughput"
         va = [run[key] for run in fa.runs if run["clients"] == clients]
         vb = [run[key] for run in fb.runs if run["clients"] == clients]
@@ -867,6 +885,20 @@ class Results:
             name = f"agent RSS, MLP + CNN, {label}"
             goals.append(Goal(name, rss.get(moment), 120, False, " MiB"))
         return goals
+
+
+def _bracketed_ratio(runs: list[dict], raw_runs: list[dict]) -> float | None:
+    """Median of each 1-client p50 over the mean p50 of the raw runs just before and after it."""
+    ratios = []
+    for run in (r for r in runs if r["clients"] == 1):
+        before = [r for r in raw_runs if r["order"] < run["order"]]
+        after = [r for r in raw_runs if r["order"] > run["order"]]
+        near = [max(before, key=itemgetter("order"))] if before else []
+        near += [min(after, key=itemgetter("order"))] if after else []
+        if not near:
+            return None
+        ratios.append(run["p50_us"] / statistics.fmean(r["p50_us"] for r in near))
+    return statistics.median(ratios) if ratios else None
 
 
 # --- report ----------------------------------------------------------------------------------

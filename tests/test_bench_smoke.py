@@ -71,6 +71,16 @@ def test_quick_run_reports_every_agent_figure(tmp_path: Path) -> None:
     for protocol in ("rest-json", "rest-binary", "grpc"):
         assert setup(document, "agent-nobatch", protocol, "mlp")["throughput"]["32"] > 0
 
+    # every 1-client latency is bracketed by session.run measurements of its model
+    for model in ("mlp", "cnn"):
+        raw_orders = [
+            r["order"] for r in setup(document, "onnxruntime", "session.run", model)["runs"]
+        ]
+        for protocol in ("rest-json", "rest-binary", "grpc"):
+            (run,) = [
+                r for r in setup(document, "agent", protocol, model)["runs"] if r["clients"] == 1
+            ]
+            assert run["order"] - 1 in raw_orders and run["order"] + 1 in raw_orders
     assert document["rss_mb"]["agent"]["after_load"] > 0
     assert "mlserver" not in document["rss_mb"]
     names = [target["name"] for target in document["targets"]]
@@ -90,3 +100,26 @@ def test_batching_benchmark_drives_both_agents() -> None:
     (row,) = json.loads(result.stdout.strip().splitlines()[-1])
     assert row["width"] == 64 and row["run_us"][0] > 0 and row["run_us"][1] > 0
     assert row["on"][0] > 0 and row["off"][0] > 0 and row["ratio"] > 0
+
+
+def test_a_latency_is_compared_with_the_raw_runs_around_it() -> None:
+    """The host's speed drifts: a p50 is divided by the mean of the session.run p50s measured
+    just before and after it, not by a round's single raw figure."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from serving import _bracketed_ratio
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    raw = [
+        {"clients": 1, "order": 0, "p50_us": 1000.0},
+        {"clients": 1, "order": 2, "p50_us": 3000.0},  # the host slowed down meanwhile
+        {"clients": 1, "order": 4, "p50_us": 3000.0},
+    ]
+    agent = [
+        {"clients": 1, "order": 1, "p50_us": 2200.0},  # against (1000 + 3000) / 2
+        {"clients": 1, "order": 3, "p50_us": 3300.0},  # against 3000
+        {"clients": 8, "order": 5, "p50_us": None},  # throughput runs are not latencies
+    ]
+    assert _bracketed_ratio(agent, raw) == pytest.approx((1.1 + 1.1) / 2)
+    assert _bracketed_ratio(agent[:1], raw[:1]) == pytest.approx(2.2)  # only one raw run near
+    assert _bracketed_ratio(agent, []) is None
