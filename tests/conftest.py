@@ -10,6 +10,8 @@ from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 
 from agent.samples import write_sample_repository
 from agent.serving.server import RunningServer, ServeOptions, start
@@ -108,3 +110,17 @@ def private_agent(private_repo) -> Iterator[ServerThread]:
     """An agent of its own over `private_repo`, REST only."""
     with ServerThread(ServeOptions(private_repo, "127.0.0.1:0", None, None)) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    """A tritonclient.http client of the module's `server` (a ServerThread)."""
+    with httpclient.InferenceServerClient(server.http_url) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def grpc_client(server):
+    """A tritonclient.grpc client of the module's `server` (a ServerThread with gRPC on)."""
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        yield client

@@ -63,18 +63,6 @@ def server(tmp_path_factory):
         yield running
 
 
-@pytest.fixture(scope="module")
-def http(server):
-    with httpclient.InferenceServerClient(server.http_url) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def grpc_client(server):
-    with grpcclient.InferenceServerClient(server.grpc_url) as client:
-        yield client
-
-
 def _as_bytes(array: np.ndarray) -> list:
     return [[v if isinstance(v, bytes) else v.encode() for v in row] for row in array.tolist()]
 
@@ -199,7 +187,7 @@ def test_a_bytes_output_cannot_be_classified(http):
         ("escape", "labels.y must be the name of a file in the version directory"),
         ("not-utf8", "l.txt is not UTF-8"),
         ("linked", "cannot open l.txt"),  # a link could point anywhere: not followed
-        ("fifo", "l.txt is not a file"),
+        ("fifo", "l.txt: not a regular file; a label file must be a file"),
     ],
 )
 def test_bad_label_files_leave_the_version_unavailable(http, model, reason):

@@ -60,18 +60,6 @@ def server(repo):
 
 
 @pytest.fixture(scope="module")
-def http(server):
-    with httpclient.InferenceServerClient(server.http_url) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def grpc_client(server):
-    with grpcclient.InferenceServerClient(server.grpc_url) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
 def stub(server):
     with grpc.insecure_channel(server.grpc_url) as channel:
         yield pb_grpc.GRPCInferenceServiceStub(channel)
@@ -155,15 +143,16 @@ def test_tritonclient_reads_the_config_as_triton_examples_do(http):
         assert config["input"][0]["dims"] == (shape[1:] if batching else shape)
 
 
+@pytest.mark.parametrize("ask", ["get_model_config", "get_inference_statistics"])
 @pytest.mark.parametrize(
-    "model, version", [("nope", ""), ("mlp", "3"), ("mlp", "x"), ("mlp", "9" * 5000)]
+    "model, version", [("nope", ""), ("mlp", "3"), ("mlp", "x"), ("mlp", "-1"), ("mlp", "9" * 5000)]
 )
-def test_config_of_a_model_or_version_not_served_is_not_found(http, grpc_client, model, version):
+def test_a_model_or_version_not_served_is_not_found(http, grpc_client, ask, model, version):
     with pytest.raises(InferenceServerException) as over_rest:
-        http.get_model_config(model, version)
+        getattr(http, ask)(model, version)
     assert over_rest.value.status() == "404"
     with pytest.raises(InferenceServerException) as over_grpc:
-        grpc_client.get_model_config(model, version)
+        getattr(grpc_client, ask)(model, version)
     assert over_grpc.value.status() == "StatusCode.NOT_FOUND"
 
 
@@ -264,18 +253,6 @@ def test_a_model_never_run_reports_zeros(http):
     assert entry["inference_count"] == entry["execution_count"] == entry["last_inference"] == 0
     assert entry["batch_stats"] == []
     assert all(v == {"count": 0, "ns": 0} for v in entry["inference_stats"].values())
-
-
-@pytest.mark.parametrize("model, version", [("nope", ""), ("mlp", "3"), ("mlp", "-1")])
-def test_statistics_of_a_model_or_version_not_served_are_not_found(
-    http, grpc_client, model, version
-):
-    with pytest.raises(InferenceServerException) as over_rest:
-        http.get_inference_statistics(model, version)
-    assert over_rest.value.status() == "404"
-    with pytest.raises(InferenceServerException) as over_grpc:
-        grpc_client.get_inference_statistics(model, version)
-    assert over_grpc.value.status() == "StatusCode.NOT_FOUND"
 
 
 def test_a_model_named_stats_keeps_its_metadata_under_its_versions(http, server):

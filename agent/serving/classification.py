@@ -13,13 +13,11 @@ in model.toml:
 
 from __future__ import annotations
 
-import os
-import stat
 from pathlib import Path
 
 import numpy as np
 
-from agent.serving.config import ModelConfigError
+from agent.serving.config import ModelConfigError, read_small_file
 
 MAX_LABEL_FILE_BYTES = 16 * 1024 * 1024
 MAX_CLASS_COUNT = 1 << 16  # what a request may ask for (cut to the output's classes)
@@ -33,23 +31,17 @@ def read_labels(directory: Path, files: dict[str, str]) -> dict[str, tuple[str, 
     not UTF-8."""
     labels = {}
     for output, name in files.items():
-        path = directory / name
         try:
-            # without blocking, checked once open: a FIFO would wait for a writer forever
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | os.O_NOFOLLOW)
+            # not followed: a link in a model directory could point anywhere
+            data = read_small_file(
+                directory / name, MAX_LABEL_FILE_BYTES, "a label file", follow_links=False
+            )
         except OSError as exc:
             raise ModelConfigError(
-                f"labels for output {output!r}: cannot open {name}: {exc}"
+                f"labels for output {output!r}: cannot open {name}: {exc.strerror or exc}"
             ) from None
-        with os.fdopen(fd, "rb") as file:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise ModelConfigError(f"labels for output {output!r}: {name} is not a file")
-            data = file.read(MAX_LABEL_FILE_BYTES + 1)
-        if len(data) > MAX_LABEL_FILE_BYTES:
-            raise ModelConfigError(
-                f"labels for output {output!r}: {name} is larger than "
-                f"{MAX_LABEL_FILE_BYTES >> 20} MiB"
-            )
+        except ModelConfigError as exc:
+            raise ModelConfigError(f"labels for output {output!r}: {exc}") from None
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:

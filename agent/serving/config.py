@@ -98,19 +98,28 @@ class ModelConfig:
 
 
 def _read_config(path: Path) -> bytes:
-    """The bytes of a regular file of at most MAX_CONFIG_BYTES; ModelConfigError otherwise.
+    return read_small_file(
+        path, MAX_CONFIG_BYTES, "model.toml", size_hint="model.toml holds a few settings"
+    )
+
+
+def read_small_file(
+    path: Path, limit: int, kind: str, *, follow_links: bool = True, size_hint: str = ""
+) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes (a model.toml, a label file);
+    ModelConfigError if it is something else or larger, OSError if it cannot be opened.
 
     Opened without blocking and checked once open: a FIFO would wait for a writer forever and
     /dev/zero would never end, and a check by name first could be raced."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | (0 if follow_links else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
     with os.fdopen(fd, "rb") as file:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ModelConfigError(f"{path}: not a regular file; model.toml must be a file")
-        data = file.read(MAX_CONFIG_BYTES + 1)
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ModelConfigError(
-            f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; model.toml holds a few settings"
-        )
+            raise ModelConfigError(f"{path}: not a regular file; {kind} must be a file")
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        hint = f"; {size_hint}" if size_hint else ""
+        raise ModelConfigError(f"{path}: larger than {limit >> 20} MiB{hint}")
     return data
 
 
