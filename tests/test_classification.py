@@ -14,6 +14,8 @@ import onnx
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from onnx import TensorProto, helper
+from tritonclient.grpc import model_config_pb2 as triton_config_pb2
 from tritonclient.utils import InferenceServerException
 
 from agent.serving.classification import MAX_CLASS_COUNT, MAX_CLASS_ENTRIES, _top, classify
@@ -40,6 +42,19 @@ def _model(
     return directory
 
 
+def _mean_colour_model() -> onnx.ModelProto:
+    """y[n, c] = mean of x[n, c, :, :]: an image of [3, 4, 4] (NCHW) -> a score per colour."""
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x"], ["y"], axes=[2, 3], keepdims=0)],
+        "mean_colour",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("classify")
@@ -59,6 +74,17 @@ def server(tmp_path_factory):
     os.symlink("/etc/passwd", linked / "l.txt")
     fifo = _model(root, "fifo", "FP32", 'labels = { y = "l.txt" }\n')
     os.mkfifo(fifo / "l.txt")
+    # an image model as Triton's image_client expects one: NCHW input, classes out, labels
+    images = root / "colours" / "1"
+    images.mkdir(parents=True)
+    onnx.save(_mean_colour_model(), images / "model.onnx")
+    (images / "model.toml").write_text(
+        'max_batch_size = 2\ninput_formats = { x = "NCHW" }\nlabels = { y = "colours.txt" }\n'
+    )
+    (images / "colours.txt").write_text("red\ngreen\nblue\n")
+    _model(root, "format-unknown-input", "FP32", 'input_formats = { z = "NCHW" }\n')
+    _model(root, "format-not-an-image", "FP32", 'input_formats = { x = "NHWC" }\n')
+    _model(root, "format-misspelt", "FP32", 'input_formats = { x = "CHW" }\n')
     with ServerThread(ServeOptions(root, "127.0.0.1:0", "127.0.0.1:0", None)) as running:
         yield running
 
@@ -195,6 +221,51 @@ def test_bad_label_files_leave_the_version_unavailable(http, model, reason):
     assert index[model]["state"] == "UNAVAILABLE"
     assert reason in index[model]["reason"]
     assert index["scores"]["state"] == "READY"  # the others serve
+
+
+def test_triton_image_client_steps_work_unchanged(http, grpc_client):
+    """What Triton's image_client example does: read metadata and config, require one 3-dim
+    NCHW/NHWC input and the batching from max_batch_size, then ask for the top class by
+    class_count and print "value (index) = label"."""
+    for client, module in ((http, httpclient), (grpc_client, grpcclient)):
+        if client is http:
+            metadata, config = http.get_model_metadata("colours"), http.get_model_config("colours")
+            (input_config,) = config["input"]
+            layout, batching = input_config["format"], config["max_batch_size"] > 0
+            shape = metadata["inputs"][0]["shape"]
+        else:
+            metadata = grpc_client.get_model_metadata("colours")
+            config = grpc_client.get_model_config("colours").config
+            layout = triton_config_pb2.ModelInput.Format.Name(config.input[0].format)
+            batching, shape = config.max_batch_size > 0, list(metadata.inputs[0].shape)
+        assert layout == "FORMAT_NCHW" and batching and len(shape) == 4
+        c, h, w = shape[1:]
+        images = np.zeros((2, c, h, w), np.float32)
+        images[0, 2] = 1.0  # blue
+        images[1, 1] = 0.5  # green
+        tensor = module.InferInput("x", list(images.shape), "FP32")
+        tensor.set_data_from_numpy(images)
+        wanted = module.InferRequestedOutput("y", class_count=1)
+        results = client.infer("colours", [tensor], outputs=[wanted]).as_numpy("y")
+        printed = []
+        for row in results:
+            for result in row:
+                value, index, label = result.decode().split(":")
+                printed.append(f"{value} ({index}) = {label}")
+        assert printed == ["1.000000 (2) = blue", "0.500000 (1) = green"]
+
+
+@pytest.mark.parametrize(
+    "model, reason",
+    [
+        ("format-unknown-input", "gives a format for 'z', which is not an input of the model"),
+        ("format-not-an-image", "an image layout needs 3 dimensions besides the batch"),
+        ("format-misspelt", "input_formats must be a table of input name -> NCHW or NHWC"),
+    ],
+)
+def test_bad_input_formats_leave_the_version_unavailable(http, model, reason):
+    index = {e["name"]: e for e in http.get_model_repository_index()}
+    assert index[model]["state"] == "UNAVAILABLE" and reason in index[model]["reason"]
 
 
 def test_classify_keeps_shapes_and_labels_beyond_the_file():

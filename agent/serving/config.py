@@ -48,6 +48,9 @@ class ModelConfig:
     # Class labels for the classification extension: output name -> a text file in the version
     # directory, one label per line (line i names class i).
     labels: dict | None = None
+    # Image layout of 3-dimensional inputs (batch dimension aside), as Triton's config states it
+    # for clients such as its image_client: input name -> "NCHW" or "NHWC".
+    input_formats: dict | None = None
 
     def pins_everything(self, variants: int) -> bool:
         """True when model.toml leaves selection nothing to choose (runtime, device, variant)."""
@@ -151,6 +154,13 @@ def _check(source: str, key: str, value):
         return tuple(sorted(set(value)))
     if key == "labels":
         return _check_labels(source, value)
+    if key == "input_formats":
+        if not isinstance(value, dict) or not all(v in INPUT_FORMATS for v in value.values()):
+            raise ModelConfigError(
+                f"{source}: input_formats must be a table of input name -> NCHW or NHWC, "
+                'e.g. input_formats = { input = "NCHW" }'
+            )
+        return dict(value)
     if key == "tolerance":
         if not isinstance(value, dict):
             raise ModelConfigError(f"{source}: tolerance must be a table, e.g. [tolerance]")
@@ -165,6 +175,7 @@ def _check(source: str, key: str, value):
 
 
 MAX_LABEL_FILES = 64
+INPUT_FORMATS = ("NCHW", "NHWC")
 
 
 def _check_labels(source: str, value) -> dict[str, str]:

@@ -60,6 +60,20 @@ class ServedModel:
 
     @staticmethod
     def check_compatible(session: Session, config: ModelConfig) -> None:
+        inputs = {spec.name: spec for spec in session.inputs}
+        for name in config.input_formats or {}:
+            spec = inputs.get(name)
+            if spec is None:
+                raise ModelIncompatible(
+                    f"model.toml gives a format for {name!r}, which is not an input of the "
+                    f"model; its inputs are {', '.join(sorted(inputs))}"
+                )
+            image_dims = len(spec.shape) - (1 if config.max_batch_size > 0 else 0)
+            if image_dims != 3:
+                raise ModelIncompatible(
+                    f"input_formats.{name}: an image layout needs 3 dimensions besides the "
+                    f"batch, but {name} has shape {list(spec.shape)}"
+                )
         if config.max_batch_size > 0:
             for spec in [*session.inputs, *session.outputs]:
                 if not spec.shape or spec.shape[0] != -1:

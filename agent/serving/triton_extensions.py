@@ -69,6 +69,10 @@ def config_document(model: ServedModel) -> dict:
             )
         },
     }
+    for tensor in doc["input"]:
+        layout = (config.input_formats or {}).get(tensor["name"])
+        if layout:
+            tensor["format"] = f"FORMAT_{layout}"
     for output in doc["output"]:
         label_file = (config.labels or {}).get(output["name"])
         if label_file:
