@@ -142,10 +142,10 @@ class RefusalThrottle:
         """None: count it, write nothing. Otherwise write it, with this note (may be empty) on
         what was counted instead of written since the last row."""
         seen = self._seen.get(key)
-        if seen is not None and now - seen[0] < REFUSAL_WINDOW_S:
+        if seen is not None and _within(now, seen[0], REFUSAL_WINDOW_S):
             seen[1] += 1
             return None
-        if now - self._minute >= 60.0:
+        if not _within(now, self._minute, 60.0):
             self._minute, self._rows = now, 0
         if self._rows >= MAX_REFUSAL_ROWS_PER_MINUTE:
             self._over_budget += 1
@@ -160,12 +160,14 @@ class RefusalThrottle:
         self._seen[key] = [now, 0]
         self._seen.move_to_end(key)
         while len(self._seen) > MAX_TRACKED_REFUSALS:
-            self._seen.popitem(last=False)
+            # a count not yet written is not dropped with its key: the next note carries it
+            _, (_, repeats) = self._seen.popitem(last=False)
+            self._over_budget += repeats
         return f"(not recorded one by one: {'; '.join(notes)})" if notes else ""
 
     def over_budget_due(self, now: float) -> int:
         """Refusals the budget kept out, once its minute has passed with no row to carry them."""
-        dropped = self._over_budget if now - self._minute >= 60.0 else 0
+        dropped = 0 if _within(now, self._minute, 60.0) else self._over_budget
         self._over_budget -= dropped
         return dropped
 
@@ -173,10 +175,19 @@ class RefusalThrottle:
         """(key, repeats) of the refusals repeated in a window that has passed; they start over."""
         found = []
         for key, seen in self._seen.items():
-            if seen[1] and now - seen[0] >= REFUSAL_WINDOW_S:
+            if seen[1] and not _within(now, seen[0], REFUSAL_WINDOW_S):
                 found.append((key, seen[1]))
                 seen[0], seen[1] = now, 0
+        for key, _ in found:  # a row written: evicted last, like a refusal written by admit
+            self._seen.move_to_end(key)
         return found
+
+
+def _within(now: float, start: float, window: float) -> bool:
+    """Whether `now` falls in the window that began at `start`. A wall clock stepped back (an
+    NTP correction) puts `now` before `start`: that window is over, or refusals would go
+    unwritten until the clock caught up again, hours or days later."""
+    return 0 <= now - start < window
 
 
 def _host(peer: str) -> str:

@@ -239,3 +239,67 @@ async def test_a_flood_of_bad_enrollments_writes_a_bounded_audit_log(control_pla
     assert "not known" in refusals[0].detail
     store = IdentityStore(env.root / "after-flood" / "identity")
     assert (await enroll(env.endpoints.enroll_url, token, store)).identity.device_id
+
+
+def _accounted(entries: list[AuditEntry]) -> int:
+    """Refusals the rows account for: each refusal row is one, plus the repeats its note counts."""
+    import re
+
+    total = 0
+    for e in entries:
+        if e.event == "audit.unrecorded":
+            total += int(re.match(r"(\d+) refusals over", e.detail).group(1))
+            continue
+        if e.outcome != REFUSED:
+            continue
+        counts = re.findall(r"(\d+) (?:more of these|other refusals)", e.detail or "")
+        carried_only = "more of these in 60 s)" in (e.detail or "")  # written by the flush
+        total += sum(map(int, counts)) + (0 if carried_only else 1)
+    return total
+
+
+def test_a_count_is_not_dropped_with_its_key_when_too_many_refusals_are_tracked(
+    clocked, monkeypatch
+):
+    from controlplane import audit as audit_module
+
+    monkeypatch.setattr(audit_module, "MAX_TRACKED_REFUSALS", 4)
+    audit, clock = clocked
+    made = 0
+    # a revoked device retrying every 2 s while a scanner posts made-up tokens; the server's
+    # maintenance pass flushes every 2 s
+    for second in range(0, 600):
+        if second % 2 == 0:
+            audit.flush_refusals()
+        else:
+            _refuse(audit)
+            made += 1
+        if second % 5 == 0:
+            audit.record("enroll", REFUSED, token_id=f"made-up-{second}", peer="10.0.0.9")
+            made += 1
+        clock.advance(1)
+    clock.advance(120)
+    audit.flush_refusals()
+    assert _accounted(audit.entries()) == made
+
+
+def test_a_clock_stepped_back_does_not_silence_refusals(clocked):
+    audit, clock = clocked
+    _refuse(audit)
+    _refuse(audit)  # a repeat, counted
+    clock.advance(-3600)  # an NTP correction of a clock an hour fast
+    audit.flush_refusals()  # the count is written, not held until the clock catches up
+    assert [e.detail for e in audit.entries()][-1] == (
+        f"revoked (not recorded one by one: 1 more of these in {REFUSAL_WINDOW_S:g} s)"
+    )
+    clock.advance(10 * REFUSAL_WINDOW_S)
+    _refuse(audit, detail="expired")
+    clock.advance(-3600)
+    _refuse(audit, detail="expired")  # a row: its window began in the clock's future
+    assert [e.detail for e in audit.entries()][-2:] == ["expired", "expired"]
+
+    for i in range(MAX_REFUSAL_ROWS_PER_MINUTE):  # the minute's budget spent
+        audit.record("enroll", REFUSED, token_id=f"made-up-{i}", peer="10.0.0.9")
+    clock.advance(-3600)
+    audit.record("enroll", REFUSED, token_id="after-the-step", peer="10.0.0.9")
+    assert audit.entries()[-1].token_id == "after-the-step"
