@@ -20,6 +20,8 @@ import numpy as np
 from agent.serving.config import ModelConfigError, read_small_file
 
 MAX_LABEL_FILE_BYTES = 16 * 1024 * 1024
+# A label is a class name; long ones would multiply through every answer (rows x k of them).
+MAX_LABEL_CHARS = 1024
 MAX_CLASS_COUNT = 1 << 16  # what a request may ask for (cut to the output's classes)
 # Strings in one answer (rows x classes): each costs the event loop about a microsecond.
 MAX_CLASS_ENTRIES = 1 << 16
@@ -51,6 +53,12 @@ def read_labels(directory: Path, files: dict[str, str]) -> dict[str, tuple[str, 
         lines = text.split("\n")
         if lines[-1] == "":  # the file's last newline ends a line; it starts no label
             lines.pop()
+        for number, line in enumerate(lines, 1):
+            if len(line) > MAX_LABEL_CHARS:
+                raise ModelConfigError(
+                    f"labels for output {output!r}: {name} line {number} is longer than "
+                    f"{MAX_LABEL_CHARS} characters"
+                )
         labels[output] = tuple(line.rstrip("\r") for line in lines)
     return labels
 
