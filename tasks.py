@@ -96,6 +96,7 @@ def demo() -> int:
 EdgeFleet agent demo: serving {models} on REST http://{http} and gRPC {grpc}  (Ctrl-C stops)
 
   curl -s http://{http}/v2/models/mlp
+  curl -s http://{http}/v2/models/mlp/config        # Triton's model configuration
   curl -s -X POST http://{http}/v2/models/mlp/infer -H 'Content-Type: application/json' \\
     -d '{{"inputs":[{{"name":"input","shape":[1,64],"datatype":"FP32","data":[{data}]}}]}}'
 
@@ -105,6 +106,7 @@ c = tc.InferenceServerClient("{grpc}")
 x = tc.InferInput("input", [1, 3, 224, 224], "FP32")
 x.set_data_from_numpy(np.random.rand(1, 3, 224, 224).astype(np.float32))
 print(c.infer("cnn", [x]).as_numpy("output").argmax())
+print(c.get_inference_statistics("cnn", as_json=True))
 PY
 """,
         flush=True,
