@@ -553,3 +553,47 @@ def test_a_worker_waiting_out_the_queue_delay_wakes_at_its_timeout():
         hand_overs.put(None)  # let it go
         thread.join(5)
     assert not stuck and outcome == ["empty"]
+
+
+async def test_closing_while_a_worker_holds_a_batch_open_stops_every_worker(monkeypatch):
+    """close() queues one STOP per worker. A worker collecting a batch (queue delay on) that
+    found a STOP must not wait for more: its next take got the STOP meant for a worker blocked
+    in get(), which then never ended, and an unload or reload under load hung in close()
+    forever (holding the model's lock). The interleaving is made to happen every time: worker 0
+    gets its hand-over only once close() queued the STOPs, worker 1 reaches get() after worker 0
+    ended."""
+    from agent.serving import scheduler as scheduler_module
+
+    class Staggered(queue.Queue):
+        def get(self, block=True, timeout=None):
+            me = threading.current_thread().name
+            if me == "model-stop-race-1":
+                until = time.monotonic() + 30
+                while time.monotonic() < until and any(
+                    t.name == "model-stop-race-0" for t in threading.enumerate()
+                ):
+                    time.sleep(0.005)
+            item = super().get(block, timeout)
+            if me == "model-stop-race-0" and isinstance(item, list):
+                until = time.monotonic() + 30
+                while self.qsize() < 2 and time.monotonic() < until:  # close()'s two STOPs
+                    time.sleep(0.005)
+            return item
+
+    monkeypatch.setattr(scheduler_module, "hand_over_queue", Staggered)
+    gate = _Gate()
+    gate.open.set()
+    config = ModelConfig(max_batch_size=8, max_queue_delay_us=100_000, instances=2)
+    metrics = Metrics().for_model("stop-race", "1")
+    loop = asyncio.get_running_loop()
+    scheduler = Scheduler("stop-race", gate.infer, config, metrics, loop)
+    x = np.ones((1, 4), np.float32)
+    answer = _submit(scheduler, {"input": x})
+    closing = asyncio.ensure_future(scheduler.close())
+    done, _ = await asyncio.wait([closing], timeout=30)
+    stuck = [w.name for w in scheduler._workers if w.is_alive()]
+    if not done:  # let the stuck worker go, so that the test ends
+        scheduler._queue.put(scheduler_module._STOP)
+        await closing
+    assert done and not stuck, f"close() never ended: {stuck} waited for a STOP taken by another"
+    np.testing.assert_array_equal((await answer).outputs["output"], x * 2)

@@ -260,7 +260,9 @@ class Scheduler:
         deadline = None
         while rows < limit:
             if not ready and not self._stopping and not self._take(ready, block=False):
-                if not self._delay_s or rows in self._preferred:
+                # Not after a STOP this take found: another wait could take a second STOP, one
+                # meant for a worker blocked in get(), and close() would join it forever.
+                if self._stopping or not self._delay_s or rows in self._preferred:
                     break
                 now = time.monotonic()
                 deadline = deadline or now + self._delay_s
