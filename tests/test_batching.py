@@ -597,3 +597,17 @@ async def test_closing_while_a_worker_holds_a_batch_open_stops_every_worker(monk
         await closing
     assert done and not stuck, f"close() never ended: {stuck} waited for a STOP taken by another"
     np.testing.assert_array_equal((await answer).outputs["output"], x * 2)
+
+
+async def test_clients_own_timeouts_leave_no_deadline_lists_behind():
+    """Each distinct per-request timeout has its list of jobs; once its jobs are answered the
+    list goes, not when the timer next fires (a client sending random timeouts kept ~2,000
+    lists alive that every batch's answer walked)."""
+    gate = _Gate()
+    gate.open.set()
+    scheduler = _scheduler(gate, max_batch_size=8)
+    x = np.ones((1, 4), np.float32)
+    answers = [_submit(scheduler, {"input": x}, timeout=10 + i / 1000) for i in range(200)]
+    await asyncio.gather(*answers)
+    assert len(scheduler._deadlines) <= 1  # at most the model's own timeout's
+    await scheduler.close()

@@ -331,3 +331,19 @@ def test_a_label_longer_than_the_limit_is_refused_at_load(tmp_path):
     (tmp_path / "labels.txt").write_text("short\n" + "x" * (MAX_LABEL_CHARS + 1) + "\n")
     with pytest.raises(ModelConfigError, match=f"line 2 is longer than {MAX_LABEL_CHARS}"):
         read_labels(tmp_path, {"y": "labels.txt"})
+
+
+def test_an_unexpected_error_preparing_the_answer_is_answered(http, monkeypatch):
+    """Whatever fails while the answer is prepared, the client gets an error, not silence."""
+    from agent.serving import dataplane
+
+    def broken(*args):
+        raise RuntimeError("broken classifier")
+
+    monkeypatch.setattr(dataplane, "classify", broken)
+    tensor = httpclient.InferInput("x", [1, 3], "FP32")
+    tensor.set_data_from_numpy(np.ones((1, 3), np.float32))
+    wanted = httpclient.InferRequestedOutput("y", class_count=1)
+    with pytest.raises(InferenceServerException) as failed:
+        http.infer("scores", [tensor], outputs=[wanted])
+    assert failed.value.status() == "500" and "RuntimeError: broken classifier" in str(failed.value)

@@ -24,6 +24,7 @@ from agent import __version__, memory
 from agent.serving.classification import classify, read_labels
 from agent.serving.config import ModelConfigError
 from agent.serving.errors import (
+    InferenceFailed,
     InvalidInput,
     ModelLoadFailed,
     ModelNotFound,
@@ -245,8 +246,12 @@ class DataPlane:
                     return
                 try:
                     outputs = _select_outputs(model, request, outcome.arrays, outcome.span)
-                except ValueError as exc:  # a classification too large to answer
-                    error = InvalidInput(f"model {model.name}: {exc}")
+                except Exception as exc:  # the client must get an answer, whatever went wrong
+                    if isinstance(exc, ValueError):  # a classification too large to answer
+                        error = InvalidInput(f"model {model.name}: {exc}")
+                    else:
+                        log.exception("model %s: preparing the answer failed", model.name)
+                        error = InferenceFailed(f"model {model.name}: {type(exc).__name__}: {exc}")
                     m.failure(_reason(error), time.perf_counter_ns() - start)
                     done(None, error)
                     return

@@ -363,9 +363,14 @@ class Scheduler:
             span = None if whole else slice(start, offset)
             outcome = Outcome(outputs, span, start_ns - job.enqueued_ns, compute_ns)
             self._answer(done, outcome, None)
-        for waiting in self._deadlines.values():  # usually one: the model's own timeout
+        emptied = []
+        for timeout, waiting in self._deadlines.items():  # usually one: the model's own timeout
             while waiting and waiting[0].finished:
                 waiting.popleft()
+            if not waiting and timeout != self._default_timeout:
+                emptied.append(timeout)
+        for timeout in emptied:  # clients' own timeouts: at most one list per pending request
+            del self._deadlines[timeout]
 
     def _answer(self, done: Done, outcome: Outcome | None, error: ServingError | None) -> None:
         try:
