@@ -22,10 +22,12 @@ from mlserver.utils import get_model_uri
 
 
 def session_options() -> ort.SessionOptions:
-    """The agent's defaults (runtimes/onnx.py): runtime-chosen intra-op threads, one inter-op."""
+    """The agent's defaults (runtimes/onnx.py): runtime-chosen intra-op threads, one inter-op,
+    threads that stop spinning when a run ends."""
     options = ort.SessionOptions()
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     return options
 
 

@@ -45,6 +45,9 @@ class LoadOptions:
     device: str = "CPU"
     threads: int | None = None  # intra-op threads; None lets the runtime decide
     extra: dict[str, Any] = field(default_factory=dict)  # runtime-specific (e.g. OpenVINO hints)
+    # Keep the runtime's threads spinning once a run ends (ONNX Runtime's own default): a
+    # request close behind the last one may start a little sooner, for a core kept busy.
+    idle_spin: bool = False
 
 
 class Session(Protocol):

@@ -72,7 +72,16 @@ class OnnxSession:
         if device != "CPU":
             # A silent fallback to CPU would hide that the accelerator is not used.
             so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-        for key, value in options.extra.get("session_config", {}).items():
+        # ONNX Runtime's intra-op threads spin between a run's operators (worth it: a sleeping
+        # thread takes tens of µs to wake) and by default go on spinning after the run ends:
+        # ~40 ms of a core burned after every request of the sample CNN, 5x the work itself
+        # at 10 requests/s, taken from the node's other apps and models. They stop at the end
+        # of each run unless options.idle_spin (model.toml `idle_spin = true`) asks for that.
+        config = {
+            "session.force_spinning_stop": "0" if options.idle_spin else "1",
+            **options.extra.get("session_config", {}),
+        }
+        for key, value in config.items():
             so.add_session_config_entry(str(key), str(value))
         try:
             self._session = ort.InferenceSession(

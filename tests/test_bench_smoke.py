@@ -102,6 +102,26 @@ def test_batching_benchmark_drives_both_agents() -> None:
     assert row["on"][0] > 0 and row["off"][0] > 0 and row["ratio"] > 0
 
 
+def test_sparse_load_benchmark_measures_every_setup(tmp_path: Path) -> None:
+    json_path = tmp_path / "sparse.json"
+    command = [
+        sys.executable, str(ROOT / "bench" / "sparse_load.py"),
+        "--quick", "--skip-mlserver", "--json", str(json_path),
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-3000:]
+    document = json.loads(json_path.read_text())
+    setups = ("ort-defaults", "ort-agent-options", "agent")
+    for model in ("mlp", "cnn"):
+        rows = document["summary"][model]
+        assert sorted(rows) == sorted(setups)
+        for row in rows.values():
+            assert row["cpu_ms_per_request"] > 0 and row["p50_ms"] > 0
+        assert rows["ort-agent-options"]["cpu_vs_work"] == 1.0
+        assert all(len(document["samples"][model][name]) == 1 for name in setups)
+    assert "| cnn | agent, gRPC |" in result.stdout
+
+
 def test_a_latency_is_compared_with_the_raw_runs_around_it() -> None:
     """The host's speed drifts: a p50 is divided by the mean of the session.run p50s measured
     just before and after it, not by a round's single raw figure."""

@@ -127,6 +127,7 @@ def test_model_added_at_runtime_loads(client, private_repo):
         ("runtime = 'tensorflow'\n", "unknown runtime"),
         ("runtime = 'litert'\n", "cannot read .onnx"),
         ("device = 'NPU'\n", "NPU"),
+        ("idle_spin = 'yes'\n", "idle_spin must be true or false"),
         ("max_batch_size = " + "[" * 100_000 + "]" * 100_000 + "\n", "recursion"),  # was a crash
     ],
 )

@@ -67,6 +67,47 @@ def test_onnx_cnn_metadata(models):
 # --- OpenVINO --------------------------------------------------------------------------------
 
 
+# CPU the process uses while idle right after a run, least of three tries (in its own process,
+# so that no other thread of the test run is counted).
+_IDLE_CPU_AFTER_A_RUN = """
+import json, sys, time
+from agent.samples import sample_input
+from runtimes import load
+from runtimes.base import LoadOptions
+idle_spin = json.loads(sys.argv[2])
+session = load(sys.argv[1], options=LoadOptions(threads=2, idle_spin=idle_spin))
+inputs = sample_input("cnn")
+idle = []
+for _ in range(3):
+    session.infer(inputs)
+    start = time.process_time()
+    time.sleep(0.3)
+    idle.append(time.process_time() - start)
+print(min(idle))
+"""
+
+
+def _idle_cpu_after_a_run(model: Path, idle_spin: bool) -> float:
+    done = subprocess.run(
+        [sys.executable, "-c", _IDLE_CPU_AFTER_A_RUN, str(model), json.dumps(idle_spin)],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=120,
+        check=True,
+    )
+    return float(done.stdout)
+
+
+def test_onnx_threads_stop_spinning_when_a_run_ends(models):
+    """ONNX Runtime's intra-op threads keep spinning after a run by default (~40 ms of a core
+    after each run of the sample CNN here); the adapter has them sleep as each run ends, unless
+    idle_spin asks for ONNX Runtime's way."""
+    assert _idle_cpu_after_a_run(models["cnn"], idle_spin=False) < 0.003
+    spinning = _idle_cpu_after_a_run(models["cnn"], idle_spin=True)
+    assert spinning > 0.01, "idle_spin no longer keeps ONNX Runtime's threads spinning"
+
+
 def test_openvino_ir_metadata_and_where_it_runs(models):
     session = load(models["cnn-openvino"])
     assert session.runtime == "openvino"

@@ -138,3 +138,23 @@ def test_a_pin_to_an_unknown_precision_is_a_clear_load_failure(variants_repo, tm
         (entry,) = agent.dataplane.repository_index()
     assert entry.state == "UNAVAILABLE"
     assert "precision must be one of f32, bf16, f16; got 'fp64'" in entry.reason
+
+
+def _spins_after_a_run(agent) -> bool:
+    options = agent.dataplane.model("mlp").session._session.get_session_options()
+    return options.get_session_config_entry("session.force_spinning_stop") == "0"
+
+
+@pytest.mark.parametrize("select", [True, False], ids=["selection", "no-selection"])
+def test_idle_spin_reaches_the_session_with_and_without_selection(sample_repo, tmp_path, select):
+    """model.toml's idle_spin is no choice selection makes: it applies to what selection picks."""
+    repo = tmp_path / "repo"
+    shutil.copytree(sample_repo / "mlp", repo / "mlp")
+    toml = repo / "mlp" / "1" / "model.toml"
+    toml.write_text('runtime = "onnxruntime"\n')
+    with serve(repo, tmp_path / "state", select=select) as agent:
+        assert not _spins_after_a_run(agent)
+    toml.write_text('runtime = "onnxruntime"\nidle_spin = true\n')
+    with serve(repo, tmp_path / "state", select=select) as agent:
+        assert _spins_after_a_run(agent)
+        infer(agent.http_url)

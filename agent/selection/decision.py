@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import NoneType
 from typing import Any
@@ -107,11 +107,12 @@ class Decision:
     def chosen(self) -> CandidateResult:
         return next(r for r in self.results if r.verdict == CHOSEN)
 
-    def load(self) -> Session:
-        """Open the model exactly as selected."""
+    def load(self, idle_spin: bool = False) -> Session:
+        """Open the model exactly as selected (`idle_spin`: model.toml's, not selection's)."""
         from runtimes.loader import load
 
-        return load(self.variant_path, runtime=self.runtime, options=self.options)
+        options = replace(self.options, idle_spin=idle_spin)
+        return load(self.variant_path, runtime=self.runtime, options=options)
 
     def to_dict(self) -> dict[str, Any]:
         return {

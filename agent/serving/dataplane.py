@@ -508,7 +508,8 @@ class DataPlane:
             decision.variant,
             "stored decision" if decision.from_cache else "measured now",
         )
-        return await asyncio.to_thread(decision.load), decision.variant_path
+        session = await asyncio.to_thread(decision.load, source.config.idle_spin)
+        return session, decision.variant_path
 
 
 class TrialLoads:
