@@ -53,12 +53,13 @@ import struct
 import tomllib
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
+from provisioning import serving_settings
 from runtimes.datatypes import DATATYPES, to_numpy
 
 MANIFEST_FILE = "edgefleet.toml"
@@ -146,6 +147,9 @@ class Manifest:
     variants: tuple[Variant, ...]
     golden: tuple[GoldenSet, ...]
     description: str = ""
+    # [serving]: how the publisher wants the model served (provisioning.serving_settings); a
+    # node writes it into the version's model.toml. `labels` maps outputs to package files.
+    serving: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> Manifest:
@@ -173,8 +177,10 @@ class Manifest:
         raise ManifestError(f"{self.name}@{self.version} has no variant {name!r} (has: {known})")
 
     def shared_files(self) -> tuple[str, ...]:
-        """Files every installation needs whichever variant it runs: manifest and golden."""
-        return (MANIFEST_FILE, *(g.file for g in self.golden))
+        """Files every installation needs whichever variant it runs: manifest, golden vectors,
+        label files."""
+        labels = tuple(dict.fromkeys(self.serving.get("labels", {}).values()))
+        return (MANIFEST_FILE, *(g.file for g in self.golden), *labels)
 
     def files_for(self, variants: list[str] | tuple[str, ...]) -> tuple[str, ...]:
         """The files a node needs to install these variants (signature not included)."""
@@ -410,6 +416,7 @@ class _Reader:
             "outputs",
             "variants",
             "golden",
+            "serving",
         }
     )
 
@@ -444,6 +451,8 @@ class _Reader:
         for g in golden:
             if g.file in owned:
                 raise self.fail("golden.file", f"{g.file!r} is also a file of a variant")
+            owned[g.file] = "golden vectors"
+        serving = self.serving(data.get("serving", {}), inputs, outputs, owned)
         return Manifest(
             name=name,
             version=version,
@@ -454,6 +463,7 @@ class _Reader:
             variants=variants,
             golden=golden,
             description=self.string(data, "description", "", default=""),
+            serving=serving,
         )
 
     def known_keys(
@@ -610,6 +620,58 @@ class _Reader:
         if path in (SIGNATURE_FILE, MANIFEST_FILE):
             raise self.fail(where, f"{path!r} is reserved for the package itself")
         return path
+
+    def serving(
+        self,
+        table: Any,
+        inputs: tuple[TensorDecl, ...],
+        outputs: tuple[TensorDecl, ...],
+        owned: dict[str, str],
+    ) -> dict[str, Any]:
+        if not isinstance(table, dict):
+            raise self.fail("serving", "expected a [serving] table")
+        chosen_here = {"runtime", "device", "threads", "variant", "hint", "precision"}
+        for key in table:
+            if key in chosen_here:
+                raise self.fail(
+                    f"serving.{key}",
+                    "how to run the model is chosen on each node by accelerator selection, "
+                    "among the package's variants; a package cannot set it",
+                )
+        self.known_keys(table, serving_settings.PUBLISHER_KEYS, "serving")
+        values = {}
+        for key, value in table.items():
+            try:
+                values[key] = serving_settings.check_value(key, value)
+            except ValueError as exc:
+                raise self.fail(f"serving.{key}", str(exc)) from None
+        try:
+            serving_settings.check_combination(values)
+        except ValueError as exc:
+            raise self.fail("serving", str(exc)) from None
+        if values.get("max_batch_size", 0) > 0:
+            for decl in (*inputs, *outputs):
+                if decl.shape[0] != -1:
+                    raise self.fail(
+                        "serving.max_batch_size",
+                        f"batching needs a dynamic first dimension (-1), but {decl.name} has "
+                        f"shape {list(decl.shape)}",
+                    )
+        declared_inputs, declared_outputs = {d.name for d in inputs}, {d.name for d in outputs}
+        for name in values.get("input_formats", {}):
+            if name not in declared_inputs:
+                raise self.fail(f"serving.input_formats.{name}", "not a declared input")
+        for output, file in values.get("labels", {}).items():
+            where = f"serving.labels.{output}"
+            if output not in declared_outputs:
+                raise self.fail(where, "not a declared output")
+            path = self.path(file, where)
+            if path in owned:
+                owner = owned[path]
+                owner = owner if owner == "golden vectors" else f"variant {owner!r}"
+                raise self.fail(where, f"{path!r} is also a file of {owner}")
+            values["labels"][output] = path
+        return values
 
     def golden(self, items: Any) -> tuple[GoldenSet, ...]:
         if not isinstance(items, list) or not items:

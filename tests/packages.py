@@ -34,8 +34,11 @@ def write_package(
     golden_offset: float = 0.0,
     regions: tuple[str, ...] = ("*",),
     min_agent_version: str = "0.1.0",
+    serving: str = "",
+    files: dict[str, bytes] | None = None,
 ) -> Path:
-    """A complete, unsigned package of the sample `sample` under the model name `name`."""
+    """A complete, unsigned package of the sample `sample` under the model name `name`;
+    `serving`: the body of a [serving] table; `files`: more files (path -> content)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     onnx_file = samples / sample / "1" / "model.onnx"
@@ -71,7 +74,11 @@ def write_package(
         f'[[outputs]]\nname = "output"\ndatatype = "FP32"\nshape = {out_shape}\n\n'
         + "".join(blocks)
         + '[[golden]]\nfile = "golden.npz"\natol = 1e-4\nrtol = 1e-3\n'
+        + (f"\n[serving]\n{serving}" if serving else "")
     )
+    for relative, content in (files or {}).items():
+        (directory / relative).parent.mkdir(parents=True, exist_ok=True)
+        (directory / relative).write_bytes(content)
     return directory
 
 

@@ -149,6 +149,87 @@ def test_manifest_refuses_with_a_clear_error(change, message):
     assert str(caught.value).startswith("cnn/edgefleet.toml: ")
 
 
+SERVING = """
+[serving]
+max_queue_size = 64
+timeout_ms = 2000
+instances = 2
+idle_spin = true
+labels = { output = "meta/imagenet.txt" }
+input_formats = { input = "NCHW" }
+"""
+
+
+def test_manifest_reads_serving_settings_and_ships_label_files():
+    manifest = Manifest.parse(GOOD + SERVING)
+    assert manifest.serving == {
+        "max_queue_size": 64,
+        "timeout_ms": 2000,
+        "instances": 2,
+        "idle_spin": True,
+        "labels": {"output": "meta/imagenet.txt"},
+        "input_formats": {"input": "NCHW"},
+    }
+    # label files go with every variant, as the golden vectors do
+    assert "meta/imagenet.txt" in manifest.files_for(["onnx-fp32"])
+    assert "meta/imagenet.txt" in manifest.files_for(["openvino-int8"])
+    assert Manifest.parse(GOOD).serving == {}
+
+
+BATCHABLE = GOOD.replace("shape = [1, 3, 224, 224]", "shape = [-1, 3, 224, 224]").replace(
+    "shape = [1, 1000]", "shape = [-1, 1000]"
+)
+
+
+@pytest.mark.parametrize(
+    ("serving", "message"),
+    [
+        ("threads = 2", "serving.threads: how to run the model is chosen on each node"),
+        ('runtime = "openvino"', "serving.runtime: how to run the model is chosen"),
+        ('device = "NPU"', "serving.device"),
+        ("batch = 4", "serving: unknown key(s) batch"),
+        ("max_batch_size = -1", "serving.max_batch_size: max_batch_size must be an integer"),
+        ("max_batch_size = 99999", "must be an integer in [0, 4096]"),
+        ("max_batch_size = true", "must be an integer"),
+        ("preferred_batch_sizes = [4]", "need max_batch_size > 0"),
+        ("max_batch_size = 4\npreferred_batch_sizes = [8]", "exceeds max_batch_size"),
+        ("preferred_batch_sizes = [0]", "list of positive integers"),
+        ('idle_spin = "yes"', "serving.idle_spin: idle_spin must be true or false"),
+        ('labels = { nope = "l.txt" }', "serving.labels.nope: not a declared output"),
+        ('labels = { output = "../l.txt" }', "plain relative path"),
+        ('labels = { output = "/etc/passwd" }', "plain relative path"),
+        ('labels = { output = "model.onnx" }', "is also a file of variant 'onnx-fp32'"),
+        ('labels = { output = "golden.npz" }', "is also a file of golden vectors"),
+        ('labels = { output = "model.sig" }', "reserved"),
+        ("labels = { output = 7 }", "must map each output to a file name"),
+        ('labels = "l.txt"', "labels must be a table"),
+        ('input_formats = { x = "NCHW" }', "serving.input_formats.x: not a declared input"),
+        ('input_formats = { input = "CHW" }', "NCHW or NHWC"),
+    ],
+)
+def test_manifest_refuses_bad_serving_settings(serving, message):
+    with pytest.raises(ManifestError) as caught:
+        Manifest.parse(BATCHABLE + f"\n[serving]\n{serving}\n", source="cnn/edgefleet.toml")
+    assert message in str(caught.value)
+
+
+def test_manifest_refuses_batching_without_a_dynamic_batch_dimension():
+    Manifest.parse(BATCHABLE + "\n[serving]\nmax_batch_size = 8\n")
+    with pytest.raises(ManifestError, match=r"serving.max_batch_size: batching needs a dynamic"):
+        Manifest.parse(GOOD + "\n[serving]\nmax_batch_size = 8\n")
+    with pytest.raises(ManifestError, match="expected a \\[serving\\] table"):
+        Manifest.parse("serving = 3\n" + GOOD)
+
+
+def test_package_load_needs_the_label_files(package):
+    manifest = package / "edgefleet.toml"
+    manifest.write_text(manifest.read_text() + '\n[serving]\nlabels = { output = "l.txt" }\n')
+    with pytest.raises(ManifestError, match=r"l\.txt is listed in edgefleet\.toml but is not"):
+        Package.load(package)
+    (package / "l.txt").write_text("a\nb\n")
+    assert Package.load(package).manifest.serving["labels"] == {"output": "l.txt"}
+
+
 def test_manifest_refuses_a_file_in_two_variants():
     doubled = GOOD.replace('files = ["ir/model.xml", "ir/model.bin"]', 'files = ["model.onnx"]')
     with pytest.raises(ManifestError, match="also belongs to variant 'onnx-fp32'"):

@@ -21,10 +21,14 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
+import tritonclient.http as httpclient
 from aiohttp import web
 from tuf.api.metadata import MetaFile, Snapshot, TargetFile, Timestamp
 
+from agent.samples import sample_input
+from agent.serving.config import ModelConfig
 from agent.serving.server import ServeOptions
 from agent.update import (
     ACTIVE,
@@ -39,6 +43,7 @@ from agent.update.health import HealthWatch, parse_sample
 from agent.update.journal import Journal
 from agent.update.lifecycle import Lifecycle
 from provisioning.signing import key_id, load_public_key
+from runtimes import load
 from tests.conftest import ServerThread
 from tests.fleet import Fleet, new_publisher_key
 
@@ -752,3 +757,55 @@ def test_a_refused_reload_after_activation_leaves_the_job_active(world, tmp_path
     with Lifecycle(node.settings) as lifecycle:  # nothing fails a job that went live
         assert not lifecycle._abandon(journal.job(outcome.job_id), "a late step failed")
     assert journal.job(outcome.job_id).state == ACTIVE
+
+
+# --- serving settings from the publisher ----------------------------------------------------
+
+CLASSES = "".join(f"class-{i}\n" for i in range(10)).encode()
+
+
+def test_serving_settings_and_labels_travel_in_the_signed_package(world):
+    """The manifest's [serving] table reaches the node's model.toml and its label file the
+    version directory: the served model batches as published and answers classifications."""
+    serving = (
+        "max_batch_size = 8\nmax_queue_delay_us = 500\npreferred_batch_sizes = [4, 8]\n"
+        'timeout_ms = 5000\nidle_spin = true\nlabels = { output = "meta/classes.txt" }\n'
+    )
+    world.fleet.publish(1, name="demo-served", serving=serving, files={"meta/classes.txt": CLASSES})
+    assert world.apply("demo-served", 1).state == ACTIVE
+    version_dir = world.node.models_dir / "demo-served" / "1"
+    config = ModelConfig.from_file(version_dir / "model.toml")
+    assert (config.max_batch_size, config.max_queue_delay_us) == (8, 500)
+    assert (config.preferred_batch_sizes, config.timeout_ms) == ((4, 8), 5000)
+    assert config.idle_spin and config.runtime in ("onnxruntime", "openvino")
+    assert (version_dir / config.labels["output"]).read_bytes() == CLASSES
+
+    url = f"127.0.0.1:{world.agent.server.http_port}"
+    with httpclient.InferenceServerClient(url) as client:
+        assert client.get_model_config("demo-served")["max_batch_size"] == 8
+        rows = np.stack([sample_input("mlp")["input"][0]] * 2)
+        x = httpclient.InferInput("input", [2, 64], "FP32")
+        x.set_data_from_numpy(rows)
+        wanted = [httpclient.InferRequestedOutput("output", class_count=3)]
+        answer = client.infer("demo-served", [x], outputs=wanted).as_numpy("output")
+    reference = load(version_dir / "model.onnx").infer({"input": rows})["output"]
+    top = np.argsort(-reference[0])[:3]
+    assert answer.shape == (2, 3)
+    assert [a.decode().split(":", 1)[1] for a in answer[0]] == [f"{i}:class-{i}" for i in top]
+
+
+@pytest.mark.parametrize(
+    ("serving", "files", "reason"),
+    [
+        ('labels = { output = "classes.txt" }\n', {"classes.txt": b"\xff\xfe"}, "not UTF-8"),
+        ('input_formats = { input = "NCHW" }\n', {}, "an image layout needs 3 dimensions"),
+    ],
+    ids=["labels-not-utf8", "image-format-on-a-vector"],
+)
+def test_serving_settings_that_do_not_fit_fail_the_self_test(world, serving, files, reason):
+    """Settings the manifest accepts but the model cannot take are found before going live."""
+    version = world.next_version()
+    world.fleet.publish(version, serving=serving, files=files)
+    outcome = world.apply("mlp", version)
+    assert_refused(world, outcome, "self-test", reason)
+    assert "serving settings do not fit the model" in outcome.reason

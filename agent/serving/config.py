@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from agent.profiles import OPENVINO_HINTS, OPENVINO_PRECISIONS
+from provisioning import serving_settings
 from runtimes.base import LoadOptions
 
 # model.toml holds a handful of settings; anything larger is a mistake, not a config to parse.
@@ -92,16 +93,11 @@ class ModelConfig:
                     f"{source}: unknown key {key!r}; known keys: {', '.join(sorted(known))}"
                 )
             values[key] = _check(source, key, value)
-        config = cls(**values)
-        if config.max_batch_size == 0 and (
-            config.preferred_batch_sizes or config.max_queue_delay_us
-        ):
-            raise ModelConfigError(
-                f"{source}: preferred_batch_sizes / max_queue_delay_us need max_batch_size > 0"
-            )
-        if any(s > config.max_batch_size for s in config.preferred_batch_sizes):
-            raise ModelConfigError(f"{source}: a preferred batch size exceeds max_batch_size")
-        return config
+        try:
+            serving_settings.check_combination(values)
+        except ValueError as exc:
+            raise ModelConfigError(f"{source}: {exc}") from None
+        return cls(**values)
 
 
 def _read_config(path: Path) -> bytes:
@@ -130,45 +126,20 @@ def read_small_file(
     return data
 
 
-_LIMITS = {
-    "max_batch_size": (0, 4096),
-    "max_queue_delay_us": (0, 10_000_000),
-    "max_queue_size": (1, 1_000_000),
-    "timeout_ms": (1, 3_600_000),
-    "instances": (1, 64),
-    "threads": (1, 1024),
-}
-
-
 # OpenVINO options, as a firmware profile may list them.
 _CHOICES = {"hint": OPENVINO_HINTS, "precision": OPENVINO_PRECISIONS}
+# Keys provisioning.serving_settings checks (publishers may set most of them in a package).
+_SHARED = frozenset({*serving_settings.LIMITS, *serving_settings.PUBLISHER_KEYS})
 
 
 def _check(source: str, key: str, value):
-    if key in _LIMITS:
-        lo, hi = _LIMITS[key]
-        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-            raise ModelConfigError(f"{source}: {key} must be an integer in [{lo}, {hi}]")
-        return value
-    if key == "preferred_batch_sizes":
-        if not isinstance(value, list) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value
-        ):
-            raise ModelConfigError(f"{source}: {key} must be a list of positive integers")
-        return tuple(sorted(set(value)))
     if key == "labels":
         return _check_labels(source, value)
-    if key == "idle_spin":
-        if not isinstance(value, bool):
-            raise ModelConfigError(f"{source}: idle_spin must be true or false")
-        return value
-    if key == "input_formats":
-        if not isinstance(value, dict) or not all(v in INPUT_FORMATS for v in value.values()):
-            raise ModelConfigError(
-                f"{source}: input_formats must be a table of input name -> NCHW or NHWC, "
-                'e.g. input_formats = { input = "NCHW" }'
-            )
-        return dict(value)
+    if key in _SHARED:
+        try:
+            return serving_settings.check_value(key, value)
+        except ValueError as exc:
+            raise ModelConfigError(f"{source}: {exc}") from None
     if key == "tolerance":
         if not isinstance(value, dict):
             raise ModelConfigError(f"{source}: tolerance must be a table, e.g. [tolerance]")
@@ -182,26 +153,14 @@ def _check(source: str, key: str, value):
     return value
 
 
-MAX_LABEL_FILES = 64
-INPUT_FORMATS = ("NCHW", "NHWC")
-
-
 def _check_labels(source: str, value) -> dict[str, str]:
     """labels = { output = "file" }: plain file names in the version directory."""
-    if not isinstance(value, dict) or len(value) > MAX_LABEL_FILES:
-        raise ModelConfigError(
-            f"{source}: labels must be a table of at most {MAX_LABEL_FILES} entries, "
-            'e.g. labels = { output = "labels.txt" }'
-        )
+    try:
+        value = serving_settings.check_value("labels", value)
+    except ValueError as exc:
+        raise ModelConfigError(f"{source}: {exc}") from None
     for output, name in value.items():
-        if (
-            not isinstance(name, str)
-            or not name
-            or name in (".", "..")
-            or "/" in name
-            or "\\" in name
-            or "\0" in name
-        ):
+        if name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
             raise ModelConfigError(
                 f"{source}: labels.{output} must be the name of a file in the version directory"
             )

@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent import __version__, memory
-from agent.serving.classification import classify, read_labels
-from agent.serving.config import ModelConfigError
+from agent.serving.classification import classify
 from agent.serving.errors import (
     InferenceFailed,
     InvalidInput,
@@ -473,7 +472,9 @@ class DataPlane:
             )
         try:
             ServedModel.check_compatible(session, source.config)
-            labels = await asyncio.to_thread(_labels_of, source, session)
+            labels = await asyncio.to_thread(
+                ServedModel.load_labels, source.directory, config, session
+            )
         except ModelIncompatible:
             session.close()
             raise
@@ -638,22 +639,6 @@ def _timeout_s(request: InferenceRequest) -> float | None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise InvalidInput("parameter 'timeout' must be a positive integer (microseconds)")
     return value / 1e6
-
-
-def _labels_of(source: ModelVersionSource, session: Session) -> dict[str, tuple[str, ...]]:
-    """The class labels model.toml names, for outputs the model has."""
-    files = source.config.labels or {}
-    outputs = {spec.name for spec in session.outputs}
-    unknown = [name for name in files if name not in outputs]
-    if unknown:
-        raise ModelIncompatible(
-            f"model.toml has labels for {', '.join(map(repr, unknown))}, which the model does "
-            f"not output; its outputs are {', '.join(sorted(outputs))}"
-        )
-    try:
-        return read_labels(source.directory, files)
-    except ModelConfigError as exc:
-        raise ModelIncompatible(str(exc)) from None
 
 
 def _select_outputs(

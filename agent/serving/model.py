@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.serving.classification import class_count
-from agent.serving.config import ModelConfig
+from agent.serving.classification import class_count, read_labels
+from agent.serving.config import ModelConfig, ModelConfigError
 from agent.serving.errors import InvalidInput
 from agent.serving.metrics import ModelMetrics
 from agent.serving.repository import ModelVersionSource
@@ -81,6 +81,25 @@ class ServedModel:
                         f"max_batch_size > 0 needs a dynamic first (batch) dimension, but "
                         f"{spec.name} has shape {list(spec.shape)}"
                     )
+
+    @staticmethod
+    def load_labels(
+        directory: Path, config: ModelConfig, session: Session
+    ) -> dict[str, tuple[str, ...]]:
+        """The class labels model.toml names, for outputs the model has; ModelIncompatible
+        naming the output or the file otherwise."""
+        files = config.labels or {}
+        outputs = {spec.name for spec in session.outputs}
+        unknown = [name for name in files if name not in outputs]
+        if unknown:
+            raise ModelIncompatible(
+                f"model.toml has labels for {', '.join(map(repr, unknown))}, which the model "
+                f"does not output; its outputs are {', '.join(sorted(outputs))}"
+            )
+        try:
+            return read_labels(directory, files)
+        except ModelConfigError as exc:
+            raise ModelIncompatible(str(exc)) from None
 
     def validate(self, request: InferenceRequest) -> tuple[dict[str, np.ndarray], int]:
         """Check the request's inputs against the model; returns (inputs, batch rows)."""

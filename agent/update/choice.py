@@ -4,8 +4,10 @@
 loads each allowed (variant x runtime x device x options) candidate, checks it against the
 package's golden vectors and measures it; the decision is cached by model digest and hardware,
 so a restarted update does not measure again. `prepare_serving` writes the version directory
-serving will load (the chosen variant's files and a model.toml with runtime, device, threads).
-`self_test` loads that directory exactly as serving will and runs every golden set on it.
+serving will load: the chosen variant's files, the publisher's label files, and a model.toml
+with the runtime, device and threads chosen here and the manifest's `[serving]` settings
+(batching, queue, deadlines, labels). `self_test` loads that directory exactly as serving will,
+checks the settings against the model, and runs every golden set on it.
 """
 
 from __future__ import annotations
@@ -126,15 +128,33 @@ def prepare_serving(package: Package, choice: Choice, root: Path) -> Path:
         target = directory / name
         target.parent.mkdir(parents=True, exist_ok=True)
         _link_or_copy(package.root / relative, target)
-    settings = serving_settings(choice)
+    # Label files may live anywhere in the package; model.toml names files in the version
+    # directory, which holds the model's own: each gets a name of its own there.
+    labels = {}
+    for index, (output, relative) in enumerate(sorted(manifest.serving.get("labels", {}).items())):
+        labels[output] = f"labels-{index}.txt"
+        _link_or_copy(package.root / relative, directory / labels[output])
+    settings = {**manifest.serving, **serving_settings(choice)}
+    if labels:
+        settings["labels"] = labels
     with open(directory / SERVING_CONFIG, "w", encoding="utf-8") as config:
-        # JSON strings and numbers are valid TOML values.
-        config.write("".join(f"{key} = {json.dumps(value)}\n" for key, value in settings.items()))
+        config.write("".join(f"{key} = {_toml_value(value)}\n" for key, value in settings.items()))
         config.flush()
         os.fsync(config.fileno())
     for written in (directory, directory.parent, root):
         fsync_dir(written)
     return directory
+
+
+def _toml_value(value: Any) -> str:
+    """A model.toml value: JSON strings, numbers, booleans and lists are TOML too; tables are
+    written inline with quoted keys."""
+    if isinstance(value, dict):
+        pairs = ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items())
+        return "{ " + pairs + " }" if pairs else "{}"
+    if isinstance(value, tuple):
+        value = list(value)
+    return json.dumps(value)
 
 
 def serving_settings(choice: Choice) -> dict[str, Any]:
@@ -175,6 +195,7 @@ def self_test(package: Package, choice: Choice, serving_root: Path) -> str:
         ) from None
     try:
         _check_interface(package, session)
+        _check_serving_settings(directory, config, session)
         variant = manifest.variant(choice.variant)
         worst = 0.0
         for golden in package.all_golden():
@@ -249,3 +270,17 @@ def _link_or_copy(source: Path, target: Path) -> None:
         os.link(source, target)
     except OSError:
         shutil.copyfile(source, target)
+
+
+def _check_serving_settings(directory: Path, config: Any, session: Any) -> None:
+    """What serving checks at load, checked before the version goes live: batching on a model
+    with a batch dimension, input formats of image inputs, readable labels for real outputs."""
+    from agent.serving.model import ModelIncompatible, ServedModel
+
+    try:
+        ServedModel.check_compatible(session, config)
+        ServedModel.load_labels(directory, config, session)
+    except ModelIncompatible as exc:
+        raise SelfTestFailed(
+            f"the package's serving settings do not fit the model: {exc}"
+        ) from None
