@@ -125,8 +125,9 @@ class EnrollmentService:
                 self._check_renewal_interval(device)
                 issued = self._issue(device, public_key)
         except (DeviceRefused, TooSoon) as exc:
+            detail = exc.audit_detail if isinstance(exc, TooSoon) else str(exc)
             self._audit.record(
-                "renew", REFUSED, device_id=device.device_id, serial=old, peer=peer, detail=str(exc)
+                "renew", REFUSED, device_id=device.device_id, serial=old, peer=peer, detail=detail
             )
             raise
         self._audit.record(
@@ -152,8 +153,9 @@ class EnrollmentService:
             raise TooSoon(
                 f"device {device.device_id} was issued a certificate at "
                 f"{last.isoformat(timespec='seconds')}; it may renew again from "
-                f"{allowed.isoformat(timespec='seconds')} (in {wait} s)",
+                f"{allowed.isoformat(timespec='seconds')}",
                 retry_after=wait,
+                countdown=f" (in {wait} s)",
             )
 
     def _issue(self, device: Device, public_key) -> Issued:

@@ -43,6 +43,9 @@ class TooSoon(ControlPlaneError):
     http_status = 429
     code = "too_soon"
 
-    def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, retry_after: int, countdown: str = "") -> None:
+        super().__init__(message + countdown)
         self.retry_after = retry_after
+        # What the audit log records: the message without the countdown, which changes every
+        # second and would make each retry a refusal of its own instead of a repeat.
+        self.audit_detail = message

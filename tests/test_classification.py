@@ -279,6 +279,8 @@ def test_bad_input_formats_leave_the_version_unavailable(http, model, reason):
 def test_classify_keeps_shapes_and_labels_beyond_the_file():
     scores = np.array([[1, 3, 2, 4]], np.int64)
     assert classify(scores, 2, ("a", "b"), batched=True).tolist() == [[b"4:3", b"3:1:b"]]
+    # an empty line names no class: no ":" and empty label after the index, as Triton
+    assert classify(scores, 2, ("a", "", "c", ""), batched=False).tolist() == [b"4:3", b"3:1"]
     assert classify(scores, 9, None, batched=False).shape == (4,)
 
 

@@ -282,15 +282,23 @@ async def test_a_device_gets_at_most_one_certificate_per_renewal_interval(tmp_pa
         def certificates() -> int:
             return env.plane.db.execute("SELECT COUNT(*) FROM certificates").fetchone()[0]
 
+        def refusals_recorded() -> int:
+            sql = "SELECT COUNT(*) FROM audit WHERE event = 'renew' AND outcome = 'refused'"
+            return env.plane.db.execute(sql).fetchone()[0]
+
         issued = certificates()
         for _ in range(10):
             status, retry_after, reply = await renew()
             assert status == 429 and reply["error"] == "too_soon", reply
             assert 0 < int(retry_after) <= 3600
             assert "may renew again from" in reply["message"]
+            assert f"(in {retry_after} s)" in reply["message"]
+            env.clock.advance(timedelta(seconds=1))  # each retry is told another countdown
         assert certificates() == issued
+        # ...and is still the same refusal to the audit log: one row, its repeats counted
+        assert refusals_recorded() == 1
 
-        env.clock.advance(timedelta(seconds=3600))
+        env.clock.advance(timedelta(seconds=3590))
         status, _, reply = await renew()
         assert status == 200, reply
         assert certificates() == issued + 1

@@ -98,8 +98,9 @@ def classify(
         for c, index in enumerate(top.tolist()):
             value = row[index]
             text = _float_text(float(value)) if floating else str(int(value))
-            label = labels[index] if labels is not None and index < len(labels) else None
-            entry = f"{text}:{index}" if label is None else f"{text}:{index}:{label}"
+            # as Triton: no label (beyond the file, or an empty line) adds no ":label"
+            label = labels[index] if labels is not None and index < len(labels) else ""
+            entry = f"{text}:{index}:{label}" if label else f"{text}:{index}"
             out[r, c] = entry.encode()
     return out if batched else out[0]
 
