@@ -39,13 +39,16 @@ from agent.update import (
     DesiredStateError,
     HealthPolicy,
 )
+from agent.update.choice import Choice, prepare_serving
 from agent.update.health import HealthWatch, parse_sample
 from agent.update.journal import Journal
 from agent.update.lifecycle import Lifecycle
+from provisioning.package import Manifest, Package
 from provisioning.signing import key_id, load_public_key
 from runtimes import load
 from tests.conftest import ServerThread
 from tests.fleet import Fleet, new_publisher_key
+from tests.packages import write_package
 
 
 @dataclass
@@ -809,3 +812,35 @@ def test_serving_settings_that_do_not_fit_fail_the_self_test(world, serving, fil
     outcome = world.apply("mlp", version)
     assert_refused(world, outcome, "self-test", reason)
     assert "serving settings do not fit the model" in outcome.reason
+
+
+@pytest.mark.parametrize(
+    "name",
+    ['out"put', "out\\put", "out\nput", "a.b = 1", "выход", "out\x7f", "out\U0001f600"],
+    ids=["quote", "backslash", "newline", "toml-syntax", "cyrillic", "del", "emoji"],
+)
+def test_model_toml_keeps_any_tensor_name_the_manifest_accepts(sample_repo, tmp_path, name):
+    """model.toml names inputs and outputs as the manifest does, whatever their characters:
+    TOML refuses JSON's surrogate-pair escapes (\\ud83d\\ude00) and a raw DEL."""
+    directory = write_package(
+        tmp_path / "package",
+        sample_repo,
+        variants=("onnx-fp32",),
+        files={"classes.txt": CLASSES},
+    )
+    manifest_file = directory / "edgefleet.toml"
+    quoted = json.dumps(name, ensure_ascii=False).replace("\x7f", "\\u007f")
+    manifest_file.write_text(
+        manifest_file.read_text(encoding="utf-8")
+        .replace('name = "input"', f"name = {quoted}")
+        .replace('name = "output"', f"name = {quoted}")
+        + f'\n[serving]\nlabels = {{ {quoted} = "classes.txt" }}\n'
+        f'input_formats = {{ {quoted} = "NCHW" }}\n',
+        encoding="utf-8",
+    )
+    package = Package(directory, Manifest.load(manifest_file))  # golden names left as they are
+    choice = Choice("onnx-fp32", "onnxruntime", "CPU", None)
+    version_dir = prepare_serving(package, choice, tmp_path / "serving")
+    config = ModelConfig.from_file(version_dir / "model.toml")
+    assert config.labels == {name: "labels-0.txt"}
+    assert config.input_formats == {name: "NCHW"}

@@ -150,11 +150,21 @@ def _toml_value(value: Any) -> str:
     """A model.toml value: JSON strings, numbers, booleans and lists are TOML too; tables are
     written inline with quoted keys."""
     if isinstance(value, dict):
-        pairs = ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items())
+        pairs = ", ".join(f"{_toml_string(str(k))} = {_toml_value(v)}" for k, v in value.items())
         return "{ " + pairs + " }" if pairs else "{}"
+    if isinstance(value, str):
+        return _toml_string(value)
     if isinstance(value, tuple):
         value = list(value)
     return json.dumps(value)
+
+
+def _toml_string(text: str) -> str:
+    # JSON's escapes are TOML's, but not all of them: ensure_ascii writes a character beyond
+    # U+FFFF as a surrogate pair (\ud83d\ude00), which TOML refuses, so a tensor named with
+    # one made model.toml unreadable. Written as UTF-8 instead; DEL, which JSON leaves raw and
+    # TOML does not accept raw, escaped.
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def serving_settings(choice: Choice) -> dict[str, Any]:
