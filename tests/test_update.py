@@ -43,8 +43,9 @@ from agent.update.choice import Choice, prepare_serving
 from agent.update.health import HealthWatch, parse_sample
 from agent.update.journal import Journal
 from agent.update.lifecycle import Lifecycle
+from controlplane.model_store import ModelStore
 from provisioning.package import Manifest, Package
-from provisioning.signing import key_id, load_public_key
+from provisioning.signing import key_id, load_public_key, sign_package
 from runtimes import load
 from tests.conftest import ServerThread
 from tests.fleet import Fleet, new_publisher_key
@@ -844,3 +845,27 @@ def test_model_toml_keeps_any_tensor_name_the_manifest_accepts(sample_repo, tmp_
     config = ModelConfig.from_file(version_dir / "model.toml")
     assert config.labels == {name: "labels-0.txt"}
     assert config.input_formats == {name: "NCHW"}
+
+
+@pytest.mark.parametrize("companion", ["labels-0.txt", "labels-0.txt/notes.txt"])
+def test_label_files_take_names_no_file_of_the_variant_has(world, companion):
+    """A variant's own file where the node would put a label file is neither overwritten (it
+    is a hard link to the package's signed file) nor in the way (a directory)."""
+    name = f"demo-companion-{companion.count('/')}"
+    directory = world.fleet.package(
+        1,
+        name=name,
+        variants=("onnx-fp32",),
+        serving='labels = { output = "meta/classes.txt" }\n',
+        files={"meta/classes.txt": CLASSES, companion: b"the publisher's own file\n"},
+    )
+    manifest = directory / "edgefleet.toml"
+    text = manifest.read_text().replace('["model.onnx"]', f'["model.onnx", "{companion}"]')
+    manifest.write_text(text)
+    sign_package(directory, world.fleet.publisher_key)
+    ModelStore(world.fleet.repository).push(directory)
+    assert world.apply(name, 1).state == ACTIVE
+    version_dir = world.node.models_dir / name / "1"
+    assert (version_dir / companion).read_bytes() == b"the publisher's own file\n"
+    config = ModelConfig.from_file(version_dir / "model.toml")
+    assert (version_dir / config.labels["output"]).read_bytes() == CLASSES

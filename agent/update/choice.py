@@ -12,6 +12,7 @@ checks the settings against the model, and runs every golden set on it.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -129,10 +130,14 @@ def prepare_serving(package: Package, choice: Choice, root: Path) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         _link_or_copy(package.root / relative, target)
     # Label files may live anywhere in the package; model.toml names files in the version
-    # directory, which holds the model's own: each gets a name of its own there.
+    # directory, which holds the model's own: each gets a name of its own there, one no file
+    # of the variant has (its file labels-0.txt, a hard link to the package's, would be written
+    # over; a directory of that name would fail every retry).
     labels = {}
-    for index, (output, relative) in enumerate(sorted(manifest.serving.get("labels", {}).items())):
-        labels[output] = f"labels-{index}.txt"
+    names = (f"labels-{i}.txt" for i in itertools.count())
+    free = (name for name in names if not os.path.lexists(directory / name))
+    for output, relative in sorted(manifest.serving.get("labels", {}).items()):
+        labels[output] = next(free)
         _link_or_copy(package.root / relative, directory / labels[output])
     settings = {**manifest.serving, **serving_settings(choice)}
     if labels:
