@@ -869,3 +869,13 @@ def test_label_files_take_names_no_file_of_the_variant_has(world, companion):
     assert (version_dir / companion).read_bytes() == b"the publisher's own file\n"
     config = ModelConfig.from_file(version_dir / "model.toml")
     assert (version_dir / config.labels["output"]).read_bytes() == CLASSES
+
+
+def test_a_label_file_the_self_test_refuses_is_named_as_the_package_names_it(world):
+    """The node renames label files (labels-0.txt, ...): its reason names the publisher's too."""
+    version = world.next_version()
+    serving = 'labels = { output = "meta/classes.txt" }\n'
+    world.fleet.publish(version, serving=serving, files={"meta/classes.txt": b"x" * 2000})
+    outcome = world.apply("mlp", version)
+    assert_refused(world, outcome, "self-test", "line 1 is longer than 1024 characters")
+    assert "labels-0.txt is the package's meta/classes.txt" in outcome.reason

@@ -210,7 +210,7 @@ def self_test(package: Package, choice: Choice, serving_root: Path) -> str:
         ) from None
     try:
         _check_interface(package, session)
-        _check_serving_settings(directory, config, session)
+        _check_serving_settings(directory, config, session, manifest.serving.get("labels", {}))
         variant = manifest.variant(choice.variant)
         worst = 0.0
         for golden in package.all_golden():
@@ -287,15 +287,27 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
-def _check_serving_settings(directory: Path, config: Any, session: Any) -> None:
+def _check_serving_settings(
+    directory: Path, config: Any, session: Any, packaged: dict[str, str]
+) -> None:
     """What serving checks at load, checked before the version goes live: batching on a model
-    with a batch dimension, input formats of image inputs, readable labels for real outputs."""
+    with a batch dimension, input formats of image inputs, readable labels for real outputs.
+    `packaged`: output -> its label file as the manifest names it."""
     from agent.serving.model import ModelIncompatible, ServedModel
 
+    problem = "the package's serving settings do not fit the model"
     try:
         ServedModel.check_compatible(session, config)
+    except ModelIncompatible as exc:
+        raise SelfTestFailed(f"{problem}: {exc}") from None
+    try:
         ServedModel.load_labels(directory, config, session)
     except ModelIncompatible as exc:
-        raise SelfTestFailed(
-            f"the package's serving settings do not fit the model: {exc}"
-        ) from None
+        # Serving names the label files as the node named them (labels-0.txt, ...), names the
+        # publisher never wrote: say which of the package's files each one is.
+        names = "; ".join(
+            f"{config.labels[output]} is the package's {path}"
+            for output, path in sorted(packaged.items())
+            if output in (config.labels or {})
+        )
+        raise SelfTestFailed(f"{problem}: {exc}" + (f" ({names})" if names else "")) from None
