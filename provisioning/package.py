@@ -64,6 +64,7 @@ from runtimes.datatypes import DATATYPES, to_numpy
 
 MANIFEST_FILE = "edgefleet.toml"
 SIGNATURE_FILE = "model.sig"
+SERVING_CONFIG_FILE = "model.toml"  # what a node writes into each version directory
 
 # Model names become URL path segments, metric labels and directory names on the node.
 # Apply these with fullmatch: `$` alone also matches before a trailing newline.
@@ -127,6 +128,39 @@ class Variant:
     @property
     def model_file(self) -> str:
         return self.files[0]
+
+    def serving_names(self) -> dict[str, str]:
+        """package path -> its name in a node's version directory: the model file as
+        model.<ext> (what serving looks for), an IR's weights as model.bin (OpenVINO finds them
+        by the .xml's stem), any other file where it lies next to the model file. ValueError
+        for a file outside the model file's directory, and for two files (or a file and the
+        node's own model.toml) that would take one name or need it as file and directory."""
+        primary = PurePosixPath(self.model_file)
+        names: dict[str, str] = {}
+        taken = {SERVING_CONFIG_FILE: "the node's serving settings"}  # name -> what has it
+        for relative in self.files:
+            path = PurePosixPath(relative)
+            if relative == self.model_file:
+                name = f"model{primary.suffix.lower()}"
+            elif primary.suffix.lower() == ".xml" and path == primary.with_suffix(".bin"):
+                name = "model.bin"
+            elif path.is_relative_to(primary.parent):
+                name = str(path.relative_to(primary.parent))
+            else:
+                raise ValueError(f"{relative} is outside the directory of {self.model_file}")
+            parents = [str(p) for p in PurePosixPath(name).parents][:-1]  # all but "."
+            clash = next((n for n in (name, *parents) if n in taken), None)
+            if clash is None:
+                own = PurePosixPath(name)
+                clash = next((n for n in taken if own in PurePosixPath(n).parents), None)
+            if clash is not None:
+                raise ValueError(
+                    f"{relative} would be {name} in a node's version directory, which clashes "
+                    f"with {taken[clash]} there ({clash})"
+                )
+            names[relative] = name
+            taken[name] = relative
+        return names
 
 
 @dataclass(frozen=True, slots=True)
@@ -584,16 +618,19 @@ class _Reader:
             if precision not in PRECISIONS:
                 raise self.fail(f"{where}precision", f"{precision!r}; expected one of {PRECISIONS}")
             files = self.files(item.get("files"), f"{where}files", runtime)
-            variants.append(
-                Variant(
-                    name,
-                    runtime,
-                    precision,
-                    files,
-                    self.number(item, "atol", where),
-                    self.number(item, "rtol", where),
-                )
+            variant = Variant(
+                name,
+                runtime,
+                precision,
+                files,
+                self.number(item, "atol", where),
+                self.number(item, "rtol", where),
             )
+            try:
+                variant.serving_names()
+            except ValueError as exc:
+                raise self.fail(f"{where}files", str(exc)) from None
+            variants.append(variant)
         return tuple(variants)
 
     def files(self, value: Any, where: str, runtime: str) -> tuple[str, ...]:

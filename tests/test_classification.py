@@ -22,6 +22,7 @@ from agent.serving.classification import (
     MAX_CLASS_COUNT,
     MAX_CLASS_ENTRIES,
     MAX_LABEL_CHARS,
+    MAX_LABELS,
     _top,
     classify,
     read_labels,
@@ -333,6 +334,21 @@ def test_a_label_longer_than_the_limit_is_refused_at_load(tmp_path):
     (tmp_path / "labels.txt").write_text("short\n" + "x" * (MAX_LABEL_CHARS + 1) + "\n")
     with pytest.raises(ModelConfigError, match=f"line 2 is longer than {MAX_LABEL_CHARS}"):
         read_labels(tmp_path, {"y": "labels.txt"})
+
+
+def test_a_models_label_files_are_bounded_together(tmp_path):
+    """Each label is a Python string: bounds on the model's files together, not each file,
+    keep 64 outputs' worth of label files from costing gigabytes."""
+    line = b"x" * 1023 + b"\n"
+    (tmp_path / "a.txt").write_bytes(line * (10 << 10))  # 10 MiB
+    (tmp_path / "b.txt").write_bytes(line * (7 << 10))
+    assert len(read_labels(tmp_path, {"a": "a.txt"})["a"]) == 10 << 10
+    with pytest.raises(ModelConfigError, match="label files hold 16 MiB together"):
+        read_labels(tmp_path, {"a": "a.txt", "b": "b.txt"})
+    (tmp_path / "one-letter.txt").write_bytes(b"z\n" * (MAX_LABELS // 2 + 1))
+    assert len(read_labels(tmp_path, {"a": "one-letter.txt"})["a"]) == MAX_LABELS // 2 + 1
+    with pytest.raises(ModelConfigError, match=f"more than {MAX_LABELS} in all"):
+        read_labels(tmp_path, {"a": "one-letter.txt", "b": "one-letter.txt"})
 
 
 def test_an_unexpected_error_preparing_the_answer_is_answered(http, monkeypatch):

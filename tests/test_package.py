@@ -124,6 +124,25 @@ def test_manifest_parses_every_field():
         (('files = ["model.onnx"]', 'files = ["model.sig"]'), "reserved"),
         (('"ir/model.xml", "ir/model.bin"', '"ir/model.xml"'), "weights 'ir/model.bin'"),
         (('files = ["model.onnx"]', 'files = ["ir/model.bin"]'), "must end in .onnx"),
+        # a node lays each variant out in one version directory, beside its own model.toml
+        (
+            ('files = ["model.onnx"]', 'files = ["model.onnx", "model.toml"]'),
+            "variants[0].files: model.toml would be model.toml in a node's version directory, "
+            "which clashes with the node's serving settings",
+        ),
+        (
+            ('files = ["model.onnx"]', 'files = ["net/a.onnx", "net/model.onnx"]'),
+            "net/model.onnx would be model.onnx in a node's version directory, which clashes "
+            "with net/a.onnx",
+        ),
+        (
+            ('files = ["model.onnx"]', 'files = ["net/a.onnx", "net/x/y", "net/x"]'),
+            "net/x would be x in a node's version directory, which clashes with net/x/y",
+        ),
+        (
+            ('files = ["model.onnx"]', 'files = ["net/a.onnx", "lib/ops.so"]'),
+            "lib/ops.so is outside the directory of net/a.onnx",
+        ),
         (('datatype = "FP32"', 'datatype = "FLOAT"'), "inputs[0].datatype: 'FLOAT'"),
         (("shape = [1, 1000]", "shape = [0, 1000]"), "outputs[0].shape"),
         (('file = "golden.npz"', 'file = "golden.json"'), "must be a .npz file"),

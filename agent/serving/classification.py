@@ -19,7 +19,11 @@ import numpy as np
 
 from agent.serving.config import ModelConfigError, read_small_file
 
+# A model's label files together: each label becomes a Python string (~50 bytes beside its
+# text), so a bound on bytes alone would let 16 MiB of one-letter lines cost ~400 MB, 64 such
+# files (one per output) tens of GB.
 MAX_LABEL_FILE_BYTES = 16 * 1024 * 1024
+MAX_LABELS = 1 << 20
 # A label is a class name; long ones would multiply through every answer (rows x k of them).
 MAX_LABEL_CHARS = 1024
 MAX_CLASS_COUNT = 1 << 16  # what a request may ask for (cut to the output's classes)
@@ -29,14 +33,19 @@ MAX_CLASS_ENTRIES = 1 << 16
 
 def read_labels(directory: Path, files: dict[str, str]) -> dict[str, tuple[str, ...]]:
     """output name -> its labels, from the files model.toml names (checked there to be plain
-    file names); ModelConfigError for a file that is missing, not a regular file, too large or
-    not UTF-8."""
+    file names); ModelConfigError for a file that is missing, not a regular file or not UTF-8,
+    and for files that hold more than MAX_LABEL_FILE_BYTES or MAX_LABELS together."""
     labels = {}
+    left, count = MAX_LABEL_FILE_BYTES, 0
     for output, name in files.items():
         try:
             # not followed: a link in a model directory could point anywhere
             data = read_small_file(
-                directory / name, MAX_LABEL_FILE_BYTES, "a label file", follow_links=False
+                directory / name,
+                left,
+                "a label file",
+                follow_links=False,
+                size_hint=f"a model's label files hold {MAX_LABEL_FILE_BYTES >> 20} MiB together",
             )
         except OSError as exc:
             raise ModelConfigError(
@@ -50,9 +59,16 @@ def read_labels(directory: Path, files: dict[str, str]) -> dict[str, tuple[str, 
             raise ModelConfigError(
                 f"labels for output {output!r}: {name} is not UTF-8: {exc}"
             ) from None
+        left -= len(data)
         lines = text.split("\n")
         if lines[-1] == "":  # the file's last newline ends a line; it starts no label
             lines.pop()
+        count += len(lines)
+        if count > MAX_LABELS:
+            raise ModelConfigError(
+                f"labels for output {output!r}: {name} brings the model's labels to more than "
+                f"{MAX_LABELS} in all"
+            )
         for number, line in enumerate(lines, 1):
             if len(line) > MAX_LABEL_CHARS:
                 raise ModelConfigError(

@@ -122,7 +122,8 @@ def read_small_file(
         data = file.read(limit + 1)
     if len(data) > limit:
         hint = f"; {size_hint}" if size_hint else ""
-        raise ModelConfigError(f"{path}: larger than {limit >> 20} MiB{hint}")
+        size = f"{limit >> 20} MiB" if limit >= 1 << 20 else f"{limit} bytes"
+        raise ModelConfigError(f"{path}: larger than {size}{hint}")
     return data
 
 

@@ -24,9 +24,8 @@ import sqlite_utils
 
 from agent.update.errors import SelectionFailed, SelfTestFailed
 from agent.update.layout import fsync_dir
+from provisioning.package import SERVING_CONFIG_FILE as SERVING_CONFIG
 from provisioning.package import GoldenVectors, Package, Variant
-
-SERVING_CONFIG = "model.toml"
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,19 +112,11 @@ def prepare_serving(package: Package, choice: Choice, root: Path) -> Path:
     if root.exists():
         shutil.rmtree(root)
     directory.mkdir(parents=True)
-    primary = PurePosixPath(variant.model_file)
-    for relative in variant.files:
-        path = PurePosixPath(relative)
-        if relative == variant.model_file:
-            name = f"model{primary.suffix.lower()}"
-        elif primary.suffix.lower() == ".xml" and path == primary.with_suffix(".bin"):
-            name = "model.bin"  # OpenVINO finds the weights by the .xml's stem
-        elif path.is_relative_to(primary.parent):
-            name = str(path.relative_to(primary.parent))  # companions keep their place
-        else:
-            raise SelfTestFailed(
-                f"variant {variant.name}: {relative} is outside its model's directory"
-            )
+    try:
+        names = variant.serving_names()  # checked when the manifest was read
+    except ValueError as exc:
+        raise SelfTestFailed(f"variant {variant.name}: {exc}") from None
+    for relative, name in names.items():
         target = directory / name
         target.parent.mkdir(parents=True, exist_ok=True)
         _link_or_copy(package.root / relative, target)
